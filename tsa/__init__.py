@@ -1,0 +1,1 @@
+"""TSA / M-TSA / TRD / REPA / LaMo alignment layer over diffusers CogVideoX."""
