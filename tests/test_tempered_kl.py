@@ -1,0 +1,380 @@
+"""Public op `stss_kernels.tempered_kl`: every backend against an fp64 reference, masks, reductions,
+dtypes, input validation and the TemperedKL module."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import stss_kernels
+from stss_kernels import TemperedKL, tempered_kl
+from stss_kernels._utils import triton_available
+from stss_kernels.reference import tempered_kl_reference
+
+
+def _triton_backend_importable() -> bool:
+    try:
+        return hasattr(importlib.import_module("stss_kernels.triton_backend"), "tempered_kl_triton")
+    except ImportError:
+        return False
+
+
+TRITON = pytest.param(
+    "triton", marks=pytest.mark.skipif(not _triton_backend_importable(), reason="stss_kernels.triton_backend missing")
+)
+BACKENDS = ["reference", "torch", TRITON]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+TAU_STUDENT, TAU_TEACHER = 0.1, 0.15
+
+# (batch, frames, hw, student channels, teacher channels): ragged sizes, channels not powers of two.
+SHAPES = {
+    "ragged": (2, 3, 7, 5, 12),
+    "global": (2, 1, 19, 6, 3),
+    "many_frames": (2, 9, 2, 4, 7),
+    "wide_frames": (2, 2, 35, 20, 9),
+}
+
+
+def _features(batch, frames, hw, cs, ct, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    student = torch.randn(batch, frames * hw, cs, generator=gen) * scale
+    teacher = torch.randn(batch, frames * hw, ct, generator=gen) * scale
+    return student.to(device, dtype), teacher.to(device, dtype)
+
+
+def _mask(kind, batch, num_tokens, device="cpu"):
+    gen = torch.Generator().manual_seed(1)
+    if kind == "none":
+        return None
+    if kind == "bool":
+        return (torch.rand(batch, num_tokens, generator=gen) < 0.4).to(device)
+    if kind == "float":
+        return torch.rand(batch, num_tokens, generator=gen).mul(2).to(device)
+    if kind == "empty":
+        return torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
+    return torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
+
+
+def _truth(student, teacher, frames, weight=None, normalize=True, reduction="none", tau=(TAU_STUDENT, TAU_TEACHER)):
+    """The op's definition written out on fp64 copies, independent of the public op's code."""
+    s, t = student.flatten(1, -2), teacher.flatten(1, -2)
+    if normalize:
+        s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+    kl = tempered_kl_reference(s, t, frames, *tau)
+    w = torch.ones_like(kl) if weight is None else weight.double()
+    if reduction == "none":
+        return w * kl
+    if reduction == "sum":
+        return (w * kl).sum()
+    return (w * kl).sum() / w.sum() if w.sum() > 0 else (w * kl).sum() * 0
+
+
+def _value_and_grads(fn, student, teacher):
+    """fn(student, teacher), and the gradients of <out, upstream> for a fixed random upstream."""
+    student = student.detach().requires_grad_()
+    teacher = teacher.detach().requires_grad_()
+    out = fn(student, teacher)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grad_s, grad_t = torch.autograd.grad(out, (student, teacher), upstream.to(out))
+    return out.detach(), grad_s, grad_t
+
+
+def _truth_value_and_grads(student, teacher, *args, **kwargs):
+    """Value and gradients of `_truth` on fp64 copies of the inputs."""
+    return _value_and_grads(lambda s, t: _truth(s, t, *args, **kwargs), student.double(), teacher.double())
+
+
+def _max_error(actual, expected):
+    assert actual.shape == expected.shape
+    return (actual.double() - expected).abs().max().item()
+
+
+def _assert_close_to_truth(actual, truth, rel_tol=1e-5):
+    """Value and both gradients: max error within rel_tol of the tensor's scale (at least 1)."""
+    for name, a, expected in zip(("value", "grad_student", "grad_teacher"), actual, truth):
+        err = _max_error(a, expected)
+        assert err <= rel_tol * max(1.0, expected.abs().max().item()), f"{name}: max error {err:.3g}"
+
+
+def _assert_no_worse_than_reference(actual, same_dtype_reference, truth, rel_tol):
+    """Acceptance rule: error against fp64 truth <= the reference backend's same-dtype error + a small tol."""
+    for name, a, r, expected in zip(("value", "grad_student", "grad_teacher"), actual, same_dtype_reference, truth):
+        err, ref_err = _max_error(a, expected), _max_error(r, expected)
+        assert err <= ref_err + rel_tol * expected.abs().max().item(), f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_matches_fp64_truth(backend, shape, normalize):
+    batch, frames, hw, cs, ct = shape
+    # Raw dot products of unit-variance features would give logits ~ C / tau: scale them to cosine range.
+    student, teacher = _features(*shape, scale=1.0 if normalize else 0.4)
+    kwargs = dict(frames=frames, tau_student=TAU_STUDENT, tau_teacher=TAU_TEACHER, normalize=normalize)
+    actual = _value_and_grads(
+        lambda s, t: tempered_kl(s, t, reduction="none", backend=backend, **kwargs), student, teacher
+    )
+    truth = _truth_value_and_grads(student, teacher, frames, normalize=normalize)
+    assert actual[0].dtype == torch.float32 and actual[0].shape == (batch, frames * hw)
+    assert truth[0].abs().max() > 0.1, "degenerate test input"
+    _assert_close_to_truth(actual, truth)
+
+
+def _mask_cases():
+    """Every mask with every reduction; Triton (slow under the interpreter) only with "none" and "mean",
+    since the reduction is backend-independent code and "none" already exposes each row."""
+    for mask_kind in ("none", "bool", "float", "empty", "all_true"):
+        for reduction in ("none", "sum", "mean"):
+            yield from (pytest.param(backend, mask_kind, reduction) for backend in ("reference", "torch"))
+            if reduction != "sum":
+                yield pytest.param(*TRITON.values, mask_kind, reduction, marks=TRITON.marks)
+
+
+@pytest.mark.parametrize("backend,mask_kind,reduction", _mask_cases())
+def test_masks_and_reductions(backend, mask_kind, reduction):
+    batch, frames, hw, cs, ct = SHAPES["ragged"]
+    student, teacher = _features(batch, frames, hw, cs, ct, seed=3)
+    mask = _mask(mask_kind, batch, frames * hw)
+    kwargs = dict(frames=frames, tau_student=TAU_STUDENT, tau_teacher=TAU_TEACHER, query_mask=mask)
+    actual = _value_and_grads(
+        lambda s, t: tempered_kl(s, t, reduction=reduction, backend=backend, **kwargs), student, teacher
+    )
+    truth = _truth_value_and_grads(student, teacher, frames, mask, reduction=reduction)
+    assert all(x.isfinite().all() for x in actual)
+    _assert_close_to_truth(actual, truth)
+    if mask_kind == "empty":
+        assert all((x == 0).all() for x in actual)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_five_d_input_matches_flattened(backend):
+    batch, frames, height, width = 2, 3, 2, 3
+    student, teacher = _features(batch, frames, height * width, 5, 6, seed=4)
+    as_video = lambda x: x.view(batch, frames, height, width, -1)
+    mask = _mask("float", batch, frames * height * width)
+    common = dict(tau_student=TAU_STUDENT, tau_teacher=TAU_TEACHER, query_mask=mask, backend=backend)
+    flat = _value_and_grads(lambda s, t: tempered_kl(s, t, frames=frames, **common), student, teacher)
+    video = _value_and_grads(lambda s, t: tempered_kl(as_video(s), as_video(t), **common), student, teacher)
+    explicit = tempered_kl(as_video(student), as_video(teacher), frames=frames, **common)
+    truth = _truth_value_and_grads(student, teacher, frames, mask, reduction="mean")
+    _assert_close_to_truth(video, truth)
+    for a, b in zip(video, flat):
+        torch.testing.assert_close(a.view_as(b), b)
+    torch.testing.assert_close(explicit, video[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "frames,hw",
+    [(1, 1), (5, 1), (1, 2), (4, 3)],
+    ids=["one_token", "hw1", "single_frame_tiny", "tiny"],
+)
+def test_degenerate_shapes(backend, frames, hw):
+    student, teacher = _features(2, frames, hw, 3, 5, seed=5)
+    actual = _value_and_grads(
+        lambda s, t: tempered_kl(
+            s, t, frames=frames, tau_student=TAU_STUDENT, tau_teacher=TAU_TEACHER, reduction="none", backend=backend
+        ),
+        student,
+        teacher,
+    )
+    truth = _truth_value_and_grads(student, teacher, frames)
+    _assert_close_to_truth(actual, truth)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_static_clip(backend):
+    """Every frame identical (a static video): finite and exact."""
+    student, teacher = _features(2, 1, 6, 5, 7, seed=6)
+    student, teacher = student.repeat(1, 4, 1), teacher.repeat(1, 4, 1)
+    kwargs = dict(frames=4, tau_student=TAU_STUDENT, tau_teacher=TAU_TEACHER, reduction="none", backend=backend)
+    actual = _value_and_grads(lambda s, t: tempered_kl(s, t, **kwargs), student, teacher)
+    truth = _truth_value_and_grads(student, teacher, 4)
+    _assert_close_to_truth(actual, truth)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reduced_precision_cpu(backend, dtype):
+    """Error against fp64 truth no worse than the reference backend's in the same dtype (+ a small tol)."""
+    batch, frames, hw, cs, ct = SHAPES["ragged"]
+    student, teacher = _features(batch, frames, hw, cs, ct, dtype=dtype, seed=7)
+    mask = _mask("float", batch, frames * hw)
+    kwargs = dict(frames=frames, tau_student=TAU_STUDENT, tau_teacher=TAU_TEACHER, query_mask=mask, reduction="none")
+    run = lambda name: _value_and_grads(lambda s, t: tempered_kl(s, t, backend=name, **kwargs), student, teacher)
+    actual, same_dtype_reference = run(backend), run("reference")
+    truth = _truth_value_and_grads(student, teacher, frames, mask)
+    assert actual[0].dtype == torch.float32
+    assert actual[1].dtype == actual[2].dtype == dtype
+    _assert_no_worse_than_reference(actual, same_dtype_reference, truth, rel_tol=1e-5)
+
+
+@CUDA
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+@pytest.mark.parametrize("tau", [0.1, 0.02])
+def test_bf16_cuda(backend, tau):
+    batch, frames, hw, cs, ct = 2, 3, 50, 40, 72
+    student, teacher = _features(batch, frames, hw, cs, ct, dtype=torch.bfloat16, device="cuda", seed=8)
+    mask = _mask("bool", batch, frames * hw, device="cuda")
+    kwargs = dict(frames=frames, tau_student=tau, tau_teacher=tau, query_mask=mask, reduction="none")
+    run = lambda name: _value_and_grads(lambda s, t: tempered_kl(s, t, backend=name, **kwargs), student, teacher)
+    actual, same_dtype_reference = run(backend), run("reference")
+    truth = _truth_value_and_grads(student, teacher, frames, mask, tau=(tau, tau))
+    assert all(x.isfinite().all() for x in actual)
+    assert actual[0].dtype == torch.float32 and actual[1].dtype == torch.bfloat16
+    _assert_no_worse_than_reference(actual, same_dtype_reference, truth, rel_tol=1e-3)
+
+
+def test_torch_backend_gradcheck_through_public_op():
+    student, teacher = _features(2, 2, 3, 3, 4, dtype=torch.float64, seed=9)
+    mask = _mask("float", 2, 6).double()
+    mask[0, 1] = 0
+    fn = lambda s, t: tempered_kl(s, t, frames=2, query_mask=mask, tau_student=0.3, tau_teacher=0.2, backend="torch")
+    assert torch.autograd.gradcheck(fn, (student.requires_grad_(), teacher.requires_grad_()))
+    assert fn(student, teacher).dtype == torch.float64
+
+
+def test_float_mask_weights_get_gradients():
+    student, teacher = _features(*SHAPES["ragged"], seed=10)
+    mask = _mask("float", 2, 21).requires_grad_()
+    loss = tempered_kl(student, teacher, frames=3, query_mask=mask, reduction="sum", backend="torch")
+    (grad,) = torch.autograd.grad(loss, mask)
+    torch.testing.assert_close(grad, tempered_kl(student, teacher, frames=3, reduction="none", backend="torch"))
+
+
+class _BackendSpy:
+    """Replaces every backend function; records the calls (or fails them when `forbid`)."""
+
+    def __init__(self, monkeypatch, forbid):
+        self.calls = []
+        backends = importlib.import_module("stss_kernels.tempered_kl")._BACKENDS
+        for module, fn_name in backends.values():
+            if module != "stss_kernels.triton_backend" or _triton_backend_importable():
+                monkeypatch.setattr(importlib.import_module(module), fn_name, self._recorder(fn_name, forbid))
+
+    def _recorder(self, fn_name, forbid):
+        def record(student, teacher, frames, tau_student, tau_teacher, query_weight=None):
+            if forbid:
+                raise AssertionError(f"{fn_name} ran on invalid input")
+            self.calls.append((fn_name, student, teacher, frames, tau_student, tau_teacher, query_weight))
+            return torch.zeros(student.shape[:2], dtype=torch.float32)
+
+        return record
+
+
+def _bad_inputs():
+    s, t = _features(2, 3, 4, 5, 6)
+    video = lambda x: x.view(2, 3, 2, 2, -1)
+    ok = dict(student=s, teacher=t, frames=3)
+    meta = torch.device("meta")
+    return [
+        ("student_not_tensor", dict(ok, student=s.tolist()), TypeError, "student"),
+        ("teacher_int", dict(ok, teacher=t.long()), TypeError, "teacher"),
+        ("dtype_mismatch", dict(ok, teacher=t.double()), TypeError, "teacher"),
+        ("rank4", dict(ok, student=s.view(2, 3, 4, 5)), ValueError, "student"),
+        ("rank_mismatch", dict(student=video(s), teacher=t), ValueError, "rank"),
+        ("batch_mismatch", dict(ok, teacher=t[:1]), ValueError, "batch"),
+        ("token_mismatch", dict(ok, teacher=t[:, :6]), ValueError, "token"),
+        ("grid_mismatch", dict(student=video(s), teacher=t.view(2, 3, 4, 1, -1)), ValueError, "token"),
+        ("empty_channels", dict(ok, student=s[..., :0]), ValueError, "student"),
+        ("frames_missing", dict(ok, frames=None), ValueError, "frames"),
+        ("frames_not_dividing", dict(ok, frames=5), ValueError, "frames"),
+        ("frames_zero", dict(ok, frames=0), ValueError, "frames"),
+        ("frames_float", dict(ok, frames=3.0), TypeError, "frames"),
+        ("frames_contradict_5d", dict(student=video(s), teacher=video(t), frames=4), ValueError, "frames"),
+        ("mask_shape", dict(ok, query_mask=torch.ones(2, 11, dtype=torch.bool)), ValueError, "query_mask"),
+        ("mask_dtype", dict(ok, query_mask=torch.ones(2, 12, dtype=torch.long)), TypeError, "query_mask"),
+        ("mask_device", dict(ok, query_mask=torch.ones(2, 12, device=meta)), ValueError, "query_mask"),
+        ("teacher_device", dict(ok, teacher=t.to(meta)), ValueError, "device"),
+        ("tau_zero", dict(ok, tau_student=0.0), ValueError, "tau_student"),
+        ("tau_negative", dict(ok, tau_teacher=-0.1), ValueError, "tau_teacher"),
+        ("tau_inf", dict(ok, tau_teacher=float("inf")), ValueError, "tau_teacher"),
+        ("tau_nan", dict(ok, tau_student=float("nan")), ValueError, "tau_student"),
+        ("tau_str", dict(ok, tau_student="0.1"), TypeError, "tau_student"),
+        ("unknown_backend", dict(ok, backend="cuda"), ValueError, "backend"),
+        ("unknown_reduction", dict(ok, reduction="avg"), ValueError, "reduction"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda case: case[0])
+def test_bad_input_raises_before_any_kernel(monkeypatch, case, backend):
+    _, kwargs, error, argument = case
+    _BackendSpy(monkeypatch, forbid=True)
+    kwargs = dict(dict(backend=backend), **kwargs)
+    student, teacher = kwargs.pop("student"), kwargs.pop("teacher")
+    with pytest.raises(error, match=argument):
+        tempered_kl(student, teacher, **kwargs)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    student, teacher = _features(*SHAPES["ragged"])
+    with pytest.raises(ValueError, match="backend='triton'.*TRITON_INTERPRET"):
+        tempered_kl(student, teacher, frames=3, backend="triton")
+
+
+def test_backend_receives_normalised_input_dtype_tensors_and_float_weights(monkeypatch):
+    spy = _BackendSpy(monkeypatch, forbid=False)
+    student, teacher = _features(*SHAPES["ragged"], dtype=torch.float16)
+    mask = _mask("bool", 2, 21)
+    tempered_kl(student, teacher, frames=3, query_mask=mask, backend="auto", tau_student=0.2, tau_teacher=0.3)
+    tempered_kl(student, teacher, frames=3, normalize=False, backend="reference")
+    (auto_call, raw_call) = spy.calls
+    name, s, t, frames, tau_s, tau_t, weight = auto_call
+    assert name == "tempered_kl_torch" and (frames, tau_s, tau_t) == (3, 0.2, 0.3)
+    assert s.dtype == t.dtype == torch.float16 and s.is_contiguous() and t.is_contiguous()
+    torch.testing.assert_close(s.float().norm(dim=-1), torch.ones(2, 21), atol=2e-3, rtol=0)
+    torch.testing.assert_close(t.float().norm(dim=-1), torch.ones(2, 21), atol=2e-3, rtol=0)
+    assert weight.dtype == torch.float32 and torch.equal(weight, mask.float())
+    assert raw_call[0] == "tempered_kl_reference" and torch.equal(raw_call[1], student) and raw_call[-1] is None
+
+
+@CUDA
+def test_auto_picks_triton_on_cuda(monkeypatch):
+    spy = _BackendSpy(monkeypatch, forbid=False)
+    student, teacher = _features(*SHAPES["ragged"], device="cuda")
+    tempered_kl(student, teacher, frames=3)
+    assert spy.calls[0][0] == "tempered_kl_triton"
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_module_matches_functional(backend):
+    student, teacher = _features(*SHAPES["ragged"], seed=11)
+    mask = _mask("bool", 2, 21)
+    module = TemperedKL(tau_student=0.2, tau_teacher=0.3, normalize=False, reduction="sum", backend=backend)
+    expected = tempered_kl(
+        student,
+        teacher,
+        frames=3,
+        query_mask=mask,
+        tau_student=0.2,
+        tau_teacher=0.3,
+        normalize=False,
+        reduction="sum",
+        backend=backend,
+    )
+    torch.testing.assert_close(module(student, teacher, frames=3, query_mask=mask), expected)
+    assert list(module.parameters()) == []
+    assert "tau_student=0.2" in repr(module) and f"backend='{backend}'" in repr(module)
+
+
+@pytest.mark.parametrize(
+    "kwargs,argument",
+    [(dict(tau_student=0), "tau_student"), (dict(reduction="avg"), "reduction"), (dict(backend="gpu"), "backend")],
+)
+def test_module_rejects_bad_settings(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        TemperedKL(**kwargs)
+
+
+def test_package_exports():
+    assert stss_kernels.__version__ == "0.1.0"
+    assert stss_kernels.tempered_kl is tempered_kl
+    assert callable(stss_kernels.tempered_kl_reference) and callable(stss_kernels.tempered_kl_torch)
+    with pytest.raises(AttributeError):
+        stss_kernels.no_such_name  # noqa: B018
