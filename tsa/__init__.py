@@ -1,1 +1,34 @@
-"""TSA / M-TSA / TRD / REPA / LaMo alignment layer over diffusers CogVideoX."""
+"""TSA / M-TSA / TRD / REPA / LaMo alignment layer over diffusers CogVideoX.
+
+`import tsa` loads torch and stss_kernels only; the names backed by diffusers / transformers
+(projector, teachers, diffusion objective) are imported on first access.
+"""
+
+from tsa.features import BlockFeatureCapture, resample_features
+from tsa.losses import REPALoss, TRDLoss, TSALoss
+from tsa.masks import motion_query_mask, motion_saliency
+
+_LAZY = {
+    "AlignmentProjector": "tsa.projector",
+    "AlignmentObjective": "tsa.objective",
+    "Teacher": "tsa.teachers",
+    "load_teacher": "tsa.teachers",
+    "convert_videomae_v2_checkpoint": "tsa.teachers",
+    "cogvideox_scheduler": "tsa.diffusion",
+    "denoise_and_loss": "tsa.diffusion",
+    "diffusion_loss": "tsa.diffusion",
+    "rotary_embeddings": "tsa.diffusion",
+}
+
+__all__ = [
+    "BlockFeatureCapture", "REPALoss", "TRDLoss", "TSALoss", "motion_query_mask", "motion_saliency",
+    "resample_features", *_LAZY,
+]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

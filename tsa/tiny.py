@@ -47,12 +47,12 @@ def tiny_text_encoder(vocab_size: int, seed: int = 0):
 def tiny_transformer(
     num_layers: int = 2, latent_channels: int = TINY_LATENT_CHANNELS, rotary: bool = False, seed: int = 0
 ):
-    """CogVideoXTransformer3DModel: 2 heads x 8 dims; `rotary=True` mimics the 5B (3D RoPE) layout."""
+    """CogVideoXTransformer3DModel: 2 heads x 16 dims; `rotary=True` mimics the 5B (3D RoPE) layout."""
     from diffusers import CogVideoXTransformer3DModel
 
     torch.manual_seed(seed)
     return CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=latent_channels, out_channels=latent_channels,
+        num_attention_heads=2, attention_head_dim=16, in_channels=latent_channels, out_channels=latent_channels,
         time_embed_dim=16, text_embed_dim=TINY_TEXT_DIM, num_layers=num_layers, sample_width=8, sample_height=8,
         sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TINY_TEXT_LENGTH,
         use_rotary_positional_embeddings=rotary,
@@ -74,13 +74,9 @@ def tiny_vae(latent_channels: int = TINY_LATENT_CHANNELS, seed: int = 0):
 
 def tiny_scheduler():
     """CogVideoXDPMScheduler with CogVideoX's training configuration (SPEC section 8)."""
-    from diffusers import CogVideoXDPMScheduler
+    from tsa.diffusion import cogvideox_scheduler
 
-    return CogVideoXDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
-        set_alpha_to_one=True, clip_sample=False, snr_shift_scale=3.0,
-    )
+    return cogvideox_scheduler()
 
 
 def tiny_cogvideox_components(num_layers: int = 2, rotary: bool = False, seed: int = 0) -> dict:

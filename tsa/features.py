@@ -1,0 +1,120 @@
+"""Student features: the video tokens of one CogVideoX transformer block, taken with forward hooks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def unwrap_transformer(model: torch.nn.Module) -> torch.nn.Module:
+    """The CogVideoX transformer inside DDP / peft / torch.compile wrappers (the module with transformer_blocks)."""
+    seen = model
+    while not hasattr(model, "transformer_blocks"):
+        if hasattr(model, "get_base_model"):  # peft.PeftModel
+            model = model.get_base_model()
+        elif hasattr(model, "module"):  # DistributedDataParallel, accelerate wrappers
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            raise TypeError(
+                "transformer must be a diffusers CogVideoXTransformer3DModel (a module with `transformer_blocks`), "
+                f"got {type(seen).__name__}"
+            )
+    return model
+
+
+def token_grid(config, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(F, H, W) token grid of a CogVideoX transformer for latents of shape (B, F, C, h, w)."""
+    _, frames, _, height, width = latent_shape
+    patch, patch_t = config.patch_size, getattr(config, "patch_size_t", None)
+    if patch_t is not None:
+        frames = -(-frames // patch_t)
+    return frames, height // patch, width // patch
+
+
+class BlockFeatureCapture:
+    """Captures the video-token output of block `block_index` (1-based) of a CogVideoX transformer.
+
+    Use as a context manager around the transformer call; afterwards `.features` is (B, F, H, W, C) on
+    the transformer's token grid and still attached to the autograd graph. Works with diffusers'
+    gradient checkpointing (the default, non-reentrant one) and with peft LoRA adapters: only forward
+    hooks are used, the model's forward is untouched.
+
+        with BlockFeatureCapture(transformer, 18) as capture:
+            out = transformer(hidden_states=latents, encoder_hidden_states=prompt_embeds, timestep=t)
+        feats = capture.features
+    """
+
+    def __init__(self, transformer: torch.nn.Module, block_index: int = 18):
+        self.model = unwrap_transformer(transformer)
+        num_blocks = len(self.model.transformer_blocks)
+        if isinstance(block_index, bool) or not isinstance(block_index, int) or not 1 <= block_index <= num_blocks:
+            raise ValueError(
+                f"block_index must be an int in [1, {num_blocks}] (the transformer has {num_blocks} blocks; "
+                f"the index is 1-based), got {block_index!r}"
+            )
+        self.block_index = block_index
+        self._block = self.model.transformer_blocks[block_index - 1]
+        self._handles: list = []
+        self._grid: tuple[int, int, int] | None = None
+        self._grad_enabled = False
+        self._features: torch.Tensor | None = None
+
+    def __enter__(self) -> BlockFeatureCapture:
+        self._features = None
+        self._handles = [
+            self.model.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True),
+            self._block.register_forward_hook(self._on_block_output),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def features(self) -> torch.Tensor:
+        """(B, F, H, W, C) video tokens of the hooked block from the last transformer call."""
+        if self._features is None:
+            raise RuntimeError(
+                "BlockFeatureCapture has no features: call the transformer inside the `with` block first"
+            )
+        return self._features
+
+    def _on_transformer_call(self, module, args, kwargs) -> None:
+        latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self._grid = token_grid(module.config, tuple(latents.shape))
+        self._grad_enabled = torch.is_grad_enabled()
+
+    def _on_block_output(self, module, args, output) -> None:
+        # Armed once per transformer call: the re-run of the block during a checkpointed backward is ignored.
+        if self._grid is None:
+            return
+        if self._grad_enabled and not torch.is_grad_enabled():
+            raise RuntimeError(
+                "block output computed without autograd: reentrant gradient checkpointing is not supported; use "
+                "diffusers' default `transformer.enable_gradient_checkpointing()` (non-reentrant)"
+            )
+        hidden_states = output[0] if isinstance(output, tuple) else output
+        batch, num_tokens, channels = hidden_states.shape
+        frames, height, width = self._grid
+        if num_tokens != frames * height * width:
+            raise RuntimeError(
+                f"block {self.block_index} returned {num_tokens} video tokens, expected {frames}x{height}x{width}"
+            )
+        self._features = hidden_states.view(batch, frames, height, width, channels)
+        self._grid = None
+
+
+def resample_features(features: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Trilinear resampling of (B, F, H, W, C) features to (B, *grid, C); identity when the grid matches."""
+    grid = tuple(int(size) for size in grid)
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"grid must be three positive sizes (F, H, W), got {grid}")
+    if tuple(features.shape[1:4]) == grid:
+        return features
+    volume = features.permute(0, 4, 1, 2, 3)
+    volume = F.interpolate(volume, size=grid, mode="trilinear", align_corners=False)
+    return volume.permute(0, 2, 3, 4, 1)

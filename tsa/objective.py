@@ -1,0 +1,160 @@
+"""The training objective: CogVideoX diffusion loss + weight * alignment loss (TSA, M-TSA, TRD or REPA)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tsa.diffusion import cogvideox_scheduler, denoise_and_loss
+from tsa.features import BlockFeatureCapture, resample_features, unwrap_transformer
+from tsa.losses import REPALoss, TRDLoss, TSALoss
+from tsa.projector import AlignmentProjector
+from tsa.teachers.base import Teacher, resize_video
+
+ALIGN_METHODS = ("none", "tsa", "mtsa", "trd", "repa")
+
+
+class AlignmentObjective(nn.Module):
+    """Holds the transformer and the projector (trainable) and a frozen teacher; returns every loss term.
+
+    forward(latents (B, F, C, h, w) scaled clean latents, prompt_embeds (B, L, D), pixels (B, T, 3, H, W)
+    in [-1, 1] or None (only for align="none"), timesteps=None, noise=None, generator=None) -> dict:
+    "loss" = "diffusion" + weight * "align" ("align" is a zero tensor for align="none"), "x0_pred"
+    (B, F, C, h, w), "x0" (the clean latents), "timesteps" (B,).
+
+    Grids: the block-`block_index` features (B, F, H, W, C) are projected (`AlignmentProjector`, mode
+    `grid`); the teacher is asked for `projector.teacher_grid` (24x10x15 for 13x30x45) and resizes its
+    input to produce it, then its features are resampled to the projector's output grid (a no-op in
+    "teacher-grid" mode, an upsampling in "native" mode). M-TSA's motion mask is computed on the pixel
+    video (frame 0 dropped) resized to that grid times the teacher's patch size.
+
+    The teacher is kept outside the module tree: `parameters()`, `state_dict()`, DDP and optimizers
+    only see the transformer and the projector; it follows the transformer's device on first use.
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        scheduler=None,
+        teacher: Teacher | None = None,
+        *,
+        align: str = "mtsa",
+        weight: float = 0.5,
+        block_index: int = 18,
+        grid: str = "teacher-grid",
+        projector: AlignmentProjector | None = None,
+        projector_hidden_dim: int = 2048,
+        tau: float = 0.1,
+        tau_teacher: float | None = None,
+        top_k: float = 0.2,
+        trd_margin: float = 0.1,
+        trd_variant: str = "full",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if align not in ALIGN_METHODS:
+            raise ValueError(f"align must be one of {ALIGN_METHODS}, got {align!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"weight must be a non-negative number, got {weight!r}")
+        self.transformer = transformer
+        self.scheduler = cogvideox_scheduler() if scheduler is None else scheduler
+        self.align, self.weight, self.block_index = align, float(weight), block_index
+        self.projector = self.alignment_loss = None
+        self._teacher = (None,)  # a tuple hides the frozen teacher from the module tree
+        if align == "none":
+            return
+        if not isinstance(teacher, Teacher):
+            raise ValueError(f"align={align!r} needs a frozen teacher (tsa.teachers.load_teacher), got {teacher!r}")
+        BlockFeatureCapture(transformer, block_index)  # validates the block index now
+        config = unwrap_transformer(transformer).config
+        width = config.num_attention_heads * config.attention_head_dim
+        if projector is None:
+            projector = AlignmentProjector(width, teacher.hidden_size, projector_hidden_dim, grid)
+        if projector.in_dim != width:
+            raise ValueError(f"projector.in_dim={projector.in_dim} must equal the transformer width {width}")
+        if align == "repa" and projector.out_dim != teacher.hidden_size:
+            raise ValueError(
+                f"REPA compares tokens channel by channel: projector.out_dim={projector.out_dim} must equal the "
+                f"teacher's hidden size {teacher.hidden_size}"
+            )
+        self.projector = projector
+        if align in ("tsa", "mtsa"):
+            self.alignment_loss = TSALoss(tau, tau_teacher, masked=align == "mtsa", top_k=top_k, backend=backend)
+        elif align == "trd":
+            self.alignment_loss = TRDLoss(trd_margin, trd_variant)
+        else:
+            self.alignment_loss = REPALoss()
+        self._teacher = (teacher,)
+
+    @property
+    def teacher(self) -> Teacher | None:
+        return self._teacher[0]
+
+    def save_projector(self, path) -> None:
+        """Save the projector with save_pretrained (reload with AlignmentProjector.from_pretrained)."""
+        if self.projector is None:
+            raise ValueError("align='none' has no projector to save")
+        self.projector.save_pretrained(path)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pixels: torch.Tensor | None = None,
+        *,
+        timesteps: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        self._check_inputs(latents, prompt_embeds, pixels)
+        step = dict(timesteps=timesteps, noise=noise, generator=generator)
+        if self.align == "none":
+            out = denoise_and_loss(self.transformer, self.scheduler, latents, prompt_embeds, **step)
+            align = out["loss"].new_zeros(())
+        else:
+            with BlockFeatureCapture(self.transformer, self.block_index) as capture:
+                out = denoise_and_loss(self.transformer, self.scheduler, latents, prompt_embeds, **step)
+            align = self._alignment(capture.features, pixels)
+        return {
+            "loss": out["loss"] + self.weight * align,
+            "diffusion": out["loss"],
+            "align": align,
+            "x0_pred": out["x0_pred"],
+            "x0": latents,
+            "timesteps": out["timesteps"],
+        }
+
+    def _alignment(self, features: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        teacher, pixels = self.teacher, pixels.to(features.device)
+        if teacher.mean.device != features.device:
+            teacher.to(features.device)
+        dit_grid = tuple(features.shape[1:4])
+        student = self.projector(features)
+        grid = tuple(student.shape[1:4])
+        target = resample_features(teacher(pixels, grid=self.projector.teacher_grid(dit_grid)), grid)
+        if self.align != "mtsa":
+            return self.alignment_loss(student, target)
+        size = [cells * patch for cells, patch in zip(grid, teacher.patch_size)]
+        video = resize_video(pixels[:, int(teacher.drop_first_frame):], *size)
+        return self.alignment_loss(student, target, video=video)
+
+    def _check_inputs(self, latents, prompt_embeds, pixels) -> None:
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 5:
+            raise ValueError(f"latents must be (B, F, C, h, w), got {getattr(latents, 'shape', type(latents))}")
+        if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3 or \
+                prompt_embeds.shape[0] != latents.shape[0]:
+            raise ValueError(
+                f"prompt_embeds must be (B={latents.shape[0]}, L, D), got "
+                f"{getattr(prompt_embeds, 'shape', type(prompt_embeds))}"
+            )
+        patch_t = getattr(unwrap_transformer(self.transformer).config, "patch_size_t", None)
+        if patch_t is not None and latents.shape[1] % patch_t:
+            raise ValueError(f"latent frames ({latents.shape[1]}) must be a multiple of patch_size_t={patch_t}")
+        if self.align == "none":
+            return
+        if pixels is None:
+            raise ValueError(f"align={self.align!r} needs the pixel video (B, T, 3, H, W) in [-1, 1] for the teacher")
+        if pixels.dim() != 5 or pixels.shape[0] != latents.shape[0]:
+            raise ValueError(
+                f"pixels must be (B={latents.shape[0]}, T, 3, H, W), got {getattr(pixels, 'shape', type(pixels))}"
+            )
