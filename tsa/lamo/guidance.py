@@ -1,0 +1,141 @@
+"""Motion Prior Guidance for diffusers' CogVideoX pipelines (SPEC section 7), installed through public methods.
+
+The pipeline's denoising loop calls `scheduler.step(v_hat, ..., t, ..., x_t, ...)` with the velocity after
+classifier-free guidance and before the update, so the guidance replaces the pipeline scheduler's `step`
+(an instance attribute shadowing the class method; the scheduler object and the pipeline's isinstance
+checks are unchanged) and adjusts `model_output` before delegating to the real step. The prompt comes from
+the pipeline's own `encode_prompt` (wrapped the same way): its conditional embeddings, and for prompt
+strings the tokenizer's attention mask, so the predictor pools the same real tokens as in training
+(with precomputed `prompt_embeds` every token is pooled). The denoiser is never re-run.
+"""
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from .predictor import MotionPredictor
+
+
+def motion_guidance_loss(
+    predictor: MotionPredictor,
+    x0: torch.Tensor,
+    prompt_embeds: torch.Tensor | None = None,
+    lag: int = 1,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MSE(x0[:, :-lag] + f(x0[:, :-lag], prompt), x0[:, lag:]) for x0 (B, F, C, h, w) with F > lag."""
+    if x0.shape[1] <= lag:
+        raise ValueError(f"x0 needs more than lag={lag} frames, got {tuple(x0.shape)}")
+    head = x0[:, :-lag]
+    return F.mse_loss(head + predictor(head, prompt_embeds, attention_mask).to(x0.dtype), x0[:, lag:])
+
+
+class MotionPriorGuidance:
+    """Handle of an installed guidance (see `enable_motion_guidance`); `.remove()` or use as a context manager.
+
+    `prompt_embeds` (B, L, D) / `prompt_mask` (B, L) or None hold the conditioning of the latest pipeline call;
+    `history` collects (step index, guidance loss before the update) for every guided step.
+    """
+
+    def __init__(self, pipe, predictor: MotionPredictor, scale: float, rho: float, lag: int):
+        self.pipe, self.scheduler = pipe, pipe.scheduler
+        self.predictor = predictor.eval()
+        self.scale, self.rho, self.lag = float(scale), float(rho), int(lag)
+        self.history: list[tuple[int, float]] = []
+        self.prompt_embeds = self.prompt_mask = None
+        self._real_step, self._real_encode_prompt = self.scheduler.step, pipe.encode_prompt
+        # update_wrapper keeps the real signatures visible to the pipeline's `inspect.signature(...)` checks
+        self._guided_step = functools.update_wrapper(lambda *a, **k: self._step(*a, **k), self._real_step)
+        self._capturing_encode_prompt = functools.update_wrapper(
+            lambda *a, **k: self._encode_prompt(*a, **k), self._real_encode_prompt
+        )
+        self.scheduler.step = self._guided_step
+        pipe.encode_prompt = self._capturing_encode_prompt
+
+    def _encode_prompt(self, *args, **kwargs):
+        call = inspect.signature(self._real_encode_prompt).bind(*args, **kwargs)
+        call.apply_defaults()
+        prompt_embeds, negative_prompt_embeds = self._real_encode_prompt(*args, **kwargs)
+        self.prompt_embeds, self.prompt_mask = prompt_embeds, None
+        prompt = call.arguments.get("prompt")
+        if call.arguments.get("prompt_embeds") is None and prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            mask = self.pipe.tokenizer(
+                prompts, padding="max_length", max_length=call.arguments.get("max_sequence_length", 226),
+                truncation=True, add_special_tokens=True, return_tensors="pt",
+            ).attention_mask
+            copies = prompt_embeds.shape[0] // mask.shape[0]
+            self.prompt_mask = mask.repeat_interleave(copies, dim=0).to(prompt_embeds.device)
+        return prompt_embeds, negative_prompt_embeds
+
+    def _step(self, *args, **kwargs):
+        call = inspect.signature(self._real_step).bind(*args, **kwargs)
+        timestep, sample = call.arguments["timestep"], call.arguments["sample"]
+        timesteps = self.scheduler.timesteps.tolist()
+        index = timesteps.index(int(timestep))
+        if index >= (1 - self.rho) * len(timesteps) and sample.shape[1] > self.lag:
+            call.arguments["model_output"] = self.guide(call.arguments["model_output"], sample, int(timestep), index)
+        return self._real_step(*call.args, **call.kwargs)
+
+    def guide(self, velocity: torch.Tensor, sample: torch.Tensor, timestep: int, index: int) -> torch.Tensor:
+        """v_hat - scale * dL/dv_hat with x0_hat = sqrt(ab) x_t - sqrt(1 - ab) v_hat (B, F, C, h, w), fp32 math."""
+        if next(self.predictor.parameters()).device != sample.device:
+            self.predictor.to(sample.device)
+        alpha_bar = self.scheduler.alphas_cumprod[timestep].to(device=sample.device, dtype=torch.float32)
+        prompt_batch = sample.shape[0] if self.prompt_embeds is None else self.prompt_embeds.shape[0]
+        if prompt_batch != sample.shape[0]:
+            raise ValueError(f"prompt batch {prompt_batch} does not match the latents batch {sample.shape[0]}")
+        with torch.enable_grad():
+            v = velocity.detach().float().requires_grad_(True)
+            x0 = alpha_bar.sqrt() * sample.float() - (1 - alpha_bar).sqrt() * v
+            loss = motion_guidance_loss(self.predictor, x0, self.prompt_embeds, self.lag, self.prompt_mask)
+            (grad,) = torch.autograd.grad(loss, v)
+        self.history.append((index, loss.item()))
+        return (velocity.float() - self.scale * grad).to(velocity.dtype)
+
+    def remove(self) -> None:
+        """Restore the scheduler's own step and the pipeline's own encode_prompt (idempotent)."""
+        if vars(self.scheduler).get("step") is self._guided_step:
+            del self.scheduler.step
+        if vars(self.pipe).get("encode_prompt") is self._capturing_encode_prompt:
+            del self.pipe.encode_prompt
+
+    def __enter__(self) -> "MotionPriorGuidance":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def enable_motion_guidance(
+    pipe, predictor: MotionPredictor, scale: float = 15.0, rho: float = 0.8, lag: int = 1
+) -> MotionPriorGuidance:
+    """Install Motion Prior Guidance on a diffusers CogVideoX pipeline (v-prediction scheduler).
+
+    On denoising step s of S, when s >= (1 - rho) * S, the post-CFG velocity becomes
+    v_hat - scale * dL/dv_hat with L = motion_guidance_loss(predictor, x0_hat, prompt, lag); the predictor is
+    frozen (eval mode, only v_hat gets a gradient). `scale=0` gives the unguided sample bit for bit. The
+    guidance stays on the scheduler object that `pipe.scheduler` is now; returns a handle with `.remove()`.
+    """
+    if not isinstance(predictor, MotionPredictor):
+        raise TypeError(f"predictor must be a MotionPredictor, got {type(predictor).__name__}")
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"rho must be in [0, 1], got {rho}")
+    if lag < 1:
+        raise ValueError(f"lag must be >= 1, got {lag}")
+    scheduler, transformer = getattr(pipe, "scheduler", None), getattr(pipe, "transformer", None)
+    if scheduler is None or transformer is None or not hasattr(pipe, "encode_prompt"):
+        raise TypeError(f"pipe must be a CogVideoX pipeline (scheduler, transformer, encode_prompt), got {type(pipe)}")
+    if scheduler.config.get("prediction_type") != "v_prediction":
+        raise ValueError(f"pipe.scheduler must use v_prediction, got {scheduler.config.get('prediction_type')}")
+    if "step" in vars(scheduler) or "encode_prompt" in vars(pipe):
+        raise ValueError("pipe already has a motion guidance installed: remove() it first")
+    for name, ours, theirs in (
+        ("in_channels", predictor.config.in_channels, transformer.config.out_channels),
+        ("text_dim", predictor.config.text_dim, transformer.config.text_embed_dim),
+    ):
+        if ours != theirs:
+            raise ValueError(f"predictor {name}={ours} does not match the pipeline's transformer ({theirs})")
+    return MotionPriorGuidance(pipe, predictor, scale, rho, lag)
