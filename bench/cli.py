@@ -1,0 +1,193 @@
+"""`python -m bench`: time and memory of the tempered KL across providers, workloads and modes."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import report
+from .measure import DTYPES, Case, base_result, matmul_tflops, run_case
+from .providers import PROVIDERS
+from .workloads import PRESETS, build_workloads, flop_count
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = PROJECT_ROOT / "bench" / "results"
+
+# Options passed to every Case under the same name.
+CASE_SETTINGS = (
+    "dtype",
+    "tau",
+    "mask_ratio",
+    "normalize",
+    "teacher_grad",
+    "seed",
+    "threads",
+    "min_runs",
+    "min_time_s",
+    "check",
+)
+
+# Large freed buffers go back to the OS at once, so a CPU worker's resident set tracks live tensors.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _csv(choices: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(choices)}")
+        return items
+
+    return parse
+
+
+def _mask_ratio(text: str) -> float:
+    ratio = float(text)
+    if not 0.0 < ratio <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a kept fraction in (0, 1], got {text}")
+    return ratio
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tsa-grid")
+    for field in ("batch", "frames", "hw", "cs", "ct"):
+        parser.add_argument(f"--{field}", type=int, help=f"override the preset's {field}")
+    parser.add_argument("--max-tokens", type=int, help="drop workloads with more tokens (e.g. to cut the sweep)")
+    parser.add_argument("--providers", type=_csv(PROVIDERS), default=list(PROVIDERS))
+    parser.add_argument("--modes", type=_csv(report.MODES), default=list(report.MODES))
+    parser.add_argument("--teacher-grad", action="store_true", help="fwd+bwd also computes teacher gradients")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--tau", type=float, default=0.1, help="student and teacher temperature")
+    parser.add_argument("--mask-ratio", type=_mask_ratio, default=1.0, help="fraction of queries kept")
+    parser.add_argument("--no-normalize", dest="normalize", action="store_false", help="raw dot products")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU: torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-runs", type=int, default=3, help="CPU: timed runs at least")
+    parser.add_argument("--min-time", dest="min_time_s", type=float, default=1.0, help="CPU: timed seconds at least")
+    parser.add_argument("--no-check", dest="check", action="store_false", help="skip the correctness check")
+    parser.add_argument(
+        "--isolate",
+        choices=("auto", "process", "none"),
+        default="auto",
+        help="run each case in a fresh process (auto: on CPU, where peak RSS cannot be reset otherwise)",
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON and PNG files")
+    parser.add_argument("--tag", help="file name stem (default: PRESET-DEVICE-DTYPE[-maskR][-teacher-grad])")
+    parser.add_argument("--no-plot", dest="plot", action="store_false")
+    args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+    args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
+    if args.tau <= 0:
+        parser.error(f"--tau must be > 0, got {args.tau}")
+    return args
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with open("/proc/cpuinfo") as cpuinfo:
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    threads = torch.get_num_threads()
+    return f"{models[0] if models else platform.processor()} ({threads} thread{'s' if threads > 1 else ''})"
+
+
+def environment(args: argparse.Namespace, argv: list[str]) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m bench " + " ".join(argv),
+        "device": str(args.device),
+        "device_name": device_name(args.device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_commit": commit.stdout.strip() or None,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "flops": flop_count.__doc__.strip(),
+        "measure": sys.modules[run_case.__module__].__doc__.strip(),
+    }
+
+
+def run_isolated(case: Case) -> dict:
+    """Run a case in a fresh Python process (its own peak RSS, no allocator or compile caches)."""
+    env = {
+        **os.environ,
+        **WORKER_ENV,
+        "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.measure", case.to_json()], capture_output=True, text=True, env=env
+    )
+    if completed.returncode == 0:
+        return json.loads(completed.stdout.strip().splitlines()[-1])
+    if completed.returncode == -9:
+        return base_result(case, "OOM", "worker killed by SIGKILL (the OOM killer?)")
+    stderr = completed.stderr.strip().splitlines()
+    return base_result(case, "error", stderr[-1] if stderr else f"worker exited with {completed.returncode}")
+
+
+def default_tag(args: argparse.Namespace) -> str:
+    """PRESET-DEVICE-DTYPE, with -maskRATIO and -teacher-grad when those are set."""
+    tag = f"{args.preset}-{args.device.type}-{args.dtype}"
+    if args.mask_ratio < 1.0:
+        tag += f"-mask{args.mask_ratio:g}"
+    return tag + ("-teacher-grad" if args.teacher_grad else "")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    shape = {field: getattr(args, field) for field in ("batch", "frames", "hw", "cs", "ct")}
+    workloads = build_workloads(args.preset, max_tokens=args.max_tokens, **shape)
+    isolate = args.isolate == "process" or (args.isolate == "auto" and args.device.type == "cpu")
+    settings = {field: getattr(args, field) for field in CASE_SETTINGS}
+    cases = [
+        Case(workload=workload, provider=provider, mode=mode, device=str(args.device), **settings)
+        for workload in workloads
+        for mode in args.modes
+        for provider in args.providers
+    ]
+    torch.set_num_threads(args.threads)
+    meta = environment(args, argv)
+    meta["matmul_tflops"] = matmul_tflops(args.device, DTYPES[args.dtype])
+    meta["matmul_dtype"] = args.dtype
+    meta["isolated_processes"] = isolate
+    results = []
+    for case in tqdm(cases, desc="bench", unit="case"):
+        results.append(run_isolated(case) if isolate else run_case(case))
+    report.add_ratios(results, meta["matmul_tflops"])
+
+    tag = args.tag or default_tag(args)
+    json_path = args.out / f"{tag}.json"
+    report.write_json(json_path, meta, results)
+    print(
+        f"{meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, {args.dtype}, "
+        f"matmul {meta['matmul_tflops']:.3g} TFLOP/s"
+    )
+    print(report.format_table(results))
+    written = [json_path]
+    if args.plot:
+        written += report.plot(results, args.out / tag, f"{tag}: {meta['device_name']}")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return {"meta": meta, "results": results, "paths": written}

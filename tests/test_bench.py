@@ -1,0 +1,151 @@
+"""The benchmark harness end to end on tiny cases: table, JSON, plots, and failures reported as results."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench.measure
+import bench.providers
+from bench import cli, report
+from bench.measure import Case, run_case
+from bench.providers import naive_peak_bytes, naive_tempered_kl_loss
+from bench.workloads import SWEEP_TOKENS, Workload, build_workloads, flop_count
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TINY = Workload("tiny", batch=2, frames=3, hw=10, cs=12, ct=7)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_case(provider: str, mode: str = "fwd+bwd", **fields) -> Case:
+    return Case(workload=TINY, provider=provider, mode=mode, min_runs=2, min_time_s=0.0, **fields)
+
+
+def test_presets_match_the_documented_grids():
+    (tsa,) = build_workloads("tsa-grid")
+    assert (tsa.batch, tsa.frames, tsa.hw, tsa.cs, tsa.ct, tsa.tokens) == (4, 24, 150, 768, 768, 3600)
+    assert build_workloads("cogvideox-native")[0].tokens == 17_550
+    assert build_workloads("cogvideox15")[0].tokens == 85_680
+    sweep = build_workloads("sweep", frames=8, cs=64)
+    assert [w.tokens for w in sweep] == list(SWEEP_TOKENS) and {(w.frames, w.cs) for w in sweep} == {(8, 64)}
+    assert [w.tokens for w in build_workloads("sweep", max_tokens=4096)] == [1024, 2048, 4096]
+    assert build_workloads("tsa-grid", batch=1, hw=7)[0] == tsa.replace(batch=1, hw=7)
+    with pytest.raises(ValueError, match="hw"):
+        build_workloads("sweep", hw=64)
+    with pytest.raises(ValueError, match="preset"):
+        build_workloads("nope")
+    with pytest.raises(ValueError, match="frames"):
+        build_workloads("tsa-grid", frames=0)
+
+
+def test_flop_formula():
+    b, n, cs, ct = TINY.batch, TINY.tokens, TINY.cs, TINY.ct
+    assert flop_count(TINY, "fwd") == 2 * b * n * n * (cs + ct)
+    assert flop_count(TINY, "fwd+bwd") == 4 * b * n * n * (cs + ct) + 4 * b * n * n * cs
+    assert flop_count(TINY, "fwd+bwd", teacher_grad=True) == 8 * b * n * n * (cs + ct)
+    assert flop_count(TINY, "fwd", kept_fraction=0.25) == 0.25 * flop_count(TINY, "fwd")
+
+
+def test_in_process_run_writes_table_and_json(tmp_path, capsys):
+    argv = "--batch 2 --frames 3 --hw 10 --cs 12 --ct 7 --providers reference,torch --mask-ratio 0.5"
+    argv += f" --teacher-grad --min-runs 2 --min-time 0 --isolate none --out {tmp_path} --tag tiny --no-plot"
+    run = cli.main(argv.split())
+
+    table = capsys.readouterr().out
+    assert "time ms median [IQR]" in table and table.count("tsa-grid  30") == 4
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    assert {"date", "device_name", "torch", "triton", "cuda", "matmul_tflops", "flops", "measure"} <= set(data["meta"])
+    assert data["results"] == json.loads(json.dumps(run["results"]))
+    assert [(r["provider"], r["mode"]) for r in data["results"]] == [
+        ("reference", "fwd"), ("torch", "fwd"), ("reference", "fwd+bwd"), ("torch", "fwd+bwd"),
+    ]  # fmt: skip
+    for result in data["results"]:
+        assert result["status"] == "ok" and result["check"]["passed"] is True, result
+        assert result["check"]["error"] < 1e-4 and result["kept_fraction"] == 0.5
+        assert 0 < result["time_ms"]["min"] <= result["time_ms"]["median"] <= result["time_ms"]["max"]
+        assert result["tflops"] == pytest.approx(result["flops"] / result["time_ms"]["median"] / 1e9)
+        assert result["matmul_fraction"] == pytest.approx(result["tflops"] / data["meta"]["matmul_tflops"])
+        assert result["input_bytes"] == 4 * TINY.batch * TINY.tokens * (TINY.cs + TINY.ct)
+        assert result["peak_bytes"] >= 0 and "speedup_vs_reference" in result
+    assert [r["speedup_vs_reference"] for r in data["results"] if r["provider"] == "reference"] == [1.0, 1.0]
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_isolated_cli_measures_peak_memory_and_plots(tmp_path):
+    """`python -m bench` with one process per case: the naive reference's peak RSS growth is several
+    N x N fp32 matrices, within the estimate the CPU memory guard uses; the chunked backend's is smaller."""
+    command = [sys.executable, "-m", "bench", "--preset", "sweep", "--max-tokens", "1024", "--cs", "16", "--ct", "16"]
+    command += ["--providers", "reference,torch", "--modes", "fwd", "--no-check", "--min-runs", "1"]
+    command += ["--min-time", "0", "--isolate", "process", "--out", str(tmp_path), "--tag", "iso"]
+    completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr
+    assert "sweep-1k" in completed.stdout and "iso.json" in completed.stdout
+    data = json.loads((tmp_path / "iso.json").read_text())
+    assert data["meta"]["isolated_processes"] is True
+    reference, chunked = data["results"]
+    matrix = 1024 * 1024 * 4
+    (workload,) = build_workloads("sweep", max_tokens=1024, cs=16, ct=16)
+    assert 3 * matrix < reference["peak_bytes"] <= naive_peak_bytes(workload, "fwd", torch.float32)
+    assert chunked["status"] == "ok" and chunked["peak_bytes"] < reference["peak_bytes"]
+    assert chunked["memory_vs_reference"] == pytest.approx(chunked["peak_bytes"] / reference["peak_bytes"])
+    for kind in ("time", "memory"):
+        assert (tmp_path / f"iso-{kind}.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def _raising(error: BaseException):
+    def loss(*args):
+        raise error
+
+    return loss
+
+
+def test_out_of_memory_is_a_result(monkeypatch):
+    monkeypatch.setattr(bench.measure, "make_loss", lambda provider: _raising(torch.cuda.OutOfMemoryError("boom")))
+    result = run_case(tiny_case("torch", check=False))
+    assert result["status"] == "OOM" and "time_ms" not in result and "OutOfMemoryError" in result["note"]
+    cpu_oom = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(bench.measure, "make_loss", lambda provider: _raising(cpu_oom))
+    assert run_case(tiny_case("reference", check=False))["status"] == "OOM"
+    wrapped = RuntimeError("backend compiler failed")
+    wrapped.__cause__ = torch.cuda.OutOfMemoryError("CUDA error")
+    monkeypatch.setattr(bench.measure, "make_loss", lambda provider: _raising(wrapped))
+    assert run_case(tiny_case("compiled", check=False))["status"] == "OOM"
+    assert "OOM" in report.format_table([result])
+
+
+def test_reference_too_big_for_host_memory_is_skipped(monkeypatch):
+    monkeypatch.setattr(bench.measure, "memory_budget_bytes", lambda device: 1000)
+    skipped = run_case(tiny_case("compiled"))
+    assert skipped["status"] == "skipped" and "would need" in skipped["note"]
+    chunked = run_case(tiny_case("torch"))  # not guarded; its check has no room for the fp64 reference
+    assert chunked["status"] == "ok" and chunked["check"]["passed"] is None and "time_ms" in chunked
+
+
+def test_errors_and_wrong_results_are_reported(monkeypatch):
+    monkeypatch.setattr(bench.measure, "make_loss", lambda provider: _raising(ValueError("unsupported")))
+    failed = run_case(tiny_case("compiled"))
+    assert failed["status"] == "error" and "ValueError: unsupported" in failed["note"] and failed["traceback"]
+
+    monkeypatch.setattr(bench.measure, "make_loss", lambda provider: lambda *args: 1.01 * naive_tempered_kl_loss(*args))
+    wrong = run_case(tiny_case("torch"))
+    assert wrong["status"] == "mismatch" and wrong["check"]["passed"] is False
+    assert wrong["check"]["error"] == pytest.approx(0.01, rel=1e-3)
+    assert "FAIL" in report.format_table([wrong])
+
+
+def test_triton_provider(monkeypatch):
+    big = TINY.replace(hw=200)
+    assert "interpreter" in run_case(Case(big, "triton", "fwd"))["note"]
+    result = run_case(tiny_case("triton"))
+    assert result["status"] == "ok" and result["check"]["passed"] is True, result
+    monkeypatch.setattr(bench.providers, "triton_interpreting", lambda: False)
+    assert run_case(tiny_case("triton"))["status"] == "unavailable"
+
+
+def test_bad_arguments_are_rejected():
+    for argv in (["--mask-ratio", "0"], ["--providers", "eager"], ["--modes", "bwd"], ["--tau", "0"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(argv)
