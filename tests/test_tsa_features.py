@@ -34,7 +34,8 @@ def test_last_block_capture_reproduces_the_output(transformer):
     with BlockFeatureCapture(transformer, block_index=3) as capture:
         output = _call(transformer, latents, prompt, timesteps)
     features = capture.features
-    assert features.shape == (2, 3, 3, 5, 16)
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    assert features.shape == (2, 3, 3, 5, width)
     emb = transformer.time_embedding(transformer.time_proj(timesteps).to(latents.dtype))
     tokens = transformer.proj_out(transformer.norm_out(transformer.norm_final(features.flatten(1, 3)), temb=emb))
     patches = tokens.view(2, 3, 3, 5, 4, 2, 2).permute(0, 1, 4, 2, 5, 3, 6).reshape(output.shape)
@@ -101,7 +102,7 @@ def test_peft_lora_adapters():
     wrapped = get_peft_model(tiny_transformer(num_layers=2), LoraConfig(r=2, target_modules=["to_q"]))
     with BlockFeatureCapture(wrapped, 1) as capture:
         wrapped(hidden_states=latents, encoder_hidden_states=prompt, timestep=timesteps)
-    assert capture.features.shape == (1, 3, 3, 5, 16)
+    assert capture.features.shape == (1, 3, 3, 5, 32)  # tiny width: 2 heads x 16
 
 
 def test_token_grid_with_temporal_patch():

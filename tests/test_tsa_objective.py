@@ -154,7 +154,7 @@ def test_projector_save_and_teacher_device_follow(assets, tmp_path):
                                    align="tsa", block_index=2, projector_hidden_dim=8)
     objective.save_projector(tmp_path / "projector")
     loaded = AlignmentProjector.from_pretrained(tmp_path / "projector")
-    assert loaded.config.in_dim == 16 and loaded.config.out_dim == 24 and loaded.config.hidden_dim == 8
+    assert loaded.config.in_dim == 32 and loaded.config.out_dim == 24 and loaded.config.hidden_dim == 8
     with pytest.raises(ValueError, match="no projector to save"):
         AlignmentObjective(_transformer(assets), align="none").save_projector(tmp_path / "none")
 
@@ -171,11 +171,11 @@ def test_objective_bad_inputs(assets):
         AlignmentObjective(transformer, teacher=teacher, align="tsa")  # default block 18 on a 2-block model
     with pytest.raises(ValueError, match="weight must be a non-negative number"):
         AlignmentObjective(transformer, teacher=teacher, align="tsa", block_index=1, weight=-1)
-    with pytest.raises(ValueError, match="projector.in_dim=8 must equal the transformer width 16"):
+    with pytest.raises(ValueError, match="projector.in_dim=8 must equal the transformer width 32"):
         AlignmentObjective(transformer, teacher=teacher, block_index=1, projector=AlignmentProjector(8, 24, 8))
     with pytest.raises(ValueError, match="projector.out_dim=12 must equal the teacher's hidden size 24"):
         AlignmentObjective(transformer, teacher=teacher, align="repa", block_index=1,
-                           projector=AlignmentProjector(16, 12, 8))
+                           projector=AlignmentProjector(32, 12, 8))
     objective = AlignmentObjective(transformer, teacher=teacher, block_index=1, projector_hidden_dim=8)
     with pytest.raises(ValueError, match="needs the pixel video"):
         objective(latents, prompt)

@@ -1,0 +1,77 @@
+"""tsa-train options: defaults < preset < YAML < command line, and clear errors for bad values."""
+
+import re
+
+import pytest
+
+from tsa.config import PRESETS, parse_args
+
+REAL = ["--model-path", "cogvideox", "--data", "videos", "--teacher-path", "videomae"]
+
+
+def write_yaml(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_tiny_is_the_default_preset():
+    args = parse_args([])
+    assert args.preset == "tiny"
+    assert (args.height, args.width, args.num_frames) == (PRESETS["tiny"]["height"], PRESETS["tiny"]["width"], 9)
+    assert args.align == "mtsa" and args.motion_drift_weight == 0.0
+    assert args.cache_dir == args.output_dir / "cache"
+    assert args.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def test_yaml_overrides_the_preset_and_the_command_line_overrides_yaml(tmp_path):
+    config = write_yaml(tmp_path, "align: trd\nlearning-rate: 0.01\nlora_target_modules: [to_q, to_k]\n"
+                                  "gradient_checkpointing: true\nheight: 64\n")
+    args = parse_args(["--config", config])
+    assert (args.align, args.learning_rate, args.height) == ("trd", 0.01, 64)
+    assert args.lora_target_modules == ["to_q", "to_k"] and args.gradient_checkpointing is True
+    assert args.width == PRESETS["tiny"]["width"]
+    args = parse_args(["--config", config, "--align", "tsa", "--learning-rate", "3e-4", "--no-gradient-checkpointing"])
+    assert (args.align, args.learning_rate, args.gradient_checkpointing, args.height) == ("tsa", 3e-4, False, 64)
+
+
+def test_preset_from_yaml_and_from_the_command_line(tmp_path):
+    config = write_yaml(tmp_path, "preset: cogvideox-2b-mtsa\nmodel_path: cogvideox\ndata: videos\n"
+                                  "teacher_path: videomae\nmax_steps: 10\n")
+    args = parse_args(["--config", config])
+    assert args.preset == "cogvideox-2b-mtsa"
+    assert (args.learning_rate, args.align_layer, args.align_weight, args.tau, args.top_k) == (2e-6, 18, 0.5, 0.1, 0.2)
+    assert (args.finetune, args.height, args.width, args.num_frames, args.max_steps) == ("full", 480, 720, 49, 10)
+    assert parse_args(["--config", config, "--preset", "tiny"]).height == PRESETS["tiny"]["height"]
+    lora = parse_args(["--preset", "cogvideox-5b-lora", *REAL])
+    assert (lora.finetune, lora.lora_rank, lora.lora_alpha, lora.mixed_precision) == ("lora", 128, 64, "bf16")
+
+
+def test_lamo_drift_weight_defaults():
+    assert parse_args(["--align", "lamo"]).motion_drift_weight == 0.4
+    assert parse_args(["--align", "mtsa", "--motion-drift-weight", "0.2"]).motion_drift_weight == 0.2
+    assert parse_args(["--align", "lamo", "--motion-drift-weight", "0"]).motion_drift_weight == 0.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-frames", "48"], "4k\\+1"),
+    (["--height", "100"], "multiples of 16"),
+    (["--top-k", "0"], "--top-k"),
+    (["--align", "mtsa", "--motion-drift-weight", "-1"], "--motion-drift-weight"),
+    (["--preset", "cogvideox-2b-mtsa"], "--model-path is required"),
+    (["--preset", "cogvideox-2b-mtsa", "--model-path", "m", "--data", "d"], "--teacher-path is required"),
+    (["--align", "bogus"], "invalid choice"),
+])
+def test_bad_options_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_bad_yaml_is_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown option 'learning_rat'"):
+        parse_args(["--config", write_yaml(tmp_path, "learning_rat: 0.1\n")])
+    with pytest.raises(ValueError, match="align must be one of"):
+        parse_args(["--config", write_yaml(tmp_path, "align: bogus\n")])
+    with pytest.raises(FileNotFoundError, match="no such YAML"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])

@@ -1,0 +1,178 @@
+"""tsa-train end to end on the tiny preset (CPU): decode, cache, train, checkpoint, resume, plot, sample."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tsa.cache import main as cache_main
+from tsa.config import parse_args
+from tsa.data import UndecodableVideoWarning, load_video_captions, read_video
+from tsa.train import train
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator (accelerate keeps process-wide singletons)."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """`tsa-train --preset tiny` with few steps: builds the tiny models and the synthetic mp4 dataset."""
+    output = tmp_path_factory.mktemp("tiny")
+    history = train(parse_args(["--output-dir", str(output), "--max-steps", "4", "--checkpointing-steps", "2",
+                                "--checkpoints-total-limit", "1", "--num-videos", "6", *QUIET]))
+    return output, history
+
+
+def assets(run, cache=True):
+    """Options reusing the tiny run's models, dataset and (keyed, so safely shared) latent cache."""
+    tiny = run / "tiny"
+    options = ["--model-path", str(tiny / "cogvideox"), "--teacher-path", str(tiny / "videomae"),
+               "--data", str(tiny / "data")]
+    return options + (["--cache-dir", str(run / "cache")] if cache else [])
+
+
+def test_tiny_preset_end_to_end(tiny_run, capsys):
+    output, history = tiny_run
+    assert [row["step"] for row in history] == [1, 2, 3, 4]
+    for row in history:
+        assert all(np.isfinite(row[name]) for name in ("loss", "diffusion", "align"))
+        assert row["align"] > 0 and row["diffusion"] > 0
+        assert row["loss"] == pytest.approx(row["diffusion"] + 0.5 * row["align"], rel=1e-5)
+    assert len(load_video_captions(output / "tiny" / "data")) == 6
+    assert [p.name for p in (output / "checkpoints").iterdir()] == ["checkpoint-4"]  # total limit 1
+    assert json.loads((output / "losses.json").read_text()) == history
+    assert (output / "loss_curve.png").stat().st_size > 10_000
+    assert list((output / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    # The final diffusers-format weights are the trained ones (the last checkpoint's).
+    from safetensors.torch import load_file
+
+    trained = load_file(output / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    for folder, prefix in (("transformer", "transformer."), ("projector", "projector.")):
+        (weights,) = (output / folder).glob("*.safetensors")
+        saved = load_file(weights)
+        assert {prefix + key for key in saved} == {key for key in trained if key.startswith(prefix)}
+        for key, value in saved.items():
+            torch.testing.assert_close(value, trained[prefix + key], rtol=0, atol=0)
+    args = json.loads((output / "training_args.json").read_text())
+    assert args["align"] == "mtsa" and args["finetune"] == "full"
+
+    # tsa-cache on the same options: every entry is reused.
+    cache_main(["--output-dir", str(output), "--num-videos", "6"])
+    assert "6 of 6 videos cached (process 0 encoded 0, reused 6)" in capsys.readouterr().out
+
+    # tsa-sample writes an mp4 with the trained transformer.
+    from tsa.sample import main as sample_main
+
+    sample_main([str(output), "--prompt", "a red ball falls and bounces on the floor",
+                 "--num-inference-steps", "2", "--output-dir", str(output / "samples")])
+    (video,) = (output / "samples").glob("*.mp4")
+    frames = read_video(video, args["num_frames"], args["height"], args["width"])
+    assert frames.shape == (args["num_frames"], 3, args["height"], args["width"])
+
+
+def test_lora_weights_load_into_the_pipeline_and_corrupt_videos_are_skipped(tiny_run, tmp_path):
+    run = tiny_run[0]
+    listing = tmp_path / "train.csv"
+    videos = load_video_captions(run / "tiny" / "data")
+    (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x01 not a video" * 64)
+    rows = [f"{sample.video},{sample.caption}" for sample in videos] + ["corrupt.mp4,a corrupt clip"]
+    listing.write_text("video,caption\n" + "\n".join(rows) + "\n")
+    output = tmp_path / "lora"
+    argv = ["--output-dir", str(output), *assets(run), "--data", str(listing), "--finetune", "lora",
+            "--lora-rank", "4", "--lora-alpha", "8", "--max-steps", "2", "--checkpointing-steps", "2",
+            "--lr-warmup-steps", "0", *QUIET]
+    with pytest.warns(UndecodableVideoWarning, match="corrupt.mp4"):
+        train(parse_args(argv))
+    assert (output / "pytorch_lora_weights.safetensors").is_file()
+    assert not (output / "transformer").exists()
+
+    from diffusers import CogVideoXTransformer3DModel
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    from tsa.sample import load_pipeline
+
+    pipe = load_pipeline(output, run / "tiny" / "cogvideox", torch.float32)
+    # The same adapters rebuilt from the training checkpoint's trainable state.
+    reference = CogVideoXTransformer3DModel.from_pretrained(run / "tiny" / "cogvideox", subfolder="transformer")
+    base = CogVideoXTransformer3DModel.from_pretrained(run / "tiny" / "cogvideox", subfolder="transformer")
+    reference.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    state = load_file(output / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    lora_state = {key.removeprefix("transformer."): value for key, value in state.items() if "lora_" in key}
+    assert lora_state and any(value.abs().sum() > 0 for key, value in lora_state.items() if "lora_B" in key)
+    assert not reference.load_state_dict(lora_state, strict=False).unexpected_keys
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 3, 4, 12, 18, generator=generator),
+                  encoder_hidden_states=torch.randn(1, 226, 32, generator=generator),
+                  timestep=torch.tensor([500]), return_dict=False)
+    with torch.no_grad():
+        loaded, expected, untrained = (model(**inputs)[0] for model in (pipe.transformer, reference, base))
+    torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-6)
+    assert (loaded - untrained).abs().max() > 1e-6
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # bitwise-repeatable kernels, also on a GPU machine
+    run = tiny_run[0]
+    common = [*assets(run), "--max-steps", "5", "--checkpointing-steps", "2", "--train-batch-size", "1",
+              "--gradient-accumulation-steps", "2", "--motion-drift-weight", "0.4", "--lr-scheduler", "cosine",
+              "--lr-warmup-steps", "2", *QUIET]
+    straight = train(parse_args(["--output-dir", str(tmp_path / "straight"), *common]))
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "tsa.train", "--output-dir", str(killed), *common],
+                               cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoints" / "checkpoint-2").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "the run never reached its first checkpoint"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "losses.json").exists()
+
+    resumed = train(parse_args(["--output-dir", str(killed), *common, "--resume", "latest"]))
+    assert [row["step"] for row in resumed] == [1, 2, 3, 4, 5]
+    for name in ("loss", "diffusion", "align", "drift", "predictor", "lr"):
+        np.testing.assert_allclose([row[name] for row in resumed], [row[name] for row in straight],
+                                   rtol=1e-5, atol=1e-7, err_msg=name)
+    assert resumed[-1]["drift"] > 0 and resumed[-1]["predictor"] > 0
+
+
+def test_accelerate_launch_two_processes(tiny_run, tmp_path):
+    run = tiny_run[0]
+    output = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tsa.train",
+               "--output-dir", str(output), *assets(run, cache=False), "--max-steps", "2",
+               "--checkpointing-steps", "2", "--align", "lamo", *QUIET]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The cache was filled in two shards, one per process.
+    assert "6 of 6 videos cached (process 0 encoded 3, reused 0)" in result.stdout
+    checkpoint = output / "checkpoints" / "checkpoint-2"
+    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    history = json.loads((output / "losses.json").read_text())
+    assert [row["step"] for row in history] == [1, 2]
+    assert all(row["align"] == 0 and row["drift"] > 0 and np.isfinite(row["loss"]) for row in history)
+    assert (output / "motion_predictor" / "config.json").is_file()

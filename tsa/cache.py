@@ -1,0 +1,213 @@
+"""The latent cache: VAE latent distributions and T5 prompt embeddings written once as safetensors.
+
+An entry's file name carries the video (name plus a digest of its path, size and modification time), the
+resolution and frame count, a fingerprint of the VAE / text encoder / tokenizer files and a hash of the
+prompt, so changing any of them makes a new entry instead of reusing a stale one. `tsa-cache` (or
+`tsa-train --precompute`) fills the cache, sharded over accelerate's processes.
+"""
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tsa.data import VideoCaptionDataset, load_video_captions
+
+ENCODER_SUBFOLDERS = ("vae", "text_encoder", "tokenizer")
+
+
+def precision_dtype(mixed_precision):
+    """torch dtype of the frozen models for accelerate's mixed_precision ("no", "fp16", "bf16")."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+def _digest(*parts, length=10):
+    return hashlib.sha256("\0".join(str(part) for part in parts).encode()).hexdigest()[:length]
+
+
+def model_fingerprint(model_path):
+    """Digest of the name, size and modification time of every VAE, text encoder and tokenizer file."""
+    model_path = Path(model_path)
+    files = sorted(path for sub in ENCODER_SUBFOLDERS for path in (model_path / sub).rglob("*") if path.is_file())
+    if not files:
+        raise FileNotFoundError(f"--model-path {model_path} has no {'/'.join(ENCODER_SUBFOLDERS)} subfolders")
+    return _digest(*(f"{path.relative_to(model_path)}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+                     for path in files))
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Where the entry of a (video, caption) pair lives for one resolution / frame count / model."""
+
+    root: Path
+    height: int
+    width: int
+    num_frames: int
+    model: str
+    max_sequence_length: int
+
+    @property
+    def directory(self):
+        return self.root / f"{self.num_frames}x{self.height}x{self.width}-{self.model}-t{self.max_sequence_length}"
+
+    def path(self, sample):
+        stat = sample.video.stat() if sample.video.exists() else None
+        video = _digest(sample.video.resolve(), stat and stat.st_size, stat and stat.st_mtime_ns, length=8)
+        return self.directory / f"{sample.video.stem}-{video}-{_digest(sample.caption)}.safetensors"
+
+
+def cache_layout(args):
+    """The CacheLayout of parsed tsa-train / tsa-cache options."""
+    config = json.loads((Path(args.model_path) / "transformer" / "config.json").read_text())
+    return CacheLayout(Path(args.cache_dir), args.height, args.width, args.num_frames,
+                       model_fingerprint(args.model_path), int(config.get("max_text_seq_length", 226)))
+
+
+class LatentEncoder:
+    """The frozen VAE and T5 of a CogVideoX pipeline folder, turning a clip and caption into a cache entry."""
+
+    def __init__(self, model_path, device="cpu", dtype=torch.float32, max_sequence_length=226, tiling=False):
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        load = dict(torch_dtype=dtype)
+        vae = AutoencoderKLCogVideoX.from_pretrained(model_path, subfolder="vae", **load).to(device).eval()
+        if tiling:
+            vae.enable_tiling()
+        self.pipe = CogVideoXPipeline(
+            tokenizer=AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer"),
+            text_encoder=T5EncoderModel.from_pretrained(model_path, subfolder="text_encoder", **load).to(device),
+            vae=vae, transformer=None, scheduler=None,
+        )
+        self.device, self.dtype, self.max_sequence_length = torch.device(device), dtype, max_sequence_length
+
+    @torch.no_grad()
+    def __call__(self, pixels, caption):
+        """pixels (T, 3, H, W) in [-1, 1] -> dict of latent_dist (2C, F, h, w), prompt_embeds (L, D) and
+        prompt_mask (L,) (the tokenizer's attention mask, for pooling over real tokens)."""
+        video = pixels.to(self.device, self.dtype).permute(1, 0, 2, 3).unsqueeze(0)
+        latent_dist = self.pipe.vae.encode(video).latent_dist.parameters[0]
+        prompt_embeds, _ = self.pipe.encode_prompt(
+            caption, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+            device=self.device, dtype=self.dtype,
+        )
+        prompt_mask = self.pipe.tokenizer(
+            caption, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+            return_tensors="pt",
+        ).attention_mask[0]
+        return {"latent_dist": latent_dist.contiguous().cpu(), "prompt_embeds": prompt_embeds[0].contiguous().cpu(),
+                "prompt_mask": prompt_mask.bool()}
+
+
+def fill_cache(dataset, layout, encoder, process_index=0, num_processes=1, progress=True):
+    """Encode this process's shard (items i with i % num_processes == process_index) of a
+    VideoCaptionDataset that has no entry yet. `encoder` is a LatentEncoder or a callable returning one
+    (only called on the first miss, so a full cache never loads the VAE). Undecodable videos are skipped
+    with a warning. Returns (number encoded, number already cached)."""
+    layout.directory.mkdir(parents=True, exist_ok=True)
+    shard = range(process_index, len(dataset), num_processes)
+    encoded = hits = 0
+    for index in tqdm(shard, desc=f"caching latents [{process_index}]", disable=not progress):
+        target = layout.path(dataset.samples[index])
+        if target.is_file():
+            hits += 1
+            continue
+        pixels = dataset.pixels(index)
+        if pixels is None:
+            continue
+        if not isinstance(encoder, LatentEncoder):
+            encoder = encoder()
+        entry = encoder(pixels, dataset.samples[index].caption)
+        _save_atomically(entry, target, {"video": str(dataset.samples[index].video),
+                                         "caption": dataset.samples[index].caption})
+        encoded += 1
+    return encoded, hits
+
+
+def _save_atomically(tensors, target, metadata):
+    from safetensors.torch import save_file
+
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    save_file(tensors, partial, metadata=metadata)
+    partial.replace(target)
+
+
+class CachedLatentDataset(torch.utils.data.Dataset):
+    """The cached entries of a VideoCaptionDataset: dicts of latent_dist, prompt_embeds, prompt_mask and,
+    with `with_pixels`, the decoded clip for the teacher (None when it cannot be decoded any more)."""
+
+    def __init__(self, videos, layout, with_pixels=False):
+        self.videos, self.layout, self.with_pixels = videos, layout, with_pixels
+        self.indices = [index for index, sample in enumerate(videos.samples) if layout.path(sample).is_file()]
+        if not self.indices:
+            raise ValueError(f"no video of the dataset could be decoded and cached in {layout.directory}")
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, position):
+        from safetensors.torch import load_file
+
+        index = self.indices[position]
+        item = load_file(self.layout.path(self.videos.samples[index]))
+        if self.with_pixels:
+            item["pixels"] = self.videos.pixels(index)
+            if item["pixels"] is None:
+                return None
+        return item
+
+
+def collate_entries(items):
+    """Stack the entries that loaded; None when none did (the training loop skips such a batch)."""
+    items = [item for item in items if item is not None]
+    if not items:
+        return None
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def build_cache(args, accelerator):
+    """Fill the cache for `args` on every process of `accelerator` (sharded); returns the
+    CachedLatentDataset of everything that is cached once all processes are done."""
+    videos = VideoCaptionDataset(load_video_captions(args.data, args.video_column, args.caption_column),
+                                 args.height, args.width, args.num_frames)
+    layout = cache_layout(args)
+    dtype = precision_dtype(accelerator.mixed_precision)
+    encoded, hits = fill_cache(
+        videos, layout,
+        lambda: LatentEncoder(args.model_path, accelerator.device, dtype, layout.max_sequence_length, args.vae_tiling),
+        accelerator.process_index, accelerator.num_processes, progress=accelerator.is_local_main_process,
+    )
+    accelerator.free_memory()  # the VAE and T5 are not needed any more
+    accelerator.wait_for_everyone()
+    dataset = CachedLatentDataset(videos, layout, with_pixels=args.align not in ("none", "lamo"))
+    if accelerator.is_main_process:
+        skipped = len(videos) - len(dataset)
+        print(f"latent cache {layout.directory}: {len(dataset)} of {len(videos)} videos cached "
+              f"(process 0 encoded {encoded}, reused {hits})" + (f", {skipped} skipped" if skipped else ""))
+        if skipped:
+            warnings.warn(f"{skipped} of {len(videos)} videos could not be decoded and are left out", stacklevel=2)
+    return dataset
+
+
+def main(argv=None):
+    """tsa-cache: fill the latent cache of a dataset (run with `accelerate launch` to shard it)."""
+    from accelerate import Accelerator
+
+    from tsa.config import parse_args
+    from tsa.data import prepare_tiny_assets
+
+    args = parse_args(argv, prog="tsa-cache")
+    accelerator = Accelerator()
+    if args.preset == "tiny":
+        with accelerator.main_process_first():
+            prepare_tiny_assets(args)
+    build_cache(args, accelerator)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Command line and YAML configuration of tsa-train, tsa-cache and tsa-sample.
+
+Precedence, lowest first: the parser's defaults, the preset (`--preset`, default `tiny`), the YAML file
+(`--config`), the command line. YAML keys are the option names with dashes or underscores.
+"""
+
+import argparse
+from pathlib import Path
+
+ALIGN_METHODS = ("none", "tsa", "mtsa", "trd", "repa", "lamo")
+TEACHERS = ("videomae", "dinov2", "vjepa2")
+LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
+
+PRESETS = {
+    # Tiny random models and a synthetic mp4 dataset built in the output dir; CPU, about two minutes.
+    "tiny": dict(
+        height=96, width=144, num_frames=9, align="mtsa", align_layer=2, projector_hidden_dim=64,
+        finetune="full", learning_rate=1e-3, lr_warmup_steps=5, train_batch_size=2, max_steps=100,
+        checkpointing_steps=50, num_videos=8, predictor_channels=16, predictor_blocks=2,
+    ),
+    # SPEC section 9: TSA / M-TSA on CogVideoX-2B, full fine-tune (8 GPUs x 4 = global batch 32).
+    "cogvideox-2b-mtsa": dict(
+        height=480, width=720, num_frames=49, align="mtsa", align_layer=18, align_weight=0.5, tau=0.1,
+        top_k=0.2, finetune="full", learning_rate=2e-6, lr_warmup_steps=100, train_batch_size=4,
+        max_steps=4000, checkpointing_steps=500, mixed_precision="bf16", gradient_checkpointing=True,
+        vae_tiling=True,
+    ),
+    # SPEC sections 7 and 9: CogVideoX-5B with LoRA r128 / alpha 64 on the attention projections.
+    "cogvideox-5b-lora": dict(
+        height=480, width=720, num_frames=49, align="mtsa", align_layer=18, align_weight=0.5, tau=0.1,
+        top_k=0.2, finetune="lora", lora_rank=128, lora_alpha=64, learning_rate=1e-4,
+        lr_warmup_steps=100, train_batch_size=1, max_steps=2000, checkpointing_steps=250,
+        mixed_precision="bf16", gradient_checkpointing=True, vae_tiling=True,
+    ),
+}
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser(prog="tsa-train"):
+    """The options shared by tsa-train and tsa-cache (tsa-cache ignores the training ones)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Fine-tune CogVideoX with a TSA / M-TSA / TRD / REPA / LaMo alignment loss.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="Named defaults (tiny when neither this nor the YAML names one).")
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of options.")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model-path", type=Path, default=None,
+                       help="Local diffusers CogVideoX pipeline folder (built in the output dir for tiny).")
+    model.add_argument("--output-dir", type=Path, default=Path("tsa-output"))
+    model.add_argument("--finetune", choices=("full", "lora"), default="full")
+    model.add_argument("--lora-rank", type=_positive_int, default=128)
+    model.add_argument("--lora-alpha", type=float, default=64.0)
+    model.add_argument("--lora-target-modules", default=LORA_TARGET_MODULES,
+                       help="Comma-separated module names that get LoRA adapters.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", type=Path, default=None,
+                      help="A folder with prompts.txt + videos.txt, or a CSV file with video and caption "
+                           "columns (paths relative to its folder). The tiny preset generates one.")
+    data.add_argument("--video-column", default="video")
+    data.add_argument("--caption-column", default="caption")
+    data.add_argument("--height", type=_positive_int, default=480)
+    data.add_argument("--width", type=_positive_int, default=720)
+    data.add_argument("--num-frames", type=_positive_int, default=49, help="4k+1 frames per clip.")
+    data.add_argument("--cache-dir", type=Path, default=None,
+                      help="Latent and T5 embedding cache (default: OUTPUT_DIR/cache).")
+    data.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=False,
+                      help="Encode in overlapping tiles (saves memory at 480x720, slow on tiny models).")
+    data.add_argument("--precompute", action="store_true", help="Only fill the cache, then exit.")
+    data.add_argument("--dataloader-num-workers", type=int, default=0)
+    data.add_argument("--num-videos", type=_positive_int, default=8,
+                      help="Size of the synthetic dataset the tiny preset writes.")
+
+    align = parser.add_argument_group("alignment")
+    align.add_argument("--align", choices=ALIGN_METHODS, default="mtsa")
+    align.add_argument("--align-layer", type=_positive_int, default=18, help="Transformer block, 1-based.")
+    align.add_argument("--align-weight", type=float, default=0.5)
+    align.add_argument("--tau", type=float, default=0.1, help="Temperature of both similarity softmaxes.")
+    align.add_argument("--top-k", type=float, default=0.2, help="M-TSA: fraction of moving tokens per frame.")
+    align.add_argument("--grid", choices=("teacher-grid", "native"), default="teacher-grid",
+                       help="teacher-grid: project the DiT tokens down to the teacher's grid (VideoREPA / TSA); "
+                            "native: keep the DiT grid and upsample the teacher's features.")
+    align.add_argument("--projector-hidden-dim", type=_positive_int, default=2048)
+    align.add_argument("--trd-variant", choices=("full", "spatial", "temporal"), default="full")
+    align.add_argument("--teacher", choices=TEACHERS, default="videomae")
+    align.add_argument("--teacher-path", type=Path, default=None)
+    align.add_argument("--motion-drift-weight", type=float, default=None,
+                       help="LaMo drift loss weight (default 0.4 with --align lamo, else 0).")
+    align.add_argument("--predictor-learning-rate", type=float, default=5e-4)
+    align.add_argument("--predictor-channels", type=_positive_int, default=256, help="LaMo predictor width.")
+    align.add_argument("--predictor-blocks", type=_positive_int, default=8, help="LaMo predictor FiLM blocks.")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--learning-rate", type=float, default=2e-6)
+    optim.add_argument("--lr-scheduler", default="constant_with_warmup",
+                       help="Any diffusers.optimization.get_scheduler name (linear, cosine, ...).")
+    optim.add_argument("--lr-warmup-steps", type=int, default=100)
+    optim.add_argument("--adam-beta1", type=float, default=0.9)
+    optim.add_argument("--adam-beta2", type=float, default=0.99)
+    optim.add_argument("--adam-weight-decay", type=float, default=1e-4)
+    optim.add_argument("--adam-epsilon", type=float, default=1e-8)
+    optim.add_argument("--max-grad-norm", type=float, default=1.0)
+    optim.add_argument("--train-batch-size", type=_positive_int, default=1, help="Per process.")
+    optim.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1)
+    optim.add_argument("--max-steps", type=_positive_int, default=4000, help="Optimizer steps.")
+    optim.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+                       help="Default: the accelerate config's (no without one).")
+    optim.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    optim.add_argument("--seed", type=int, default=0)
+
+    ckpt = parser.add_argument_group("checkpoints and logging")
+    ckpt.add_argument("--checkpointing-steps", type=_positive_int, default=500)
+    ckpt.add_argument("--checkpoints-total-limit", type=int, default=None,
+                      help="Keep at most this many checkpoints (oldest deleted).")
+    ckpt.add_argument("--resume", default=None, help="'latest' or a checkpoint folder.")
+    ckpt.add_argument("--no-progress", action="store_true", help="Hide the tqdm bar.")
+    return parser
+
+
+def _load_yaml(path, parser):
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: no such YAML file: {path}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config: {path} must hold a mapping of option: value, got {type(values).__name__}")
+    known = {action.dest: action for action in parser._actions}
+    options = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest in ("help", "config"):
+            raise ValueError(f"--config: unknown option {key!r} in {path}")
+        action = known[dest]
+        if value is not None and action.type is not None and not isinstance(value, (bool, list)):
+            value = action.type(str(value))
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"--config: {key} must be one of {sorted(action.choices)}, got {value!r}")
+        options[dest] = value
+    return options
+
+
+def parse_args(argv=None, prog="tsa-train"):
+    """Parse `argv` with the preset and YAML as defaults, so anything on the command line wins."""
+    parser = build_parser(prog)
+    first, _ = parser.parse_known_args(argv)
+    from_yaml = _load_yaml(first.config, parser) if first.config is not None else {}
+    preset = first.preset or from_yaml.get("preset") or "tiny"
+    parser.set_defaults(**{**PRESETS[preset], **from_yaml, "preset": preset})
+    args = parser.parse_args(argv)
+    return _finalise(args, parser)
+
+
+def _finalise(args, parser):
+    if (args.num_frames - 1) % 4:
+        parser.error(f"--num-frames must be 4k+1 (the VAE compresses time by 4), got {args.num_frames}")
+    if args.height % 16 or args.width % 16:
+        parser.error(f"--height and --width must be multiples of 16, got {args.height}x{args.width}")
+    if not 0 < args.top_k <= 1:
+        parser.error(f"--top-k must be in (0, 1], got {args.top_k}")
+    if args.tau <= 0:
+        parser.error(f"--tau must be positive, got {args.tau}")
+    if args.motion_drift_weight is None:
+        args.motion_drift_weight = 0.4 if args.align == "lamo" else 0.0
+    if args.motion_drift_weight < 0:
+        parser.error(f"--motion-drift-weight must be >= 0, got {args.motion_drift_weight}")
+    if args.preset != "tiny":
+        for option in ("model_path", "data"):
+            if getattr(args, option) is None:
+                parser.error(f"--{option.replace('_', '-')} is required with --preset {args.preset}")
+        if args.align in ("tsa", "mtsa", "trd", "repa") and args.teacher_path is None:
+            parser.error(f"--teacher-path is required with --align {args.align}")
+    modules = args.lora_target_modules
+    if isinstance(modules, str):
+        modules = modules.split(",")
+    args.lora_target_modules = [name.strip() for name in modules if name.strip()]
+    if args.cache_dir is None:
+        args.cache_dir = args.output_dir / "cache"
+    return args

@@ -1,0 +1,102 @@
+"""tsa-sample: text-to-video with the weights tsa-train wrote, through diffusers' CogVideoXPipeline.
+
+    tsa-sample tsa-output --prompt "a red ball falls and bounces on the floor"
+    tsa-sample runs/lamo --prompts-file prompts.txt --motion-guidance 15     # LaMo motion prior guidance
+
+RUN_DIR is a tsa-train output folder: the base pipeline comes from its training_args.json (or
+--model-path), the fine-tuned weights from RUN_DIR/transformer (full fine-tune) or
+RUN_DIR/pytorch_lora_weights.safetensors (LoRA). Writes one mp4 per prompt to RUN_DIR/samples.
+"""
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from tsa.data import write_video
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="tsa-sample", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="A tsa-train --output-dir.")
+    parser.add_argument("--prompt", action="append", default=[], help="Repeat for several videos.")
+    parser.add_argument("--prompts-file", type=Path, default=None, help="One prompt per line.")
+    parser.add_argument("--model-path", type=Path, default=None,
+                        help="Base CogVideoX pipeline folder (default: the one the run trained from).")
+    parser.add_argument("--output-dir", type=Path, default=None, help="Default: RUN_DIR/samples.")
+    parser.add_argument("--height", type=int, default=None, help="Default: the training resolution.")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--num-frames", type=int, default=None)
+    parser.add_argument("--num-inference-steps", type=int, default=50)
+    parser.add_argument("--guidance-scale", type=float, default=6.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--motion-guidance", type=float, default=0.0, metavar="SCALE",
+                        help="LaMo Motion Prior Guidance scale (0 = off; the paper uses 15).")
+    parser.add_argument("--motion-guidance-rho", type=float, default=0.8,
+                        help="Fraction of the last denoising steps that are guided.")
+    parser.add_argument("--predictor", type=Path, default=None,
+                        help="MotionPredictor folder (default: RUN_DIR/motion_predictor).")
+    return parser
+
+
+def load_pipeline(run_dir, model_path, dtype):
+    """CogVideoXPipeline from `model_path` with the run's fine-tuned transformer or LoRA weights."""
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    pipe = CogVideoXPipeline.from_pretrained(model_path, torch_dtype=dtype)
+    if (run_dir / "transformer").is_dir():
+        pipe.transformer = CogVideoXTransformer3DModel.from_pretrained(run_dir / "transformer", torch_dtype=dtype)
+    elif (run_dir / "pytorch_lora_weights.safetensors").is_file():
+        pipe.load_lora_weights(run_dir)
+    else:
+        raise FileNotFoundError(f"{run_dir} holds neither transformer/ nor pytorch_lora_weights.safetensors "
+                                "(the final weights of a finished tsa-train run)")
+    return pipe
+
+
+def main(argv=None):
+    """Console script tsa-sample."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        parser.error("give at least one --prompt or a --prompts-file")
+    trained = {}
+    if (args.run_dir / "training_args.json").is_file():
+        trained = json.loads((args.run_dir / "training_args.json").read_text())
+    model_path = args.model_path or trained.get("model_path")
+    if model_path is None:
+        parser.error(f"--model-path is needed: {args.run_dir} has no training_args.json")
+    size = {name: getattr(args, name) or trained.get(name) for name in ("height", "width", "num_frames")}
+
+    pipe = load_pipeline(args.run_dir, Path(model_path), DTYPES[args.dtype]).to(args.device)
+    if args.motion_guidance:
+        from tsa.lamo import MotionPredictor, enable_motion_guidance
+
+        predictor_path = args.predictor or args.run_dir / "motion_predictor"
+        predictor = MotionPredictor.from_pretrained(predictor_path).to(args.device)
+        enable_motion_guidance(pipe, predictor, scale=args.motion_guidance, rho=args.motion_guidance_rho)
+
+    output_dir = args.output_dir or args.run_dir / "samples"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for index, prompt in enumerate(prompts):
+        generator = torch.Generator(args.device).manual_seed(args.seed + index)
+        frames = pipe(prompt, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                      generator=generator, output_type="np", **size).frames[0]
+        path = output_dir / f"{index:02d}-{re.sub(r'[^a-z0-9]+', '-', prompt.lower()).strip('-')[:60]}.mp4"
+        write_video(path, [(frame * 255).round().clip(0, 255).astype("uint8") for frame in frames], fps=args.fps)
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""tsa-train: fine-tune CogVideoX with a TSA / M-TSA / TRD / REPA alignment loss and / or LaMo's drift loss.
+
+    tsa-train --preset tiny                                    # tiny random models + synthetic clips, CPU
+    accelerate launch --config_file configs/ddp.yaml -m tsa.train --preset cogvideox-2b-mtsa \
+        --model-path CogVideoX-2b --teacher-path videomae-v2-base --data my_videos/ --output-dir runs/mtsa
+
+Outputs in --output-dir: checkpoints/checkpoint-STEP (accelerate state), logs/ (TensorBoard), losses.json,
+loss_curve.png, the final weights (transformer/ in diffusers format, or pytorch_lora_weights.safetensors for
+LoRA), projector/ and, with LaMo, motion_predictor/.
+"""
+
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tsa.cache import build_cache, collate_entries, precision_dtype
+from tsa.config import parse_args
+
+LOSS_NAMES = ("loss", "diffusion", "align", "drift", "predictor")
+TRAINING_ARGS_NAME = "training_args.json"
+
+
+def load_transformer(args, weight_dtype):
+    """The CogVideoX transformer, with LoRA adapters (only they train, in float32, over a frozen base in
+    `weight_dtype`) or fully trainable in float32."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    lora = args.finetune == "lora"
+    transformer = CogVideoXTransformer3DModel.from_pretrained(
+        args.model_path, subfolder="transformer", torch_dtype=weight_dtype if lora else torch.float32)
+    if lora:
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        transformer.requires_grad_(False)
+        transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
+                                           target_modules=args.lora_target_modules))
+        cast_training_params(transformer, torch.float32)
+    else:
+        transformer.requires_grad_(True)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer
+
+
+def build_objective(args, transformer, weight_dtype):
+    """AlignmentObjective around the transformer (the pipeline's own scheduler), with the frozen teacher
+    when the method needs one."""
+    from diffusers import CogVideoXDPMScheduler
+
+    from tsa.objective import AlignmentObjective
+    from tsa.teachers import load_teacher
+
+    method = "none" if args.align == "lamo" else args.align
+    teacher = None if method == "none" else load_teacher(args.teacher, args.teacher_path, dtype=weight_dtype)
+    return AlignmentObjective(
+        transformer, CogVideoXDPMScheduler.from_pretrained(args.model_path, subfolder="scheduler"), teacher,
+        align=method, weight=args.align_weight, block_index=args.align_layer, grid=args.grid,
+        projector_hidden_dim=args.projector_hidden_dim, tau=args.tau, top_k=args.top_k,
+        trd_variant=args.trd_variant,
+    )
+
+
+def build_lamo(args, transformer, accelerator):
+    """LaMoTrainer for --align lamo or --motion-drift-weight > 0, else None."""
+    if args.align != "lamo" and args.motion_drift_weight == 0:
+        return None
+    from tsa.lamo import LaMoTrainer, MotionPredictor
+
+    predictor = MotionPredictor(
+        in_channels=transformer.config.in_channels, text_dim=transformer.config.text_embed_dim,
+        channels=args.predictor_channels, num_blocks=args.predictor_blocks,
+    )
+    trainer = LaMoTrainer(predictor, lr=args.predictor_learning_rate,
+                          total_steps=args.max_steps * args.gradient_accumulation_steps)
+    return trainer.prepare(accelerator)
+
+
+def _keep_trainable_state(models, weights, output_dir):
+    """save_state hook: checkpoint only trainable tensors (not the frozen base model or teacher)."""
+    for index, model in enumerate(models[: len(weights)]):
+        trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+        weights[index] = {name: tensor for name, tensor in weights[index].items() if name in trainable}
+
+
+def checkpoint_dir(output_dir, step):
+    return Path(output_dir) / "checkpoints" / f"checkpoint-{step}"
+
+
+def _checkpoint_step(path):
+    return int(Path(path).name.rsplit("-", 1)[-1])
+
+
+def _existing_checkpoints(output_dir):
+    found = (Path(output_dir) / "checkpoints").glob("checkpoint-*")
+    return sorted((path for path in found if path.name.rsplit("-", 1)[-1].isdigit()), key=_checkpoint_step)
+
+
+def resolve_resume(args):
+    """The checkpoint folder --resume names (None to start fresh)."""
+    if args.resume is None:
+        return None
+    if args.resume == "latest":
+        found = _existing_checkpoints(args.output_dir)
+        if not found:
+            print(f"--resume latest: no checkpoint in {args.output_dir / 'checkpoints'}, starting from step 0")
+        return found[-1] if found else None
+    path = Path(args.resume)
+    if not (path.is_dir() and path.name.rsplit("-", 1)[-1].isdigit()):
+        raise FileNotFoundError(f"--resume: {path} is not a checkpoint-STEP folder written by tsa-train")
+    return path
+
+
+def save_checkpoint(accelerator, args, step, history, lamo):
+    """accelerate state (+ LaMo predictor, loss history) in checkpoints/checkpoint-STEP, written under a
+    temporary name first so a run killed while saving never leaves a partial checkpoint; prunes old ones."""
+    path = checkpoint_dir(args.output_dir, step)
+    partial = path.with_name(path.name + ".partial")
+    accelerator.save_state(partial)
+    if accelerator.is_main_process:
+        (partial / "losses.json").write_text(json.dumps(history))
+        if lamo is not None:
+            lamo.predictor.save_pretrained(partial / "motion_predictor")
+        if path.exists():
+            shutil.rmtree(path)
+        partial.rename(path)
+        if args.checkpoints_total_limit:
+            for old in _existing_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _materialise(model, state):
+    """A fresh copy of a diffusers model, built from its config, holding `state` (e.g. gathered from shards)."""
+    from accelerate import init_empty_weights
+
+    # The private keys (e.g. _use_default_values) are dropped, as save_pretrained does for config.json.
+    config = {key: value for key, value in model.config.items() if not key.startswith("_")}
+    with init_empty_weights():
+        copy = type(model).from_config(config)
+    copy.load_state_dict(state, assign=True)
+    return copy
+
+
+def save_final_weights(accelerator, args, objective, lamo):
+    """Diffusers-format weights: transformer/ (full) or the pipeline's LoRA file, plus projector/ and
+    motion_predictor/. Call on every process (FSDP gathers the full state dict)."""
+    state = accelerator.get_state_dict(objective)
+    if not accelerator.is_main_process:
+        return
+    module = accelerator.unwrap_model(objective)
+    parts = {"transformer": {}, "projector": {}}
+    for name, tensor in state.items():
+        prefix, _, key = name.partition(".")
+        parts.get(prefix, {})[key] = tensor
+    if args.finetune == "lora":
+        from diffusers import CogVideoXPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        CogVideoXPipeline.save_lora_weights(
+            args.output_dir,
+            transformer_lora_layers=get_peft_model_state_dict(module.transformer, state_dict=parts["transformer"]),
+            transformer_lora_adapter_metadata=module.transformer.peft_config["default"].to_dict(),
+        )
+    else:
+        _materialise(module.transformer, parts["transformer"]).save_pretrained(args.output_dir / "transformer")
+    if module.projector is not None:
+        _materialise(module.projector, parts["projector"]).save_pretrained(args.output_dir / "projector")
+    if lamo is not None:
+        lamo.predictor.save_pretrained(args.output_dir / "motion_predictor")
+
+
+def plot_losses(history, path, smoothing=0.9):
+    """Each loss component against the optimizer step (log scale; raw and exponentially smoothed) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    steps = [row["step"] for row in history]
+    for name in LOSS_NAMES:
+        values = [row[name] for row in history]
+        if not any(value > 0 for value in values):
+            continue
+        smoothed, average = [], values[0]
+        for value in values:
+            average = smoothing * average + (1 - smoothing) * value
+            smoothed.append(average)
+        line, = axis.plot(steps, values, alpha=0.3, linewidth=0.8)
+        axis.plot(steps, smoothed, color=line.get_color(), linewidth=1.6, label=name)
+    axis.set(xlabel="optimizer step", ylabel="loss (smoothed; raw faint)", yscale="log",
+             title=f"tsa-train losses ({path.parent.name})")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _step_seed(seed, step, micro_step, process_index):
+    """Seed of one micro-batch: noise, timesteps and latent samples depend only on where it is in the run."""
+    return (((seed * 1_000_003 + step) * 1_009 + micro_step) * 1_013 + process_index) % (2**63)
+
+
+def sample_latents(batch, scaling_factor, dtype):
+    """Draw from the cached latent distributions (B, 2C, F, h, w) -> scaled latents (B, F, C, h, w)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    latents = DiagonalGaussianDistribution(batch["latent_dist"].float()).sample()
+    return (latents * scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)
+
+
+def compute_losses(objective, lamo, drift_weight, batch, latents, dtype):
+    """Total loss of one micro-batch and its components: diffusion + weight * align (+ LaMo drift)."""
+    pixels = batch.get("pixels")
+    out = objective(latents, batch["prompt_embeds"].to(dtype), None if pixels is None else pixels.to(dtype))
+    loss, drift = out["loss"], torch.zeros((), device=latents.device)
+    if lamo is not None:
+        drift = lamo.drift_loss(out["x0_pred"].float(), out["x0"].float(), out["timesteps"])
+        loss = loss + drift_weight * drift
+    return loss, {"loss": loss.item(), "diffusion": out["diffusion"].item(), "align": out["align"].item(),
+                  "drift": drift.item()}
+
+
+def prepare_training(args, accelerator):
+    """Models, optimizer, schedule and data loader, prepared by accelerate; LaMo trainer or None."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    dataset = build_cache(args, accelerator)
+    set_seed(args.seed)
+    weight_dtype = precision_dtype(accelerator.mixed_precision)
+    transformer = load_transformer(args, weight_dtype)
+    objective = build_objective(args, transformer, weight_dtype)
+    lamo = build_lamo(args, transformer, accelerator)
+    optimizer = torch.optim.AdamW([parameter for parameter in objective.parameters() if parameter.requires_grad],
+                                  lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_steps * accelerator.num_processes)
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
+                                             collate_fn=collate_entries, num_workers=args.dataloader_num_workers)
+    prepared = accelerator.prepare(objective, optimizer, dataloader, lr_scheduler)
+    accelerator.register_save_state_pre_hook(_keep_trainable_state)
+    if lamo is not None:
+        accelerator.register_for_checkpointing(lamo)
+    return (*prepared, lamo)
+
+
+def train(args):
+    """Run tsa-train with parsed options; returns the per-step loss history (None with --precompute)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration
+
+    from tsa.data import prepare_tiny_assets
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(args.output_dir),
+                                            logging_dir=str(args.output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    if args.preset == "tiny":
+        with accelerator.main_process_first():
+            prepare_tiny_assets(args)
+    if args.precompute:
+        build_cache(args, accelerator)
+        return None
+    objective, optimizer, dataloader, lr_scheduler, lamo = prepare_training(args, accelerator)
+    weight_dtype = precision_dtype(accelerator.mixed_precision)
+    scaling_factor = json.loads((args.model_path / "vae" / "config.json").read_text())["scaling_factor"]
+
+    step, history = 0, []
+    resume_from = resolve_resume(args)
+    if resume_from is not None:
+        # Checkpoints hold only the trainable tensors (see _keep_trainable_state); DeepSpeed has no `strict`.
+        strict = {} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
+        accelerator.load_state(str(resume_from), **strict)
+        step = _checkpoint_step(resume_from)
+        history = [row for row in json.loads((resume_from / "losses.json").read_text()) if row["step"] <= step]
+    if accelerator.is_main_process:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        (args.output_dir / TRAINING_ARGS_NAME).write_text(json.dumps(vars(args), default=str, indent=2))
+        accelerator.init_trackers("tsa-train", config={key: value if isinstance(value, (int, float, str, bool))
+                                                       else str(value) for key, value in vars(args).items()})
+
+    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    first_epoch, skip_batches = divmod(step, updates_per_epoch)
+    progress = tqdm(total=args.max_steps, initial=step, desc="tsa-train",
+                    disable=args.no_progress or not accelerator.is_local_main_process)
+    window, micro_step = [], 0
+    objective.train()
+    for epoch in itertools.count(first_epoch):
+        if step >= args.max_steps:
+            break
+        # Same data order on resume: the sampler is seeded by (seed, epoch), finished batches are skipped.
+        dataloader.set_epoch(epoch)
+        batches = dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(dataloader, skip_batches * args.gradient_accumulation_steps)
+        for batch in batches:
+            if batch is None:
+                continue
+            torch.manual_seed(_step_seed(args.seed, step, micro_step, accelerator.process_index))
+            with accelerator.accumulate(objective):
+                latents = sample_latents(batch, scaling_factor, weight_dtype)
+                loss, losses = compute_losses(objective, lamo, args.motion_drift_weight, batch, latents,
+                                              weight_dtype)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses["predictor"] = 0.0
+            if lamo is not None:
+                losses["predictor"] = lamo.step(latents, batch["prompt_embeds"], batch["prompt_mask"])
+            window.append([losses[name] for name in LOSS_NAMES])
+            micro_step += 1
+            if not accelerator.sync_gradients:
+                continue
+            # The optimizer step's losses: mean over its micro-batches, then over the processes.
+            means = accelerator.reduce(torch.tensor(window, device=accelerator.device).mean(0), reduction="mean")
+            step += 1
+            row = {"step": step, **dict(zip(LOSS_NAMES, means.tolist())), "lr": lr_scheduler.get_last_lr()[0]}
+            history.append(row)
+            window, micro_step = [], 0
+            accelerator.log(row, step=step)
+            progress.update(1)
+            progress.set_postfix({name: f"{row[name]:.4g}" for name in LOSS_NAMES if row[name] or name == "loss"})
+            if step % args.checkpointing_steps == 0 or step == args.max_steps:
+                save_checkpoint(accelerator, args, step, history, lamo)
+            if step >= args.max_steps:
+                break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    save_final_weights(accelerator, args, objective, lamo)
+    if accelerator.is_main_process:
+        (args.output_dir / "losses.json").write_text(json.dumps(history))
+        plot_losses(history, args.output_dir / "loss_curve.png")
+        print(f"tsa-train: {step} steps, final weights and loss_curve.png in {args.output_dir}; try\n"
+              f"  tsa-sample {args.output_dir} --prompt \"a red ball falls and bounces on the floor\"")
+    accelerator.end_training()
+    return history
+
+
+def main(argv=None):
+    """Console script tsa-train (also `python -m tsa.train`)."""
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
