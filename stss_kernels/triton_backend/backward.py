@@ -1,0 +1,222 @@
+"""Backward kernels: recompute the similarity tiles, never store them.
+
+With G = dL/dS (or dL/dT), the feature gradient is (G + G^T) x. Two deterministic passes, no atomics:
+the column pass (one program per key tile, all keys) writes G^T x into an fp32 buffer, then the row
+pass (one program per tile of kept queries) adds G x in place; the caller casts to the input dtype.
+Each program owns one BLOCK_D slice of the output channels, so its accumulator fits in registers at
+any channel count; the price is that each slice recomputes the similarity tiles (none when C <= BLOCK_D).
+Only kept queries are visited (see `kept_queries`), and query tiles whose upstream gradient is all
+zero are skipped in both passes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from stss_kernels._utils import triton_interpreting
+from stss_kernels.triton_backend.tiles import (
+    LN2,
+    LOG2E,
+    NUM_STATS,
+    autotune_configs,
+    dot_precision,
+    load_rows,
+    logit_tiles,
+    num_queries,
+    query_rows,
+)
+
+BACKWARD_CONFIGS = autotune_configs(
+    [
+        (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=128), 8, 3),
+        (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=256), 8, 2),
+        (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_D=128), 8, 2),
+        (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_D=128), 8, 2),
+        (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=64), 4, 3),
+    ],
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_D=32),
+)
+BACKWARD_KEY = ["N", "HW", "Cs", "Ct", "COLUMN_PASS", "FOR_TEACHER"]
+
+
+@triton.jit
+def _similarity_grad_tile(
+    student_ptr,
+    teacher_ptr,
+    stats_ptr,
+    rows,
+    keys,
+    row_valid,
+    key_valid,
+    row_grad,
+    frame,
+    N,
+    Cs,
+    Ct,
+    scale_s,
+    scale_t,
+    FOR_TEACHER: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """fp32 dL/dS (dL/dT when FOR_TEACHER) on a (rows, keys) tile whose keys all lie in `frame`.
+
+    row_grad already holds g_i / F / tau_s (ln2 * g_i / F / tau_t for the teacher).
+    """
+    logits_s, logits_t = logit_tiles(
+        student_ptr, teacher_ptr, rows, keys, row_valid, key_valid, Cs, Ct, scale_s, scale_t,
+        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+    )  # fmt: skip
+    frame_stats = stats_ptr + frame * NUM_STATS * N + rows
+    max_t = tl.load(frame_stats, mask=row_valid, other=0.0)
+    inv_sum_t = tl.load(frame_stats + N, mask=row_valid, other=0.0)
+    max_s = tl.load(frame_stats + 2 * N, mask=row_valid, other=0.0)
+    centred_t = logits_t - max_t[:, None]
+    centred_s = logits_s - max_s[:, None]
+    prob_t = tl.exp2(centred_t) * inv_sum_t[:, None]
+    if FOR_TEACHER:
+        expected_gap = tl.load(frame_stats + 4 * N, mask=row_valid, other=0.0)
+        grad = prob_t * (centred_t - centred_s - expected_gap[:, None])
+    else:
+        inv_sum_s = tl.load(frame_stats + 3 * N, mask=row_valid, other=0.0)
+        grad = tl.exp2(centred_s) * inv_sum_s[:, None] - prob_t
+    return tl.where(key_valid[None, :] & row_valid[:, None], grad * row_grad[:, None], 0.0)
+
+
+@triton.autotune(configs=BACKWARD_CONFIGS, key=BACKWARD_KEY, restore_value=["grad_ptr"])
+@triton.jit
+def _feature_grad_kernel(
+    student_ptr,
+    teacher_ptr,
+    stats_ptr,
+    row_grad_ptr,
+    index_ptr,
+    count_ptr,
+    grad_ptr,
+    N,
+    HW,
+    Cs,
+    Ct,
+    frames,
+    scale_s,
+    scale_t,
+    COLUMN_PASS: tl.constexpr,
+    FOR_TEACHER: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One pass of grad (B, N, C_out) fp32, x = teacher if FOR_TEACHER else student, d = a BLOCK_D slice.
+
+    COLUMN_PASS, one program per key tile (of one frame): grad[keys, d] = sum over kept query tiles of
+    G[rows, keys]^T x[rows, d]. Otherwise, one program per tile of kept queries:
+    grad[rows, d] += sum over all key tiles of G[rows, keys] x[keys, d].
+    """
+    b = tl.program_id(2).to(tl.int64)
+    col_start = tl.program_id(1) * BLOCK_D
+    cols = col_start + tl.arange(0, BLOCK_D)
+    count = num_queries(count_ptr, b, N, HAS_INDEX)
+    student_ptr += b * N * Cs
+    teacher_ptr += b * N * Ct
+    stats_ptr += b * frames * NUM_STATS * N
+    row_grad_ptr += b * N
+    index_ptr += b * N
+    if FOR_TEACHER:
+        features_ptr = teacher_ptr
+        num_out = Ct
+    else:
+        features_ptr = student_ptr
+        num_out = Cs
+    grad_ptr += b * N * num_out
+
+    if COLUMN_PASS:
+        tiles_per_frame = tl.cdiv(HW, BLOCK_N)
+        frame = tl.program_id(0) // tiles_per_frame
+        keys_in_frame = (tl.program_id(0) % tiles_per_frame) * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_valid = keys_in_frame < HW
+        keys = (frame * HW + keys_in_frame).to(tl.int64)
+        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for row_start in range(0, count, BLOCK_M):
+            rows, row_valid = query_rows(index_ptr, count, row_start, BLOCK_M, HAS_INDEX)
+            row_grad = tl.load(row_grad_ptr + rows, mask=row_valid, other=0.0)
+            if tl.max((row_grad != 0).to(tl.int32), axis=0) > 0:
+                grad = _similarity_grad_tile(
+                    student_ptr, teacher_ptr, stats_ptr, rows, keys, row_valid, key_valid, row_grad, frame,
+                    N, Cs, Ct, scale_s, scale_t, FOR_TEACHER, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                )  # fmt: skip
+                sources = load_rows(features_ptr, rows, row_valid, num_out, col_start, BLOCK_D, UPCAST)
+                acc = tl.dot(tl.trans(grad.to(sources.dtype)), sources, acc, input_precision=PRECISION)
+        offsets = keys[:, None] * num_out + cols[None, :]
+        tl.store(grad_ptr + offsets, acc, mask=key_valid[:, None] & (cols < num_out)[None, :])
+    else:
+        rows, row_valid = query_rows(index_ptr, count, tl.program_id(0) * BLOCK_M, BLOCK_M, HAS_INDEX)
+        row_grad = tl.load(row_grad_ptr + rows, mask=row_valid, other=0.0)
+        if tl.max((row_grad != 0).to(tl.int32), axis=0) > 0:
+            acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            for frame in range(0, frames):
+                for key_start in range(0, HW, BLOCK_N):
+                    keys_in_frame = key_start + tl.arange(0, BLOCK_N)
+                    key_valid = keys_in_frame < HW
+                    keys = (frame * HW + keys_in_frame).to(tl.int64)
+                    grad = _similarity_grad_tile(
+                        student_ptr, teacher_ptr, stats_ptr, rows, keys, row_valid, key_valid, row_grad, frame,
+                        N, Cs, Ct, scale_s, scale_t, FOR_TEACHER, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                    )  # fmt: skip
+                    targets = load_rows(features_ptr, keys, key_valid, num_out, col_start, BLOCK_D, UPCAST)
+                    acc = tl.dot(grad.to(targets.dtype), targets, acc, input_precision=PRECISION)
+            offsets = rows[:, None] * num_out + cols[None, :]
+            mask = row_valid[:, None] & (cols < num_out)[None, :]
+            tl.store(grad_ptr + offsets, acc + tl.load(grad_ptr + offsets, mask=mask, other=0.0), mask=mask)
+
+
+def tempered_kl_feature_grad(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    stats: torch.Tensor,
+    row_grad: torch.Tensor,
+    query_index: torch.Tensor | None,
+    query_count: torch.Tensor | None,
+    tau_student: float,
+    tau_teacher: float,
+    for_teacher: bool,
+) -> torch.Tensor:
+    """Gradient of sum_i g_i kl_i w.r.t. the student (or the teacher), in its dtype.
+
+    stats (B, F, NUM_STATS, N) from the forward; row_grad (B, N) fp32 contiguous = g_i / F;
+    query_index, query_count as given to the forward (only those queries carry gradient).
+    """
+    batch, num_tokens, channels_s = student.shape
+    frames = stats.shape[1]
+    features = teacher if for_teacher else student
+    grad = torch.empty_like(features, dtype=torch.float32)
+    if grad.numel() == 0:
+        return grad.to(features.dtype)
+    has_index = query_index is not None
+    args = (
+        student, teacher, stats, row_grad * (LN2 / tau_teacher if for_teacher else 1.0 / tau_student),
+        query_index if has_index else row_grad, query_count if has_index else row_grad, grad,
+        num_tokens, num_tokens // frames, channels_s, teacher.shape[-1], frames,
+        LOG2E / tau_student, LOG2E / tau_teacher,
+    )  # fmt: skip
+    flags = dict(
+        FOR_TEACHER=for_teacher,
+        HAS_INDEX=has_index,
+        UPCAST=triton_interpreting(),
+        PRECISION=dot_precision(features.dtype),
+    )
+    channel_blocks = lambda meta: triton.cdiv(features.shape[-1], meta["BLOCK_D"])
+    key_tiles = lambda meta: frames * triton.cdiv(num_tokens // frames, meta["BLOCK_N"])
+    query_tiles = lambda meta: triton.cdiv(num_tokens, meta["BLOCK_M"])
+    for column_pass, tiles in ((True, key_tiles), (False, query_tiles)):
+        grid = lambda meta, tiles=tiles: (tiles(meta), channel_blocks(meta), batch)
+        _feature_grad_kernel[grid](*args, COLUMN_PASS=column_pass, **flags)
+    return grad.to(features.dtype)
