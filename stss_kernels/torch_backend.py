@@ -107,6 +107,9 @@ class TemperedKLFunction(torch.autograd.Function):
 
 def _add_symmetric_grad(grad: torch.Tensor, tile: torch.Tensor, features: torch.Tensor, chunk: torch.Tensor):
     """grad += (G + G^T) x for the rows `chunk` of G = dL/d(x x^T), given as `tile` (c, N)."""
+    if len(chunk) == len(features):  # the chunk is the whole video: one product instead of two
+        grad.addmm_(tile + tile.T, features)
+        return
     grad.index_add_(0, chunk, tile @ features)
     grad.addmm_(tile.T, features[chunk])
 
