@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stss_kernels.reference import tempered_kl_reference
-from stss_kernels.triton_backend import tempered_kl_triton
+from stss_kernels.triton_backend import backward, similarity_grad, tempered_kl_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -50,6 +50,18 @@ def _assert_matches(actual, truth, rel: float) -> None:
         assert _max_error(value, expected) <= rel * scale, f"{name}: error {_max_error(value, expected):.3g}"
 
 
+@pytest.fixture(params=["fused", "chunked"])
+def backward_path(request, monkeypatch):
+    """Run the backward through the fused kernels or, as wide features do, the chunked dL/dS + matmul path.
+
+    The chunked path's block budget is cut so that a video takes several chunks of query rows.
+    """
+    if request.param == "chunked":
+        monkeypatch.setattr(backward, "FUSED_MAX_CHANNELS", 0)
+        monkeypatch.setattr(similarity_grad, "CHUNK_BUDGET_BYTES", 17 * 60 * 4)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "batch, frames, hw, cs, ct",
     [
@@ -58,7 +70,7 @@ def _assert_matches(actual, truth, rel: float) -> None:
         (1, 1, 23, 6, 9),  # frames=1: one softmax over the whole clip
     ],
 )
-def test_fp32_matches_fp64_reference(batch, frames, hw, cs, ct):
+def test_fp32_matches_fp64_reference(batch, frames, hw, cs, ct, backward_path):
     tokens = frames * hw
     student, teacher = _features(batch, tokens, cs, torch.float32, 0), _features(batch, tokens, ct, torch.float32, 1)
     upstream = torch.randn(batch, tokens, generator=torch.Generator().manual_seed(2)).to(DEVICE)
@@ -72,7 +84,7 @@ def test_fp32_matches_fp64_reference(batch, frames, hw, cs, ct):
     "dtype",
     [torch.float16, pytest.param(torch.bfloat16, marks=gpu_only)],
 )
-def test_half_precision_no_worse_than_pytorch(dtype):
+def test_half_precision_no_worse_than_pytorch(dtype, backward_path):
     """Error against the fp64 truth on the same rounded inputs <= same-dtype PyTorch's error + a small tol."""
     batch, frames, hw, cs, ct = (2, 3, 20, 12, 37) if not CUDA else (2, 4, 150, 96, 80)
     tokens = frames * hw
@@ -88,7 +100,7 @@ def test_half_precision_no_worse_than_pytorch(dtype):
         assert _max_error(ours, expected) <= _max_error(theirs, expected) + tol, name
 
 
-def test_zero_weight_rows_are_skipped_and_exact_elsewhere():
+def test_zero_weight_rows_are_skipped_and_exact_elsewhere(backward_path):
     batch, frames, hw, cs, ct = 2, 2, 20, 5, 12
     tokens = frames * hw
     student, teacher = _features(batch, tokens, cs, torch.float32, 6), _features(batch, tokens, ct, torch.float32, 7)
@@ -108,7 +120,7 @@ def test_zero_weight_rows_are_skipped_and_exact_elsewhere():
     _assert_matches((kl, grad_student, grad_teacher), (truth[0] * kept, *truth[1:]), rel=1e-5)
 
 
-def test_all_zero_weight_gives_zeros_without_nan():
+def test_all_zero_weight_gives_zeros_without_nan(backward_path):
     student, teacher = _features(1, 14, 5, torch.float32, 9), _features(1, 14, 6, torch.float32, 10)
     weight = torch.zeros(1, 14, dtype=torch.bool, device=DEVICE)
     kl, grad_student, grad_teacher = _kl_and_grads(
@@ -118,7 +130,7 @@ def test_all_zero_weight_gives_zeros_without_nan():
         assert torch.equal(value, torch.zeros_like(value))
 
 
-def test_frozen_teacher_and_non_contiguous_inputs():
+def test_frozen_teacher_and_non_contiguous_inputs(backward_path):
     """Teacher without grad (as in training); student and upstream gradient non-contiguous, partly zero."""
     batch, frames, hw, cs, ct = 2, 2, 7, 5, 12
     tokens = frames * hw

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from stss_kernels._utils import triton_interpreting
+from stss_kernels.triton_backend.similarity_grad import feature_grad_by_chunks
 from stss_kernels.triton_backend.tiles import (
     LN2,
     LOG2E,
@@ -23,9 +24,9 @@ from stss_kernels.triton_backend.tiles import (
     autotune_configs,
     dot_precision,
     load_rows,
-    logit_tiles,
     num_queries,
     query_rows,
+    similarity_grad_tile,
 )
 
 BACKWARD_CONFIGS = autotune_configs(
@@ -39,53 +40,9 @@ BACKWARD_CONFIGS = autotune_configs(
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_D=32),
 )
 BACKWARD_KEY = ["N", "HW", "Cs", "Ct", "COLUMN_PASS", "FOR_TEACHER"]
-
-
-@triton.jit
-def _similarity_grad_tile(
-    student_ptr,
-    teacher_ptr,
-    stats_ptr,
-    rows,
-    keys,
-    row_valid,
-    key_valid,
-    row_grad,
-    frame,
-    N,
-    Cs,
-    Ct,
-    scale_s,
-    scale_t,
-    FOR_TEACHER: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """fp32 dL/dS (dL/dT when FOR_TEACHER) on a (rows, keys) tile whose keys all lie in `frame`.
-
-    row_grad already holds g_i / F / tau_s (ln2 * g_i / F / tau_t for the teacher).
-    """
-    logits_s, logits_t = logit_tiles(
-        student_ptr, teacher_ptr, rows, keys, row_valid, key_valid, Cs, Ct, scale_s, scale_t,
-        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
-    )  # fmt: skip
-    frame_stats = stats_ptr + frame * NUM_STATS * N + rows
-    max_t = tl.load(frame_stats, mask=row_valid, other=0.0)
-    inv_sum_t = tl.load(frame_stats + N, mask=row_valid, other=0.0)
-    max_s = tl.load(frame_stats + 2 * N, mask=row_valid, other=0.0)
-    centred_t = logits_t - max_t[:, None]
-    centred_s = logits_s - max_s[:, None]
-    prob_t = tl.exp2(centred_t) * inv_sum_t[:, None]
-    if FOR_TEACHER:
-        expected_gap = tl.load(frame_stats + 4 * N, mask=row_valid, other=0.0)
-        grad = prob_t * (centred_t - centred_s - expected_gap[:, None])
-    else:
-        inv_sum_s = tl.load(frame_stats + 3 * N, mask=row_valid, other=0.0)
-        grad = tl.exp2(centred_s) * inv_sum_s[:, None] - prob_t
-    return tl.where(key_valid[None, :] & row_valid[:, None], grad * row_grad[:, None], 0.0)
+# Wider features take the chunked path (similarity_grad.py): G written once, then two matmuls, instead of
+# recomputing the similarity tiles for every BLOCK_D slice of output channels.
+FUSED_MAX_CHANNELS = 128
 
 
 @triton.autotune(configs=BACKWARD_CONFIGS, key=BACKWARD_KEY, restore_value=["grad_ptr"])
@@ -149,7 +106,7 @@ def _feature_grad_kernel(
             rows, row_valid = query_rows(index_ptr, count, row_start, BLOCK_M, HAS_INDEX)
             row_grad = tl.load(row_grad_ptr + rows, mask=row_valid, other=0.0)
             if tl.max((row_grad != 0).to(tl.int32), axis=0) > 0:
-                grad = _similarity_grad_tile(
+                grad = similarity_grad_tile(
                     student_ptr, teacher_ptr, stats_ptr, rows, keys, row_valid, key_valid, row_grad, frame,
                     N, Cs, Ct, scale_s, scale_t, FOR_TEACHER, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
                 )  # fmt: skip
@@ -167,7 +124,7 @@ def _feature_grad_kernel(
                     keys_in_frame = key_start + tl.arange(0, BLOCK_N)
                     key_valid = keys_in_frame < HW
                     keys = (frame * HW + keys_in_frame).to(tl.int64)
-                    grad = _similarity_grad_tile(
+                    grad = similarity_grad_tile(
                         student_ptr, teacher_ptr, stats_ptr, rows, keys, row_valid, key_valid, row_grad, frame,
                         N, Cs, Ct, scale_s, scale_t, FOR_TEACHER, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
                     )  # fmt: skip
@@ -197,22 +154,30 @@ def tempered_kl_feature_grad(
     batch, num_tokens, channels_s = student.shape
     frames = stats.shape[1]
     features = teacher if for_teacher else student
-    grad = torch.empty_like(features, dtype=torch.float32)
-    if grad.numel() == 0:
-        return grad.to(features.dtype)
+    if features.numel() == 0:
+        return torch.zeros_like(features)
     has_index = query_index is not None
-    args = (
-        student, teacher, stats, row_grad * (LN2 / tau_teacher if for_teacher else 1.0 / tau_student),
-        query_index if has_index else row_grad, query_count if has_index else row_grad, grad,
-        num_tokens, num_tokens // frames, channels_s, teacher.shape[-1], frames,
-        LOG2E / tau_student, LOG2E / tau_teacher,
-    )  # fmt: skip
+    scaled_row_grad = row_grad * (LN2 / tau_teacher if for_teacher else 1.0 / tau_student)
+    sizes_and_scales = (num_tokens, num_tokens // frames, channels_s, teacher.shape[-1])
+    scales = (LOG2E / tau_student, LOG2E / tau_teacher)
     flags = dict(
         FOR_TEACHER=for_teacher,
         HAS_INDEX=has_index,
         UPCAST=triton_interpreting(),
         PRECISION=dot_precision(features.dtype),
     )
+    if features.shape[-1] > FUSED_MAX_CHANNELS:
+        grad = feature_grad_by_chunks(
+            features, (student, teacher, stats, *sizes_and_scales, *scales), scaled_row_grad, query_index,
+            query_count, flags,
+        )  # fmt: skip
+        return grad.to(features.dtype)
+    grad = torch.empty_like(features, dtype=torch.float32)
+    args = (
+        student, teacher, stats, scaled_row_grad,
+        query_index if has_index else row_grad, query_count if has_index else row_grad, grad,
+        *sizes_and_scales, frames, *scales,
+    )  # fmt: skip
     channel_blocks = lambda meta: triton.cdiv(features.shape[-1], meta["BLOCK_D"])
     key_tiles = lambda meta: frames * triton.cdiv(num_tokens // frames, meta["BLOCK_N"])
     query_tiles = lambda meta: triton.cdiv(num_tokens, meta["BLOCK_M"])

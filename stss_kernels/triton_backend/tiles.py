@@ -134,3 +134,50 @@ def logit_tiles(
     gram_s = gram_tile(student_ptr, rows, keys, row_valid, key_valid, Cs, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
     gram_t = gram_tile(teacher_ptr, rows, keys, row_valid, key_valid, Ct, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
     return gram_s * scale_s, gram_t * scale_t
+
+
+@triton.jit
+def similarity_grad_tile(
+    student_ptr,
+    teacher_ptr,
+    stats_ptr,
+    rows,
+    keys,
+    row_valid,
+    key_valid,
+    row_grad,
+    frame,
+    N,
+    Cs,
+    Ct,
+    scale_s,
+    scale_t,
+    FOR_TEACHER: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """fp32 dL/dS (dL/dT when FOR_TEACHER) on a (rows, keys) tile whose keys all lie in `frame`.
+
+    row_grad already holds g_i / F / tau_s (ln2 * g_i / F / tau_t for the teacher).
+    """
+    logits_s, logits_t = logit_tiles(
+        student_ptr, teacher_ptr, rows, keys, row_valid, key_valid, Cs, Ct, scale_s, scale_t,
+        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+    )  # fmt: skip
+    frame_stats = stats_ptr + frame * NUM_STATS * N + rows
+    max_t = tl.load(frame_stats, mask=row_valid, other=0.0)
+    inv_sum_t = tl.load(frame_stats + N, mask=row_valid, other=0.0)
+    max_s = tl.load(frame_stats + 2 * N, mask=row_valid, other=0.0)
+    centred_t = logits_t - max_t[:, None]
+    centred_s = logits_s - max_s[:, None]
+    prob_t = tl.exp2(centred_t) * inv_sum_t[:, None]
+    if FOR_TEACHER:
+        expected_gap = tl.load(frame_stats + 4 * N, mask=row_valid, other=0.0)
+        grad = prob_t * (centred_t - centred_s - expected_gap[:, None])
+    else:
+        inv_sum_s = tl.load(frame_stats + 3 * N, mask=row_valid, other=0.0)
+        grad = tl.exp2(centred_s) * inv_sum_s[:, None] - prob_t
+    return tl.where(key_valid[None, :] & row_valid[:, None], grad * row_grad[:, None], 0.0)
