@@ -39,7 +39,6 @@ def _tempered_kl_forward_kernel(
     teacher_ptr,
     index_ptr,
     count_ptr,
-    kl_ptr,
     stats_ptr,
     N,
     HW,
@@ -48,7 +47,6 @@ def _tempered_kl_forward_kernel(
     frames,
     scale_s,
     scale_t,
-    kl_scale,
     HAS_INDEX: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -56,67 +54,65 @@ def _tempered_kl_forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One program per (query tile, video): kl[b, rows] and stats[b, f, :, rows] for every target frame f.
+    """One program per (query tile, target frame f, video): stats[b, f, :, rows].
 
-    With HAS_INDEX the tile's rows are the video's kept queries (index_ptr, count_ptr); tiles past the
-    count exit at once, and the rows never visited keep kl = 0.
+    Target frames are independent softmax groups, so they are split across programs (more programs than
+    query tiles alone: occupancy at batch 1 and under a sparse query mask). With HAS_INDEX the tile's
+    rows are the video's kept queries (index_ptr, count_ptr); tiles past the count exit at once.
 
     In base-2 logits x = S * log2(e) / tau (scale_s, scale_t), stats (B, F, 5, N) holds max_t, 1/sum_t,
     max_s, 1/sum_s and E = E_{P_t}[(x_t - max_t) - (x_s - max_s)], so that P = exp2(x - max) / sum and
     KL = ln2 * (E + log2(sum_s / sum_t)); the backward reads nothing else. Every saved quantity is
     relative to the maxima (never lse = max + log2 sum): fp32 keeps them exact to a few ulps of O(1)
-    numbers instead of the logits' scale (1/tau). kl_scale = ln2 / F.
+    numbers instead of the logits' scale (1/tau).
     """
-    b = tl.program_id(1).to(tl.int64)
+    f = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     count = num_queries(count_ptr, b, N, HAS_INDEX)
     rows, row_valid = query_rows(index_ptr + b * N, count, tl.program_id(0) * BLOCK_M, BLOCK_M, HAS_INDEX)
     student_ptr += b * N * Cs
     teacher_ptr += b * N * Ct
     stats_ptr += b * frames * NUM_STATS * N
     if tl.program_id(0) * BLOCK_M < count:
-        kl_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for f in range(0, frames):
-            max_t = tl.full((BLOCK_M,), LOGIT_FLOOR, dtype=tl.float32)
-            max_s = tl.full((BLOCK_M,), LOGIT_FLOOR, dtype=tl.float32)
-            sum_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            sum_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            weighted_gap = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for key_start in range(0, HW, BLOCK_N):
-                keys_in_frame = key_start + tl.arange(0, BLOCK_N)
-                key_valid = keys_in_frame < HW
-                keys = (f * HW + keys_in_frame).to(tl.int64)
-                logits_s, logits_t = logit_tiles(
-                    student_ptr, teacher_ptr, rows, keys, row_valid, key_valid, Cs, Ct, scale_s, scale_t,
-                    BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
-                )  # fmt: skip
-                # Keys past the frame get a finite floor (not -inf): exp2 gives 0 and their gap is exactly 0,
-                # with no inf - inf anywhere. Real logits are never that low.
-                logits_t = tl.where(key_valid[None, :], logits_t, LOGIT_FLOOR)
-                logits_s = tl.where(key_valid[None, :], logits_s, LOGIT_FLOOR)
-                new_max_t = tl.maximum(max_t, tl.max(logits_t, axis=1))
-                new_max_s = tl.maximum(max_s, tl.max(logits_s, axis=1))
-                centred_t = logits_t - new_max_t[:, None]
-                centred_s = logits_s - new_max_s[:, None]
-                exp_t = tl.exp2(centred_t)
-                rescale_t = tl.exp2(max_t - new_max_t)
-                # The gap is kept relative to the running maxima (small numbers, little cancellation):
-                # moving them shifts every earlier term by the same amount.
-                shift = (new_max_t - max_t) - (new_max_s - max_s)
-                weighted_gap = rescale_t * (weighted_gap - sum_t * shift)
-                weighted_gap += tl.sum(exp_t * (centred_t - centred_s), axis=1)
-                sum_t = sum_t * rescale_t + tl.sum(exp_t, axis=1)
-                sum_s = sum_s * tl.exp2(max_s - new_max_s) + tl.sum(tl.exp2(centred_s), axis=1)
-                max_t = new_max_t
-                max_s = new_max_s
-            expected_gap = weighted_gap / sum_t
-            frame_stats = stats_ptr + f * NUM_STATS * N + rows
-            tl.store(frame_stats, max_t, mask=row_valid)
-            tl.store(frame_stats + N, 1.0 / sum_t, mask=row_valid)
-            tl.store(frame_stats + 2 * N, max_s, mask=row_valid)
-            tl.store(frame_stats + 3 * N, 1.0 / sum_s, mask=row_valid)
-            tl.store(frame_stats + 4 * N, expected_gap, mask=row_valid)
-            kl_sum += expected_gap + (tl.log2(sum_s) - tl.log2(sum_t))
-        tl.store(kl_ptr + b * N + rows, kl_sum * kl_scale, mask=row_valid)
+        max_t = tl.full((BLOCK_M,), LOGIT_FLOOR, dtype=tl.float32)
+        max_s = tl.full((BLOCK_M,), LOGIT_FLOOR, dtype=tl.float32)
+        sum_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        sum_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        weighted_gap = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for key_start in range(0, HW, BLOCK_N):
+            keys_in_frame = key_start + tl.arange(0, BLOCK_N)
+            key_valid = keys_in_frame < HW
+            keys = (f * HW + keys_in_frame).to(tl.int64)
+            logits_s, logits_t = logit_tiles(
+                student_ptr, teacher_ptr, rows, keys, row_valid, key_valid, Cs, Ct, scale_s, scale_t,
+                BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+            )  # fmt: skip
+            # Keys past the frame get a finite floor (not -inf): exp2 gives 0 and their gap is exactly 0,
+            # with no inf - inf anywhere. Real logits are never that low.
+            logits_t = tl.where(key_valid[None, :], logits_t, LOGIT_FLOOR)
+            logits_s = tl.where(key_valid[None, :], logits_s, LOGIT_FLOOR)
+            new_max_t = tl.maximum(max_t, tl.max(logits_t, axis=1))
+            new_max_s = tl.maximum(max_s, tl.max(logits_s, axis=1))
+            centred_t = logits_t - new_max_t[:, None]
+            centred_s = logits_s - new_max_s[:, None]
+            exp_t = tl.exp2(centred_t)
+            rescale_t = tl.exp2(max_t - new_max_t)
+            # The gap is kept relative to the running maxima (small numbers, little cancellation):
+            # moving them shifts every earlier term by the same amount.
+            shift = (new_max_t - max_t) - (new_max_s - max_s)
+            weighted_gap = rescale_t * (weighted_gap - sum_t * shift)
+            weighted_gap += tl.sum(exp_t * (centred_t - centred_s), axis=1)
+            sum_t = sum_t * rescale_t + tl.sum(exp_t, axis=1)
+            sum_s = sum_s * tl.exp2(max_s - new_max_s) + tl.sum(tl.exp2(centred_s), axis=1)
+            max_t = new_max_t
+            max_s = new_max_s
+        expected_gap = weighted_gap / sum_t
+        frame_stats = stats_ptr + f * NUM_STATS * N + rows
+        tl.store(frame_stats, max_t, mask=row_valid)
+        tl.store(frame_stats + N, 1.0 / sum_t, mask=row_valid)
+        tl.store(frame_stats + 2 * N, max_s, mask=row_valid)
+        tl.store(frame_stats + 3 * N, 1.0 / sum_s, mask=row_valid)
+        tl.store(frame_stats + 4 * N, expected_gap, mask=row_valid)
 
 
 def tempered_kl_forward(
@@ -127,24 +123,26 @@ def tempered_kl_forward(
     tau_teacher: float,
     query_index: torch.Tensor | None,
     query_count: torch.Tensor | None,
+    keep: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """kl (B, N) fp32 and the saved statistics (B, frames, NUM_STATS, N) fp32.
 
     student (B, N, Cs), teacher (B, N, Ct) contiguous. With query_index (B, N) int32 and query_count
-    (B,) int32 (see `kept_queries`) only the listed queries are computed: kl is 0 on the others and
-    their statistics are left unset.
+    (B,) int32 (see `kept_queries`) only the listed queries are computed; keep (B, N) bool marks them:
+    kl is 0 on the others and their statistics are left unset.
     """
     batch, num_tokens, channels_s = student.shape
-    kl = torch.zeros(batch, num_tokens, dtype=torch.float32, device=student.device)
     stats = torch.empty(batch, frames, NUM_STATS, num_tokens, dtype=torch.float32, device=student.device)
-    if kl.numel() == 0:
-        return kl, stats
+    if stats.numel() == 0:
+        return torch.zeros(batch, num_tokens, dtype=torch.float32, device=student.device), stats
     has_index = query_index is not None
-    grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_M"]), batch)
+    grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_M"]), frames, batch)
     _tempered_kl_forward_kernel[grid](
-        student, teacher, query_index if has_index else kl, query_count if has_index else kl, kl, stats,
+        student, teacher, query_index if has_index else stats, query_count if has_index else stats, stats,
         num_tokens, num_tokens // frames, channels_s, teacher.shape[-1], frames,
-        LOG2E / tau_student, LOG2E / tau_teacher, LN2 / frames,
+        LOG2E / tau_student, LOG2E / tau_teacher,
         HAS_INDEX=has_index, UPCAST=triton_interpreting(), PRECISION=dot_precision(student.dtype),
     )  # fmt: skip
-    return kl, stats
+    # KL = ln2 (E + log2(sum_s / sum_t)) per (query, frame), averaged over the target frames.
+    kl = LN2 * (stats[:, :, 4] + torch.log2(stats[:, :, 1]) - torch.log2(stats[:, :, 3])).mean(1)
+    return (kl if keep is None else torch.where(keep, kl, 0.0)), stats

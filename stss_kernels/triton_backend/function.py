@@ -23,8 +23,9 @@ class TemperedKLFunction(torch.autograd.Function):
     def forward(ctx, student, teacher, frames, tau_student, tau_teacher, query_weight):
         query_index, query_count = kept_queries(query_weight)
         with _on_device(student):
+            keep = None if query_weight is None else query_weight != 0
             kl, stats = tempered_kl_forward(
-                student, teacher, frames, tau_student, tau_teacher, query_index, query_count
+                student, teacher, frames, tau_student, tau_teacher, query_index, query_count, keep
             )
         ctx.save_for_backward(student, teacher, stats, query_index, query_count)
         ctx.temperatures = (tau_student, tau_teacher)

@@ -4,8 +4,9 @@ The fused backward (backward.py) recomputes the similarity tiles once per BLOCK_
 channels, which is cheap for narrow features and costly for wide ones (C = 768: six recomputes of
 both Gram matrices per pass). Here a kernel writes G = dL/dS (or dL/dT) for a chunk of kept query
 rows against all N keys, in the features' dtype, recomputing each tile exactly once; the two
-products grad[rows] += G x and grad += G^T x[rows] then run as ordinary matmuls. Memory: one
-(chunk x N) block, sized by CHUNK_BUDGET_BYTES.
+products grad[rows] += G x and grad += G^T x[rows] then run as ordinary matmuls (a single
+(G + G^T) x when the chunk is the whole video). Memory: one (chunk x N) block, sized by
+CHUNK_BUDGET_BYTES.
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ def feature_grad_by_chunks(
                 student[b], teacher[b], stats[b], scaled_row_grad[b], index, block,
                 num_tokens, hw, *sizes_and_scales, start, rows, **flags,
             )  # fmt: skip
+            if rows == num_tokens:  # the whole video (no query dropped): one product for (G + G^T) x
+                grad[b] += ((block + block.T) @ features[b]).float()
+                continue
             if query_index is None:
                 token_ids = torch.arange(start, start + rows, device=features.device)
             else:
