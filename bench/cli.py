@@ -110,9 +110,12 @@ def environment(args: argparse.Namespace, argv: list[str]) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    commit = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=PROJECT_ROOT, capture_output=True, text=True
-    )
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=PROJECT_ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:  # no git on this machine
+        commit = ""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m bench " + " ".join(argv),
@@ -122,7 +125,7 @@ def environment(args: argparse.Namespace, argv: list[str]) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "git_commit": commit.stdout.strip() or None,
+        "git_commit": commit or None,
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         "flops": flop_count.__doc__.strip(),
         "measure": sys.modules[run_case.__module__].__doc__.strip(),

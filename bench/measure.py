@@ -128,7 +128,8 @@ def time_call(fn: Callable[[], object], device: torch.device, *, min_runs: int =
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        times = [float(t) for t in do_bench(fn, warmup=25, rep=100, return_mode="all")]
+        with torch.cuda.device(device):  # do_bench records events on the current device
+            times = [float(t) for t in do_bench(fn, warmup=25, rep=100, return_mode="all")]
     else:
         fn()  # warm-up: compilation, allocator
         times, start = [], time.perf_counter()
@@ -147,13 +148,27 @@ def time_call(fn: Callable[[], object], device: torch.device, *, min_runs: int =
     }
 
 
+def _proc_field_kib(path: str, field: str) -> int:
+    with open(path) as table:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", table.read(), re.MULTILINE).group(1))
+
+
 def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE).group(1))
+    return _proc_field_kib("/proc/self/status", field)
+
+
+def _meminfo_kib(field: str) -> int:
+    return _proc_field_kib("/proc/meminfo", field)
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak memory of one call above what was allocated before it (inputs included in the baseline)."""
+    """Peak memory of one call above what was allocated before it (inputs included in the baseline).
+
+    A LossCall's gradients from earlier calls are dropped first: the call frees them itself, so they
+    must not sit in the baseline.
+    """
+    if isinstance(fn, LossCall):
+        fn.zero_grad()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -182,9 +197,7 @@ def memory_budget_bytes(device: torch.device) -> int:
     """Memory a run may use here: free GPU memory, or 80% of the available host memory."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return int(0.8 * psutil.virtual_memory().available)
+    return int(0.8 * _meminfo_kib("MemAvailable") * 1024)
 
 
 def is_out_of_memory(error: BaseException | None) -> bool:

@@ -7,7 +7,6 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 
 from stss_kernels._utils import triton_available, triton_interpreting
 
@@ -48,7 +47,7 @@ def tempered_kl(
     tau_student = _check_temperature("tau_student", tau_student)
     tau_teacher = _check_temperature("tau_teacher", tau_teacher)
     _check_choice("reduction", reduction, _REDUCTIONS)
-    kl_fn = _backend_function(backend, student.device)
+    kl_fn = _backend_function(backend, student.device, student.dtype)
     if normalize:
         student, teacher = _l2_normalize(student), _l2_normalize(teacher)
     skip_hint = None if weight is None else weight.detach()
@@ -173,11 +172,12 @@ def _check_choice(name, value, choices):
     return value
 
 
-def _backend_function(backend, device):
-    """The backend function for `backend` ("auto" picks Triton on GPU tensors when it imports)."""
+def _backend_function(backend, device, dtype):
+    """The backend function for `backend` ("auto" picks Triton on GPU tensors when it imports, but not for fp64)."""
     _check_choice("backend", backend, ("auto", *_BACKENDS))
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and triton_available() else "torch"
+        use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
+        backend = "triton" if use_triton else "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs Triton, which is not installed; use backend='torch'")
@@ -192,7 +192,30 @@ def _backend_function(backend, device):
 
 def _l2_normalize(x):
     """L2-normalise over channels in (at least) fp32, returned in the input dtype."""
-    return F.normalize(x.to(_result_dtype(x.dtype)), dim=-1).to(x.dtype)
+    return _L2Normalize.apply(x)
+
+
+class _L2Normalize(torch.autograd.Function):
+    """x / max(||x||, 1e-12) over the last dim, computed in fp32; saves x and the (B, N, 1) inverse norms only.
+
+    (F.normalize on an fp32 copy would keep that copy, twice a bf16 input's size, alive until backward.)
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        compute_dtype = _result_dtype(x.dtype)
+        inv_norm = x.to(compute_dtype).square().sum(-1, keepdim=True).clamp_min(1e-24).rsqrt()
+        ctx.save_for_backward(x, inv_norm)
+        return (x.to(compute_dtype) * inv_norm).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, inv_norm = ctx.saved_tensors
+        y = x.to(inv_norm.dtype) * inv_norm
+        grad_y = grad_y.to(inv_norm.dtype)
+        # d(x / |x|) = (g - y (g . y)) / |x|; below the 1e-12 clamp the map is x * 1e12, whose gradient is g * 1e12.
+        radial = torch.where(inv_norm < 1e12, (grad_y * y).sum(-1, keepdim=True), 0.0)
+        return ((grad_y - y * radial) * inv_norm).to(x.dtype)
 
 
 def _result_dtype(dtype):

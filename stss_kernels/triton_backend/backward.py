@@ -18,11 +18,11 @@ import triton.language as tl
 from stss_kernels._utils import triton_interpreting
 from stss_kernels.triton_backend.similarity_grad import feature_grad_by_chunks
 from stss_kernels.triton_backend.tiles import (
+    DOT_PRECISION,
     LN2,
     LOG2E,
     NUM_STATS,
     autotune_configs,
-    dot_precision,
     load_rows,
     num_queries,
     query_rows,
@@ -145,10 +145,11 @@ def tempered_kl_feature_grad(
     tau_student: float,
     tau_teacher: float,
     for_teacher: bool,
+    grad_scale: torch.Tensor | float = 1.0,
 ) -> torch.Tensor:
     """Gradient of sum_i g_i kl_i w.r.t. the student (or the teacher), in its dtype.
 
-    stats (B, F, NUM_STATS, N) from the forward; row_grad (B, N) fp32 contiguous = g_i / F;
+    stats (B, F, NUM_STATS, N) from the forward; row_grad (B, N) fp32 contiguous = g_i / F / grad_scale;
     query_index, query_count as given to the forward (only those queries carry gradient).
     """
     batch, num_tokens, channels_s = student.shape
@@ -164,14 +165,14 @@ def tempered_kl_feature_grad(
         FOR_TEACHER=for_teacher,
         HAS_INDEX=has_index,
         UPCAST=triton_interpreting(),
-        PRECISION=dot_precision(features.dtype),
+        PRECISION=DOT_PRECISION,
     )
     if features.shape[-1] > FUSED_MAX_CHANNELS:
         grad = feature_grad_by_chunks(
             features, (student, teacher, stats, *sizes_and_scales, *scales), scaled_row_grad, query_index,
             query_count, flags,
         )  # fmt: skip
-        return grad.to(features.dtype)
+        return grad.mul_(grad_scale).to(features.dtype)
     grad = torch.empty_like(features, dtype=torch.float32)
     args = (
         student, teacher, stats, scaled_row_grad,
@@ -184,4 +185,4 @@ def tempered_kl_feature_grad(
     for column_pass, tiles in ((True, key_tiles), (False, query_tiles)):
         grid = lambda meta, tiles=tiles: (tiles(meta), channel_blocks(meta), batch)
         _feature_grad_kernel[grid](*args, COLUMN_PASS=column_pass, **flags)
-    return grad.to(features.dtype)
+    return grad.mul_(grad_scale).to(features.dtype)

@@ -8,12 +8,12 @@ import triton.language as tl
 
 from stss_kernels._utils import triton_interpreting
 from stss_kernels.triton_backend.tiles import (
+    DOT_PRECISION,
     LN2,
     LOG2E,
     LOGIT_FLOOR,
     NUM_STATS,
     autotune_configs,
-    dot_precision,
     logit_tiles,
     num_queries,
     query_rows,
@@ -66,7 +66,7 @@ def _tempered_kl_forward_kernel(
     relative to the maxima (never lse = max + log2 sum): fp32 keeps them exact to a few ulps of O(1)
     numbers instead of the logits' scale (1/tau).
     """
-    f = tl.program_id(1)
+    f = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     count = num_queries(count_ptr, b, N, HAS_INDEX)
     rows, row_valid = query_rows(index_ptr + b * N, count, tl.program_id(0) * BLOCK_M, BLOCK_M, HAS_INDEX)
@@ -141,7 +141,7 @@ def tempered_kl_forward(
         student, teacher, query_index if has_index else stats, query_count if has_index else stats, stats,
         num_tokens, num_tokens // frames, channels_s, teacher.shape[-1], frames,
         LOG2E / tau_student, LOG2E / tau_teacher,
-        HAS_INDEX=has_index, UPCAST=triton_interpreting(), PRECISION=dot_precision(student.dtype),
+        HAS_INDEX=has_index, UPCAST=triton_interpreting(), PRECISION=DOT_PRECISION,
     )  # fmt: skip
     # KL = ln2 (E + log2(sum_s / sum_t)) per (query, frame), averaged over the target frames.
     kl = LN2 * (stats[:, :, 4] + torch.log2(stats[:, :, 1]) - torch.log2(stats[:, :, 3])).mean(1)

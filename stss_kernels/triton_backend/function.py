@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from stss_kernels.triton_backend.backward import tempered_kl_feature_grad
 from stss_kernels.triton_backend.forward import tempered_kl_forward
@@ -32,13 +33,20 @@ class TemperedKLFunction(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_kl):
         student, teacher, stats, query_index, query_count = ctx.saved_tensors
-        row_grad = (grad_kl.float() / stats.shape[1]).contiguous()
+        row_grad = grad_kl.float() / stats.shape[1]
+        # The kernels round the tiles of dL/dS to the input dtype: bring the upstream gradient (e.g. 1 / (B N)
+        # under a mean) to O(1) by an exact power of two so fp16 tiles do not underflow; undone in fp32 below.
+        magnitude = row_grad.abs().amax()
+        scale = torch.where(magnitude > 0, torch.exp2(torch.round(torch.log2(magnitude))), 1.0)
+        row_grad = (row_grad / scale).contiguous()
         with _on_device(student):
             grads = [
                 tempered_kl_feature_grad(
-                    student, teacher, stats, row_grad, query_index, query_count, *ctx.temperatures, for_teacher
+                    student, teacher, stats, row_grad, query_index, query_count, *ctx.temperatures, for_teacher,
+                    scale,
                 )
                 if ctx.needs_input_grad[index]
                 else None

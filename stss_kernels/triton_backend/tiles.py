@@ -14,6 +14,9 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 # Saved per (video, target frame, query): max_t, 1/sum_t, max_s, 1/sum_s, E_{P_t}[centred x_t - x_s].
 NUM_STATS: tl.constexpr = tl.constexpr(5)
+# tl.dot input precision: exact fp32 products for fp32 inputs (they must match an fp64 reference tightly);
+# 16-bit operands ignore it on NVIDIA, and "ieee" is the value every ROCm target accepts.
+DOT_PRECISION = "ieee"
 # Logit of a masked key and initial running maximum (base-2 units).
 LOGIT_FLOOR: tl.constexpr = tl.constexpr(-1.0e30)
 
@@ -35,11 +38,6 @@ def autotune_configs(gpu_blocks: list[tuple[dict, int, int]], interpreter_blocks
     if triton_interpreting():
         return [triton.Config(interpreter_blocks, num_warps=4, num_stages=1)]
     return [triton.Config(blocks, num_warps=warps, num_stages=stages) for blocks, warps, stages in gpu_blocks]
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs take exact fp32 products (no tf32): they must match an fp64 reference tightly."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -167,7 +165,7 @@ def similarity_grad_tile(
         student_ptr, teacher_ptr, rows, keys, row_valid, key_valid, Cs, Ct, scale_s, scale_t,
         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
     )  # fmt: skip
-    frame_stats = stats_ptr + frame * NUM_STATS * N + rows
+    frame_stats = stats_ptr + tl.cast(frame, tl.int64) * NUM_STATS * N + rows
     max_t = tl.load(frame_stats, mask=row_valid, other=0.0)
     inv_sum_t = tl.load(frame_stats + N, mask=row_valid, other=0.0)
     max_s = tl.load(frame_stats + 2 * N, mask=row_valid, other=0.0)
