@@ -90,9 +90,11 @@ def test_keys_change_with_resolution_frames_model_and_prompt(assets, tmp_path):
         make_layout(tmp_path, model, height=48).path(sample),
         make_layout(tmp_path, model, num_frames=13).path(sample),
         make_layout(tmp_path, model, max_sequence_length=64).path(sample),
+        make_layout(tmp_path, model, dtype="bfloat16").path(sample),
+        make_layout(tmp_path, model, tiling=True).path(sample),
         layout.path(replace(sample, caption=sample.caption + " slowly")),
     }
-    assert len(paths) == 5
+    assert len(paths) == 7
     assert layout.path(sample) == make_layout(tmp_path, model).path(sample)
     assert sample.video.stem in layout.path(sample).name
     weights = model / "vae" / "diffusion_pytorch_model.safetensors"
@@ -132,3 +134,20 @@ def test_undecodable_video_is_left_out_of_the_training_set(assets, filled, encod
     assert item["pixels"].shape == (FRAMES, 3, HEIGHT, WIDTH)
     with pytest.raises(ValueError, match="no video"):
         CachedLatentDataset(videos, make_layout(tmp_path, model, height=64))
+
+
+def test_a_cached_video_that_stops_decoding_is_replaced_by_the_next_one(assets, encoder, tmp_path):
+    model, data = assets
+    shutil.copytree(data, tmp_path / "data")
+    videos = videos_of(tmp_path / "data")
+    layout = make_layout(tmp_path / "cache", model)
+    assert fill_cache(videos, layout, encoder, progress=False) == (4, 0)
+    dataset = CachedLatentDataset(videos, layout, with_pixels=True)
+    expected = dataset[2]
+    # Rewriting the clip changes its mtime (its cache key) and breaks decoding: the paths were fixed at build time.
+    videos.samples[1].video.write_bytes(b"garbage" * 100)
+    with pytest.warns(UndecodableVideoWarning, match=videos.samples[1].video.name):
+        item = dataset[1]
+    for key, value in expected.items():
+        torch.testing.assert_close(item[key], value, rtol=0, atol=0)
+    assert set(dataset[0]) == {"latent_dist", "prompt_embeds", "prompt_mask", "pixels"}

@@ -229,6 +229,25 @@ def test_trainer_checkpoint_round_trip(tmp_path):
     assert trainer.lr_scheduler.get_last_lr() == resumed.lr_scheduler.get_last_lr() == [0.0]
 
 
+def test_tsa_train_lamo_uses_the_models_noise_schedule():
+    from types import SimpleNamespace
+
+    from diffusers import CogVideoXDPMScheduler
+
+    from tsa.config import parse_args
+    from tsa.train import build_lamo
+
+    transformer = tiny_cogvideox_components()["transformer"]
+    default = tiny_scheduler()
+    five_b = CogVideoXDPMScheduler.from_config(default.config, snr_shift_scale=1.0)  # CogVideoX-5B's schedule
+    objective = SimpleNamespace(transformer=transformer, scheduler=five_b)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+    trainer = build_lamo(parse_args(["--align", "lamo", "--max-steps", "3"]), objective, accelerator)
+    torch.testing.assert_close(trainer.alphas_cumprod, five_b.alphas_cumprod.float())
+    assert not torch.allclose(trainer.alphas_cumprod, default.alphas_cumprod.float())
+    assert build_lamo(parse_args(["--align", "mtsa"]), objective, accelerator) is None
+
+
 def test_trainer_step_updates_only_the_predictor():
     denoiser = nn.Linear(TEXT, TEXT)
     prompts = denoiser(torch.randn(2, 5, TEXT))
@@ -264,7 +283,9 @@ def test_one_guided_step_lowers_the_guidance_loss(tiny_pipe):
         return pipe.scheduler.step(v_hat, None, t, None, x_t, generator=torch.Generator().manual_seed(3))
 
     unguided_latents, unguided_x0 = step()
+    assert predictor.training
     with enable_motion_guidance(pipe, predictor, scale=15.0) as guidance:
+        assert not predictor.training
         with torch.no_grad():  # as in the pipeline's loop
             pipe.encode_prompt(["a ball falls", "a red cube slides left"], "", device="cpu")
             guided_latents, guided_x0 = step()
@@ -278,6 +299,9 @@ def test_one_guided_step_lowers_the_guidance_loss(tiny_pipe):
     assert after < before
     assert not torch.equal(guided_latents, unguided_latents)
     assert "step" not in vars(pipe.scheduler) and "encode_prompt" not in vars(pipe)  # removed
+    assert predictor.training  # its mode is restored
+    enable_motion_guidance(pipe, predictor.eval()).remove()
+    assert not predictor.training
 
 
 def test_guidance_rejects_bad_arguments(tiny_pipe):

@@ -24,6 +24,17 @@ def test_tiny_is_the_default_preset():
     assert args.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+def test_a_real_run_without_preset_gets_the_spec_defaults(tmp_path):
+    args = parse_args(REAL)
+    assert args.preset is None
+    assert (args.height, args.width, args.num_frames, args.align_layer) == (480, 720, 49, 18)
+    assert (args.learning_rate, args.projector_hidden_dim, args.max_steps) == (2e-6, 2048, 4000)
+    from_yaml = parse_args(["--config", write_yaml(tmp_path, "model_path: cogvideox\ndata: videos\n"),
+                            "--teacher-path", "videomae"])
+    assert from_yaml.preset is None and from_yaml.num_frames == 49
+    assert parse_args(["--preset", "tiny", *REAL]).num_frames == PRESETS["tiny"]["num_frames"]
+
+
 def test_yaml_overrides_the_preset_and_the_command_line_overrides_yaml(tmp_path):
     config = write_yaml(tmp_path, "align: trd\nlearning-rate: 0.01\nlora_target_modules: [to_q, to_k]\n"
                                   "gradient_checkpointing: true\nheight: 64\n")
@@ -47,6 +58,10 @@ def test_preset_from_yaml_and_from_the_command_line(tmp_path):
     assert (lora.finetune, lora.lora_rank, lora.lora_alpha, lora.mixed_precision) == ("lora", 128, 64, "bf16")
 
 
+def test_short_clips_are_fine_without_alignment_or_drift():
+    assert parse_args(["--num-frames", "5", "--align", "none"]).num_frames == 5
+
+
 def test_lamo_drift_weight_defaults():
     assert parse_args(["--align", "lamo"]).motion_drift_weight == 0.4
     assert parse_args(["--align", "mtsa", "--motion-drift-weight", "0.2"]).motion_drift_weight == 0.2
@@ -60,6 +75,13 @@ def test_lamo_drift_weight_defaults():
     (["--align", "mtsa", "--motion-drift-weight", "-1"], "--motion-drift-weight"),
     (["--preset", "cogvideox-2b-mtsa"], "--model-path is required"),
     (["--preset", "cogvideox-2b-mtsa", "--model-path", "m", "--data", "d"], "--teacher-path is required"),
+    (["--model-path", "m"], "--data is required without --preset tiny"),
+    (["--model-path", "m", "--data", "d"], "--teacher-path is required"),
+    (["--num-frames", "5"], "--num-frames must be >= 9 with --align mtsa"),
+    (["--num-frames", "5", "--align", "none", "--motion-drift-weight", "0.1"], "--num-frames must be >= 9"),
+    (["--checkpoints-total-limit", "0"], "--checkpoints-total-limit must be >= 1"),
+    (["--lr-warmup-steps", "-1"], "--lr-warmup-steps must be >= 0"),
+    (["--dataloader-num-workers", "-2"], "--dataloader-num-workers must be >= 0"),
     (["--align", "bogus"], "invalid choice"),
 ])
 def test_bad_options_are_named(argv, message, capsys):

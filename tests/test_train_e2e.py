@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,17 +35,23 @@ def fresh_accelerate_state():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """`tsa-train --preset tiny` with few steps: builds the tiny models and the synthetic mp4 dataset."""
+    """`tsa-train --preset tiny` with few steps: builds the tiny models and the synthetic mp4 dataset. The
+    output dir is given relative to the working directory (tsa-sample then runs from another one)."""
     output = tmp_path_factory.mktemp("tiny")
-    history = train(parse_args(["--output-dir", str(output), "--max-steps", "4", "--checkpointing-steps", "2",
-                                "--checkpoints-total-limit", "1", "--num-videos", "6", *QUIET]))
+    cwd = os.getcwd()
+    os.chdir(output.parent)
+    try:
+        history = train(parse_args(["--output-dir", output.name, "--max-steps", "4", "--checkpointing-steps", "2",
+                                    "--checkpoints-total-limit", "1", "--num-videos", "6", *QUIET]))
+    finally:
+        os.chdir(cwd)
     return output, history
 
 
 def assets(run, cache=True):
     """Options reusing the tiny run's models, dataset and (keyed, so safely shared) latent cache."""
     tiny = run / "tiny"
-    options = ["--model-path", str(tiny / "cogvideox"), "--teacher-path", str(tiny / "videomae"),
+    options = ["--preset", "tiny", "--model-path", str(tiny / "cogvideox"), "--teacher-path", str(tiny / "videomae"),
                "--data", str(tiny / "data")]
     return options + (["--cache-dir", str(run / "cache")] if cache else [])
 
@@ -73,6 +80,8 @@ def test_tiny_preset_end_to_end(tiny_run, capsys):
             torch.testing.assert_close(value, trained[prefix + key], rtol=0, atol=0)
     args = json.loads((output / "training_args.json").read_text())
     assert args["align"] == "mtsa" and args["finetune"] == "full"
+    assert args["model_path"] == str(output.resolve() / "tiny" / "cogvideox")
+    assert args["output_dir"] == str(output.resolve())
 
     # tsa-cache on the same options: every entry is reused.
     cache_main(["--output-dir", str(output), "--num-videos", "6"])
@@ -86,6 +95,48 @@ def test_tiny_preset_end_to_end(tiny_run, capsys):
     (video,) = (output / "samples").glob("*.mp4")
     frames = read_video(video, args["num_frames"], args["height"], args["width"])
     assert frames.shape == (args["num_frames"], 3, args["height"], args["width"])
+
+
+def test_tsa_sample_motion_guidance_needs_a_predictor_and_takes_rho_and_lag(tiny_run, tmp_path, capsys, monkeypatch):
+    import tsa.lamo
+    from tsa.sample import main as sample_main
+    from tsa.tiny import TINY_LATENT_CHANNELS, TINY_TEXT_DIM
+
+    run = tiny_run[0]
+    argv = [str(run), "--prompt", "a ball rolls", "--num-inference-steps", "2", "--output-dir", str(tmp_path),
+            "--motion-guidance", "15"]
+    with pytest.raises(SystemExit):
+        sample_main(argv)  # the M-TSA run trained no motion predictor
+    assert "train with --align lamo or --motion-drift-weight > 0, or pass --predictor" in capsys.readouterr().err
+    predictor = tmp_path / "predictor"
+    tsa.lamo.MotionPredictor(in_channels=TINY_LATENT_CHANNELS, text_dim=TINY_TEXT_DIM, channels=8,
+                             num_blocks=1).save_pretrained(predictor)
+    handles, enable = [], tsa.lamo.enable_motion_guidance
+    monkeypatch.setattr(tsa.lamo, "enable_motion_guidance", lambda *a, **k: handles.append(enable(*a, **k)))
+    sample_main([*argv, "--predictor", str(predictor), "--motion-guidance-rho", "0.5", "--motion-guidance-lag", "2"])
+    (guidance,) = handles
+    assert (guidance.scale, guidance.rho, guidance.lag) == (15.0, 0.5, 2)
+    assert [index for index, _ in guidance.history] == [1]  # the last half of the 2 steps
+    assert len(list(tmp_path.glob("*.mp4"))) == 1
+
+
+def test_loss_plot_keeps_negative_series_on_a_symlog_axis(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from tsa.train import plot_losses
+
+    figures, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), savefig(self, *a, **k)))
+    repa = [{"step": step, "loss": 0.2 - 0.1 * step, "diffusion": 0.3, "align": -0.5 - 0.1 * step, "drift": 0.0,
+             "predictor": 0.0} for step in (1, 2, 3)]
+    plot_losses(repa, tmp_path / "repa.png")
+    plot_losses([{**row, "loss": 1.0, "align": 0.5} for row in repa], tmp_path / "positive.png")
+    (axis,), (positive,) = figures[0].axes, figures[1].axes
+    assert axis.get_yscale() == "symlog" and positive.get_yscale() == "log"
+    legend = axis.get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == ["loss", "diffusion", "align"]
+    assert legend.get_title().get_text() == "0 throughout: drift, predictor"
+    assert (tmp_path / "repa.png").stat().st_size > 10_000
 
 
 def test_lora_weights_load_into_the_pipeline_and_corrupt_videos_are_skipped(tiny_run, tmp_path):
@@ -128,6 +179,24 @@ def test_lora_weights_load_into_the_pipeline_and_corrupt_videos_are_skipped(tiny
         loaded, expected, untrained = (model(**inputs)[0] for model in (pipe.transformer, reference, base))
     torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-6)
     assert (loaded - untrained).abs().max() > 1e-6
+
+
+def test_resume_loads_ddp_prefixed_checkpoints_and_rejects_mismatched_ones(tiny_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run = tiny_run[0]
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-4"
+    shutil.copytree(run / "checkpoints" / "checkpoint-4", checkpoint)
+    trained = load_file(checkpoint / "model.safetensors")
+    save_file({"module." + key: value for key, value in trained.items()}, checkpoint / "model.safetensors")
+    common = [*assets(run), "--max-steps", "4", "--resume", str(checkpoint), *QUIET]
+    # A DDP checkpoint resumed in one process: every trainable tensor is loaded (the run ends at once).
+    train(parse_args(["--output-dir", str(tmp_path / "ddp"), *common]))
+    (weights,) = (tmp_path / "ddp" / "projector").glob("*.safetensors")
+    for key, value in load_file(weights).items():
+        torch.testing.assert_close(value, trained["projector." + key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="lacks .* trainable tensors, e.g. transformer.*lora_A"):
+        train(parse_args(["--output-dir", str(tmp_path / "lora"), *common, "--finetune", "lora"]))
 
 
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_run, tmp_path, monkeypatch):

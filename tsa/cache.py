@@ -1,9 +1,9 @@
 """The latent cache: VAE latent distributions and T5 prompt embeddings written once as safetensors.
 
 An entry's file name carries the video (name plus a digest of its path, size and modification time), the
-resolution and frame count, a fingerprint of the VAE / text encoder / tokenizer files and a hash of the
-prompt, so changing any of them makes a new entry instead of reusing a stale one. `tsa-cache` (or
-`tsa-train --precompute`) fills the cache, sharded over accelerate's processes.
+resolution and frame count, a fingerprint of the VAE / text encoder / tokenizer files, the encode dtype and
+VAE tiling, and a hash of the prompt, so changing any of them makes a new entry instead of reusing a stale one.
+`tsa-cache` (or `tsa-train --precompute`) fills the cache, sharded over accelerate's processes.
 """
 
 import hashlib
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tsa.data import VideoCaptionDataset, load_video_captions
+from tsa.data import UndecodableVideoWarning, VideoCaptionDataset, load_video_captions
 
 ENCODER_SUBFOLDERS = ("vae", "text_encoder", "tokenizer")
 
@@ -42,7 +42,8 @@ def model_fingerprint(model_path):
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Where the entry of a (video, caption) pair lives for one resolution / frame count / model."""
+    """Where the entry of a (video, caption) pair lives for one resolution / frame count / model / encode
+    dtype ("float32", "bfloat16", ...) and VAE tiling."""
 
     root: Path
     height: int
@@ -50,10 +51,14 @@ class CacheLayout:
     num_frames: int
     model: str
     max_sequence_length: int
+    dtype: str = "float32"
+    tiling: bool = False
 
     @property
     def directory(self):
-        return self.root / f"{self.num_frames}x{self.height}x{self.width}-{self.model}-t{self.max_sequence_length}"
+        encode = self.dtype + ("-tiled" if self.tiling else "")
+        return self.root / (f"{self.num_frames}x{self.height}x{self.width}-{self.model}-t{self.max_sequence_length}"
+                            f"-{encode}")
 
     def path(self, sample):
         stat = sample.video.stat() if sample.video.exists() else None
@@ -61,11 +66,12 @@ class CacheLayout:
         return self.directory / f"{sample.video.stem}-{video}-{_digest(sample.caption)}.safetensors"
 
 
-def cache_layout(args):
-    """The CacheLayout of parsed tsa-train / tsa-cache options."""
+def cache_layout(args, dtype):
+    """The CacheLayout of parsed tsa-train / tsa-cache options, encoding in `dtype`."""
     config = json.loads((Path(args.model_path) / "transformer" / "config.json").read_text())
     return CacheLayout(Path(args.cache_dir), args.height, args.width, args.num_frames,
-                       model_fingerprint(args.model_path), int(config.get("max_text_seq_length", 226)))
+                       model_fingerprint(args.model_path), int(config.get("max_text_seq_length", 226)),
+                       str(dtype).removeprefix("torch."), args.vae_tiling)
 
 
 class LatentEncoder:
@@ -139,11 +145,15 @@ def _save_atomically(tensors, target, metadata):
 
 class CachedLatentDataset(torch.utils.data.Dataset):
     """The cached entries of a VideoCaptionDataset: dicts of latent_dist, prompt_embeds, prompt_mask and,
-    with `with_pixels`, the decoded clip for the teacher (None when it cannot be decoded any more)."""
+    with `with_pixels`, the decoded clip for the teacher. Entry paths are fixed when the dataset is built.
+    A clip that no longer decodes is replaced, with a warning, by the next cached one that does, so every
+    process always gets full batches."""
 
     def __init__(self, videos, layout, with_pixels=False):
-        self.videos, self.layout, self.with_pixels = videos, layout, with_pixels
-        self.indices = [index for index, sample in enumerate(videos.samples) if layout.path(sample).is_file()]
+        self.videos, self.with_pixels = videos, with_pixels
+        paths = [layout.path(sample) for sample in videos.samples]
+        self.indices = [index for index, path in enumerate(paths) if path.is_file()]
+        self.paths = [paths[index] for index in self.indices]
         if not self.indices:
             raise ValueError(f"no video of the dataset could be decoded and cached in {layout.directory}")
 
@@ -153,20 +163,22 @@ class CachedLatentDataset(torch.utils.data.Dataset):
     def __getitem__(self, position):
         from safetensors.torch import load_file
 
-        index = self.indices[position]
-        item = load_file(self.layout.path(self.videos.samples[index]))
-        if self.with_pixels:
-            item["pixels"] = self.videos.pixels(index)
-            if item["pixels"] is None:
-                return None
-        return item
+        if not self.with_pixels:
+            return load_file(self.paths[position])
+        for offset in range(len(self)):
+            candidate = (position + offset) % len(self)
+            pixels = self.videos.pixels(self.indices[candidate])
+            if pixels is not None:
+                break
+            warnings.warn(f"{self.videos.samples[self.indices[candidate]].video} no longer decodes: training on "
+                          f"the next cached video instead", UndecodableVideoWarning, stacklevel=2)
+        else:
+            raise RuntimeError("none of the cached videos decodes any more")
+        return {**load_file(self.paths[candidate]), "pixels": pixels}
 
 
 def collate_entries(items):
-    """Stack the entries that loaded; None when none did (the training loop skips such a batch)."""
-    items = [item for item in items if item is not None]
-    if not items:
-        return None
+    """Stack a list of entry dicts into one batch dict."""
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
@@ -175,8 +187,8 @@ def build_cache(args, accelerator):
     CachedLatentDataset of everything that is cached once all processes are done."""
     videos = VideoCaptionDataset(load_video_captions(args.data, args.video_column, args.caption_column),
                                  args.height, args.width, args.num_frames)
-    layout = cache_layout(args)
     dtype = precision_dtype(accelerator.mixed_precision)
+    layout = cache_layout(args, dtype)
     encoded, hits = fill_cache(
         videos, layout,
         lambda: LatentEncoder(args.model_path, accelerator.device, dtype, layout.max_sequence_length, args.vae_tiling),

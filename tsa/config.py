@@ -1,7 +1,8 @@
 """Command line and YAML configuration of tsa-train, tsa-cache and tsa-sample.
 
-Precedence, lowest first: the parser's defaults, the preset (`--preset`, default `tiny`), the YAML file
-(`--config`), the command line. YAML keys are the option names with dashes or underscores.
+Precedence, lowest first: the parser's defaults (the SPEC's values), the preset (`--preset`; default `tiny`
+when no `--model-path` is given, else none), the YAML file (`--config`), the command line. YAML keys are the
+option names with dashes or underscores.
 """
 
 import argparse
@@ -50,7 +51,8 @@ def build_parser(prog="tsa-train"):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="Named defaults (tiny when neither this nor the YAML names one).")
+                        help="Named defaults. When neither this nor the YAML names one: tiny without --model-path "
+                             "(tiny random models, CPU demo), else none (the defaults shown here, the SPEC's).")
     parser.add_argument("--config", type=Path, default=None, help="YAML file of options.")
 
     model = parser.add_argument_group("model")
@@ -155,8 +157,10 @@ def parse_args(argv=None, prog="tsa-train"):
     parser = build_parser(prog)
     first, _ = parser.parse_known_args(argv)
     from_yaml = _load_yaml(first.config, parser) if first.config is not None else {}
-    preset = first.preset or from_yaml.get("preset") or "tiny"
-    parser.set_defaults(**{**PRESETS[preset], **from_yaml, "preset": preset})
+    preset = first.preset or from_yaml.get("preset")
+    if preset is None and first.model_path is None and from_yaml.get("model_path") is None:
+        preset = "tiny"
+    parser.set_defaults(**{**PRESETS.get(preset, {}), **from_yaml, "preset": preset})
     args = parser.parse_args(argv)
     return _finalise(args, parser)
 
@@ -174,10 +178,19 @@ def _finalise(args, parser):
         args.motion_drift_weight = 0.4 if args.align == "lamo" else 0.0
     if args.motion_drift_weight < 0:
         parser.error(f"--motion-drift-weight must be >= 0, got {args.motion_drift_weight}")
+    if (args.align != "none" or args.motion_drift_weight > 0) and args.num_frames < 9:
+        parser.error(f"--num-frames must be >= 9 with --align {args.align} or a LaMo drift loss (the projector drops "
+                     f"latent frame 0 and the drift loss compares frames 2 apart), got {args.num_frames}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error(f"--checkpoints-total-limit must be >= 1 (or left out), got {args.checkpoints_total_limit}")
+    for option in ("lr_warmup_steps", "dataloader_num_workers"):
+        if getattr(args, option) < 0:
+            parser.error(f"--{option.replace('_', '-')} must be >= 0, got {getattr(args, option)}")
     if args.preset != "tiny":
         for option in ("model_path", "data"):
             if getattr(args, option) is None:
-                parser.error(f"--{option.replace('_', '-')} is required with --preset {args.preset}")
+                parser.error(f"--{option.replace('_', '-')} is required with --preset {args.preset}"
+                             if args.preset else f"--{option.replace('_', '-')} is required without --preset tiny")
         if args.align in ("tsa", "mtsa", "trd", "repa") and args.teacher_path is None:
             parser.error(f"--teacher-path is required with --align {args.align}")
     modules = args.lora_target_modules

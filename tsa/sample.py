@@ -42,6 +42,8 @@ def build_parser():
                         help="LaMo Motion Prior Guidance scale (0 = off; the paper uses 15).")
     parser.add_argument("--motion-guidance-rho", type=float, default=0.8,
                         help="Fraction of the last denoising steps that are guided.")
+    parser.add_argument("--motion-guidance-lag", type=int, default=1,
+                        help="Frame lag (in latent frames) of the guided motion prediction.")
     parser.add_argument("--predictor", type=Path, default=None,
                         help="MotionPredictor folder (default: RUN_DIR/motion_predictor).")
     return parser
@@ -78,14 +80,18 @@ def main(argv=None):
     if model_path is None:
         parser.error(f"--model-path is needed: {args.run_dir} has no training_args.json")
     size = {name: getattr(args, name) or trained.get(name) for name in ("height", "width", "num_frames")}
+    predictor_path = args.predictor or args.run_dir / "motion_predictor"
+    if args.motion_guidance and not (predictor_path / "config.json").is_file():
+        parser.error(f"--motion-guidance needs a MotionPredictor folder, and {predictor_path} is none: train with "
+                     "--align lamo or --motion-drift-weight > 0, or pass --predictor")
 
     pipe = load_pipeline(args.run_dir, Path(model_path), DTYPES[args.dtype]).to(args.device)
     if args.motion_guidance:
         from tsa.lamo import MotionPredictor, enable_motion_guidance
 
-        predictor_path = args.predictor or args.run_dir / "motion_predictor"
         predictor = MotionPredictor.from_pretrained(predictor_path).to(args.device)
-        enable_motion_guidance(pipe, predictor, scale=args.motion_guidance, rho=args.motion_guidance_rho)
+        enable_motion_guidance(pipe, predictor, scale=args.motion_guidance, rho=args.motion_guidance_rho,
+                               lag=args.motion_guidance_lag)
 
     output_dir = args.output_dir or args.run_dir / "samples"
     output_dir.mkdir(parents=True, exist_ok=True)

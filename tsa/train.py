@@ -66,18 +66,21 @@ def build_objective(args, transformer, weight_dtype):
     )
 
 
-def build_lamo(args, transformer, accelerator):
-    """LaMoTrainer for --align lamo or --motion-drift-weight > 0, else None."""
+def build_lamo(args, objective, accelerator):
+    """LaMoTrainer for --align lamo or --motion-drift-weight > 0 (noise augmentation through the objective's
+    own scheduler), else None."""
     if args.align != "lamo" and args.motion_drift_weight == 0:
         return None
     from tsa.lamo import LaMoTrainer, MotionPredictor
 
+    config = objective.transformer.config
     predictor = MotionPredictor(
-        in_channels=transformer.config.in_channels, text_dim=transformer.config.text_embed_dim,
+        in_channels=config.in_channels, text_dim=config.text_embed_dim,
         channels=args.predictor_channels, num_blocks=args.predictor_blocks,
     )
     trainer = LaMoTrainer(predictor, lr=args.predictor_learning_rate,
-                          total_steps=args.max_steps * args.gradient_accumulation_steps)
+                          total_steps=args.max_steps * args.gradient_accumulation_steps,
+                          noise_scheduler=objective.scheduler)
     return trainer.prepare(accelerator)
 
 
@@ -116,12 +119,33 @@ def resolve_resume(args):
     return path
 
 
+def load_trainable_weights(accelerator, model, checkpoint):
+    """Checkpoints hold only the trainable tensors (see _keep_trainable_state), so load_state runs non-strict
+    and would silently skip tensors whose names differ: load the model file again, with any DDP `module.`
+    prefix removed, and raise if it lacks a trainable parameter (e.g. other --finetune / --align options)."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {checkpoint} has no model.safetensors")
+    state = {name.removeprefix("module."): tensor for name, tensor in load_file(path).items()}
+    module = accelerator.unwrap_model(model)
+    trainable = [name for name, parameter in module.named_parameters() if parameter.requires_grad]
+    missing = [name for name in trainable if name not in state]
+    if missing:
+        raise ValueError(f"--resume: {checkpoint} lacks {len(missing)} of the {len(trainable)} trainable tensors, "
+                         f"e.g. {', '.join(missing[:3])}; was it written with other --finetune / --align / LoRA "
+                         "options?")
+    module.load_state_dict({name: state[name] for name in trainable}, strict=False)
+
+
 def save_checkpoint(accelerator, args, step, history, lamo):
     """accelerate state (+ LaMo predictor, loss history) in checkpoints/checkpoint-STEP, written under a
     temporary name first so a run killed while saving never leaves a partial checkpoint; prunes old ones."""
     path = checkpoint_dir(args.output_dir, step)
     partial = path.with_name(path.name + ".partial")
     accelerator.save_state(partial)
+    accelerator.wait_for_everyone()  # every process writes its random_states_{i}.pkl into `partial`
     if accelerator.is_main_process:
         (partial / "losses.json").write_text(json.dumps(history))
         if lamo is not None:
@@ -176,7 +200,9 @@ def save_final_weights(accelerator, args, objective, lamo):
 
 
 def plot_losses(history, path, smoothing=0.9):
-    """Each loss component against the optimizer step (log scale; raw and exponentially smoothed) as a PNG."""
+    """Each loss component against the optimizer step (raw and exponentially smoothed) as a PNG: log scale, or
+    symlog when a value is <= 0 (e.g. REPA's negative cosine loss); components that are 0 throughout (off)
+    are named in the legend's title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,9 +210,11 @@ def plot_losses(history, path, smoothing=0.9):
 
     figure, axis = plt.subplots(figsize=(7, 4))
     steps = [row["step"] for row in history]
-    for name in LOSS_NAMES:
-        values = [row[name] for row in history]
-        if not any(value > 0 for value in values):
+    series = {name: [row[name] for row in history] for name in LOSS_NAMES}
+    off = [name for name, values in series.items() if not any(values)]
+    plotted = [value for name, values in series.items() if name not in off for value in values]
+    for name, values in series.items():
+        if name in off:
             continue
         smoothed, average = [], values[0]
         for value in values:
@@ -194,10 +222,14 @@ def plot_losses(history, path, smoothing=0.9):
             smoothed.append(average)
         line, = axis.plot(steps, values, alpha=0.3, linewidth=0.8)
         axis.plot(steps, smoothed, color=line.get_color(), linewidth=1.6, label=name)
-    axis.set(xlabel="optimizer step", ylabel="loss (smoothed; raw faint)", yscale="log",
+    if plotted and min(plotted) <= 0:
+        axis.set_yscale("symlog", linthresh=min(abs(value) for value in plotted if value))
+    else:
+        axis.set_yscale("log")
+    axis.set(xlabel="optimizer step", ylabel="loss (smoothed; raw faint)",
              title=f"tsa-train losses ({path.parent.name})")
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(title=f"0 throughout: {', '.join(off)}" if off else None)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -238,7 +270,7 @@ def prepare_training(args, accelerator):
     weight_dtype = precision_dtype(accelerator.mixed_precision)
     transformer = load_transformer(args, weight_dtype)
     objective = build_objective(args, transformer, weight_dtype)
-    lamo = build_lamo(args, transformer, accelerator)
+    lamo = build_lamo(args, objective, accelerator)
     optimizer = torch.optim.AdamW([parameter for parameter in objective.parameters() if parameter.requires_grad],
                                   lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -281,6 +313,8 @@ def train(args):
     step, history = 0, []
     resume_from = resolve_resume(args)
     if resume_from is not None:
+        if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):  # own formats
+            load_trainable_weights(accelerator, objective, resume_from)
         # Checkpoints hold only the trainable tensors (see _keep_trainable_state); DeepSpeed has no `strict`.
         strict = {} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
         accelerator.load_state(str(resume_from), **strict)
@@ -288,7 +322,9 @@ def train(args):
         history = [row for row in json.loads((resume_from / "losses.json").read_text()) if row["step"] <= step]
     if accelerator.is_main_process:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        (args.output_dir / TRAINING_ARGS_NAME).write_text(json.dumps(vars(args), default=str, indent=2))
+        # Absolute paths, so tsa-sample finds the base model from any working directory.
+        resolved = {key: value.resolve() if isinstance(value, Path) else value for key, value in vars(args).items()}
+        (args.output_dir / TRAINING_ARGS_NAME).write_text(json.dumps(resolved, default=str, indent=2))
         accelerator.init_trackers("tsa-train", config={key: value if isinstance(value, (int, float, str, bool))
                                                        else str(value) for key, value in vars(args).items()})
 
@@ -307,8 +343,6 @@ def train(args):
         if epoch == first_epoch and skip_batches:
             batches = accelerator.skip_first_batches(dataloader, skip_batches * args.gradient_accumulation_steps)
         for batch in batches:
-            if batch is None:
-                continue
             torch.manual_seed(_step_seed(args.seed, step, micro_step, accelerator.process_index))
             with accelerator.accumulate(objective):
                 latents = sample_latents(batch, scaling_factor, weight_dtype)

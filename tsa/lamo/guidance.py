@@ -41,6 +41,7 @@ class MotionPriorGuidance:
 
     def __init__(self, pipe, predictor: MotionPredictor, scale: float, rho: float, lag: int):
         self.pipe, self.scheduler = pipe, pipe.scheduler
+        self._predictor_was_training = predictor.training
         self.predictor = predictor.eval()
         self.scale, self.rho, self.lag = float(scale), float(rho), int(lag)
         self.history: list[tuple[int, float]] = []
@@ -96,11 +97,15 @@ class MotionPriorGuidance:
         return (velocity.float() - self.scale * grad).to(velocity.dtype)
 
     def remove(self) -> None:
-        """Restore the scheduler's own step and the pipeline's own encode_prompt (idempotent)."""
+        """Restore the scheduler's own step, the pipeline's own encode_prompt and the predictor's training
+        mode (idempotent)."""
         if vars(self.scheduler).get("step") is self._guided_step:
             del self.scheduler.step
         if vars(self.pipe).get("encode_prompt") is self._capturing_encode_prompt:
             del self.pipe.encode_prompt
+        if self._predictor_was_training is not None:
+            self.predictor.train(self._predictor_was_training)
+            self._predictor_was_training = None
 
     def __enter__(self) -> "MotionPriorGuidance":
         return self
