@@ -80,24 +80,35 @@ def test_fp32_matches_fp64_reference(batch, frames, hw, cs, ct, backward_path):
     _assert_matches(actual, _truth(student, teacher, frames, taus, upstream), rel=1e-5)
 
 
+GPU_HALF_SHAPES = [(2, 4, 150, 96, 80), (2, 4, 150, 768, 768)]  # fused backward, and the wide (chunked) one
+
+
+@pytest.mark.parametrize("upstream_kind", ["random", "mean"])
 @pytest.mark.parametrize(
     "dtype",
     [torch.float16, pytest.param(torch.bfloat16, marks=gpu_only)],
 )
-def test_half_precision_no_worse_than_pytorch(dtype, backward_path):
-    """Error against the fp64 truth on the same rounded inputs <= same-dtype PyTorch's error + a small tol."""
-    batch, frames, hw, cs, ct = (2, 3, 20, 12, 37) if not CUDA else (2, 4, 150, 96, 80)
-    tokens = frames * hw
-    student, teacher = _features(batch, tokens, cs, dtype, 3), _features(batch, tokens, ct, dtype, 4)
-    upstream = torch.randn(batch, tokens, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    taus = (0.1, 0.1)
-    truth = _truth(student, teacher, frames, taus, upstream)
-    triton_out = _kl_and_grads(tempered_kl_triton, student, teacher, frames, taus, upstream)
-    pytorch_out = _kl_and_grads(tempered_kl_reference, student, teacher, frames, taus, upstream)
-    assert triton_out[1].dtype == triton_out[2].dtype == dtype
-    for name, ours, theirs, expected in zip(("kl", "grad student", "grad teacher"), triton_out, pytorch_out, truth):
-        tol = 2e-3 * max(1.0, expected.abs().max().item())
-        assert _max_error(ours, expected) <= _max_error(theirs, expected) + tol, name
+def test_half_precision_no_worse_than_pytorch(dtype, upstream_kind, backward_path):
+    """Error against the fp64 truth on the same rounded inputs <= same-dtype PyTorch's error + a small tol.
+
+    "mean" is the upstream gradient of reduction="mean", 1 / (B N): tiny dL/dS entries that must not
+    underflow when the kernels round them to the input dtype.
+    """
+    for batch, frames, hw, cs, ct in [(2, 3, 20, 12, 37)] if not CUDA else GPU_HALF_SHAPES:
+        tokens = frames * hw
+        student, teacher = _features(batch, tokens, cs, dtype, 3), _features(batch, tokens, ct, dtype, 4)
+        if upstream_kind == "mean":
+            upstream = torch.full((batch, tokens), 1.0 / (batch * tokens), device=DEVICE)
+        else:
+            upstream = torch.randn(batch, tokens, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+        taus = (0.1, 0.1)
+        truth = _truth(student, teacher, frames, taus, upstream)
+        triton_out = _kl_and_grads(tempered_kl_triton, student, teacher, frames, taus, upstream)
+        pytorch_out = _kl_and_grads(tempered_kl_reference, student, teacher, frames, taus, upstream)
+        assert triton_out[1].dtype == triton_out[2].dtype == dtype
+        for name, ours, theirs, expected in zip(("kl", "grad student", "grad teacher"), triton_out, pytorch_out, truth):
+            tol = 2e-3 * expected.abs().max().item()
+            assert _max_error(ours, expected) <= _max_error(theirs, expected) + tol, (name, cs)
 
 
 def test_zero_weight_rows_are_skipped_and_exact_elsewhere(backward_path):
