@@ -5,6 +5,7 @@ import torch
 from diffusers import CogVideoXPipeline
 from torch import nn
 
+from tsa.diffusion import cogvideox_scheduler
 from tsa.lamo import (
     LaMoTrainer,
     MotionDriftLoss,
@@ -14,7 +15,7 @@ from tsa.lamo import (
     motion_guidance_loss,
     predictor_loss,
 )
-from tsa.tiny import TINY_LATENT_CHANNELS, TINY_TEXT_DIM, tiny_cogvideox_components, tiny_scheduler
+from tsa.tiny import TINY_LATENT_CHANNELS, TINY_TEXT_DIM, tiny_cogvideox_components
 
 C, TEXT = TINY_LATENT_CHANNELS, TINY_TEXT_DIM
 
@@ -213,13 +214,15 @@ def test_predictor_learns_a_constant_translation():
 def test_trainer_checkpoint_round_trip(tmp_path):
     gen = torch.Generator().manual_seed(0)
     batches = [(translating_clips(2, gen=gen), torch.randn(2, 5, TEXT, generator=gen)) for _ in range(5)]
-    trainer = LaMoTrainer(tiny_predictor(), lr=1e-3, total_steps=5, warmup_steps=1, noise_scheduler=tiny_scheduler())
+    trainer = LaMoTrainer(
+        tiny_predictor(), lr=1e-3, total_steps=5, warmup_steps=1, noise_scheduler=cogvideox_scheduler()
+    )
     for latents, prompts in batches[:3]:
         trainer.step(latents, prompts, generator=torch.Generator().manual_seed(1))
     trainer.save(tmp_path)
     resumed = LaMoTrainer.load(tmp_path)
     assert resumed.lr_scheduler.get_last_lr() == trainer.lr_scheduler.get_last_lr()
-    torch.testing.assert_close(resumed.alphas_cumprod, tiny_scheduler().alphas_cumprod.float())
+    torch.testing.assert_close(resumed.alphas_cumprod, cogvideox_scheduler().alphas_cumprod.float())
     for latents, prompts in batches[3:]:
         for t in (trainer, resumed):
             torch.manual_seed(2)  # prompt dropout draws from the global generator
@@ -238,7 +241,7 @@ def test_tsa_train_lamo_uses_the_models_noise_schedule():
     from tsa.train import build_lamo
 
     transformer = tiny_cogvideox_components()["transformer"]
-    default = tiny_scheduler()
+    default = cogvideox_scheduler()
     five_b = CogVideoXDPMScheduler.from_config(default.config, snr_shift_scale=1.0)  # CogVideoX-5B's schedule
     objective = SimpleNamespace(transformer=transformer, scheduler=five_b)
     accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1)

@@ -8,8 +8,8 @@ option names with dashes or underscores.
 import argparse
 from pathlib import Path
 
-ALIGN_METHODS = ("none", "tsa", "mtsa", "trd", "repa", "lamo")
-TEACHERS = ("videomae", "dinov2", "vjepa2")
+from tsa.choices import GRID_MODES, TEACHER_KINDS, TRAINING_METHODS, TRD_VARIANTS
+
 LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
 
 PRESETS = {
@@ -84,17 +84,17 @@ def build_parser(prog="tsa-train"):
                       help="Size of the synthetic dataset the tiny preset writes.")
 
     align = parser.add_argument_group("alignment")
-    align.add_argument("--align", choices=ALIGN_METHODS, default="mtsa")
+    align.add_argument("--align", choices=TRAINING_METHODS, default="mtsa")
     align.add_argument("--align-layer", type=_positive_int, default=18, help="Transformer block, 1-based.")
     align.add_argument("--align-weight", type=float, default=0.5)
     align.add_argument("--tau", type=float, default=0.1, help="Temperature of both similarity softmaxes.")
     align.add_argument("--top-k", type=float, default=0.2, help="M-TSA: fraction of moving tokens per frame.")
-    align.add_argument("--grid", choices=("teacher-grid", "native"), default="teacher-grid",
+    align.add_argument("--grid", choices=GRID_MODES, default="teacher-grid",
                        help="teacher-grid: project the DiT tokens down to the teacher's grid (VideoREPA / TSA); "
                             "native: keep the DiT grid and upsample the teacher's features.")
     align.add_argument("--projector-hidden-dim", type=_positive_int, default=2048)
-    align.add_argument("--trd-variant", choices=("full", "spatial", "temporal"), default="full")
-    align.add_argument("--teacher", choices=TEACHERS, default="videomae")
+    align.add_argument("--trd-variant", choices=TRD_VARIANTS, default="full")
+    align.add_argument("--teacher", choices=TEACHER_KINDS, default="videomae")
     align.add_argument("--teacher-path", type=Path, default=None)
     align.add_argument("--motion-drift-weight", type=float, default=None,
                        help="LaMo drift loss weight (default 0.4 with --align lamo, else 0).")

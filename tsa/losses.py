@@ -7,9 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import stss_kernels
+from tsa.choices import TRD_VARIANTS
 from tsa.masks import motion_query_mask
-
-TRD_VARIANTS = ("full", "spatial", "temporal")
 
 
 def check_feature_pair(student: torch.Tensor, teacher: torch.Tensor, same_channels: bool = False) -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tsa.choices import ALIGNMENT_LOSSES
 from tsa.diffusion import cogvideox_scheduler, denoise_and_loss
 from tsa.features import BlockFeatureCapture, resample_features, unwrap_transformer
 from tsa.losses import REPALoss, TRDLoss, TSALoss
 from tsa.projector import AlignmentProjector
 from tsa.teachers.base import Teacher, resize_video
-
-ALIGN_METHODS = ("none", "tsa", "mtsa", "trd", "repa")
 
 
 class AlignmentObjective(nn.Module):
@@ -52,8 +51,8 @@ class AlignmentObjective(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if align not in ALIGN_METHODS:
-            raise ValueError(f"align must be one of {ALIGN_METHODS}, got {align!r}")
+        if align not in ALIGNMENT_LOSSES:
+            raise ValueError(f"align must be one of {ALIGNMENT_LOSSES}, got {align!r}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(f"weight must be a non-negative number, got {weight!r}")
         self.transformer = transformer

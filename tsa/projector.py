@@ -8,7 +8,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-GRID_MODES = ("teacher-grid", "native")
+from tsa.choices import GRID_MODES
 
 
 class AlignmentProjector(ModelMixin, ConfigMixin):

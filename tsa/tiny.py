@@ -72,22 +72,17 @@ def tiny_vae(latent_channels: int = TINY_LATENT_CHANNELS, seed: int = 0):
     ).eval()
 
 
-def tiny_scheduler():
-    """CogVideoXDPMScheduler with CogVideoX's training configuration (SPEC section 8)."""
+def tiny_cogvideox_components(num_layers: int = 2, rotary: bool = False, seed: int = 0) -> dict:
+    """The five components of a CogVideoXPipeline, tiny and random (the scheduler is CogVideoX's own)."""
     from tsa.diffusion import cogvideox_scheduler
 
-    return cogvideox_scheduler()
-
-
-def tiny_cogvideox_components(num_layers: int = 2, rotary: bool = False, seed: int = 0) -> dict:
-    """The five components of a CogVideoXPipeline, tiny and random."""
     tokenizer = tiny_tokenizer()
     return {
         "tokenizer": tokenizer,
         "text_encoder": tiny_text_encoder(len(tokenizer), seed=seed),
         "vae": tiny_vae(seed=seed),
         "transformer": tiny_transformer(num_layers=num_layers, rotary=rotary, seed=seed),
-        "scheduler": tiny_scheduler(),
+        "scheduler": cogvideox_scheduler(),
     }
 
 

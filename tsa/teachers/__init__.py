@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from tsa.choices import TEACHER_KINDS
 from tsa.teachers.base import Teacher, resize_video
 from tsa.teachers.dinov2 import Dinov2Teacher
 from tsa.teachers.videomae import VideoMAETeacher, convert_videomae_v2_checkpoint
 from tsa.teachers.vjepa2 import VJEPA2Teacher
 
-TEACHERS = {"videomae": VideoMAETeacher, "dinov2": Dinov2Teacher, "vjepa2": VJEPA2Teacher}
+TEACHERS = dict(zip(TEACHER_KINDS, (VideoMAETeacher, Dinov2Teacher, VJEPA2Teacher)))
 
 __all__ = [
     "TEACHERS", "Dinov2Teacher", "Teacher", "VJEPA2Teacher", "VideoMAETeacher", "convert_videomae_v2_checkpoint",
