@@ -39,7 +39,7 @@ BACKWARD_CONFIGS = autotune_configs(
     ],
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_D=32),
 )
-BACKWARD_KEY = ["N", "HW", "Cs", "Ct", "COLUMN_PASS", "FOR_TEACHER"]
+BACKWARD_KEY = ["N", "HW", "Cs", "Ct", "COLUMN_PASS", "FOR_TEACHER", "HAS_INDEX"]
 # Wider features take the chunked path (similarity_grad.py): G written once, then two matmuls, instead of
 # recomputing the similarity tiles for every BLOCK_D slice of output channels.
 FUSED_MAX_CHANNELS = 128

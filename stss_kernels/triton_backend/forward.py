@@ -32,7 +32,7 @@ FORWARD_CONFIGS = autotune_configs(
 )
 
 
-@triton.autotune(configs=FORWARD_CONFIGS, key=["N", "HW", "Cs", "Ct"])
+@triton.autotune(configs=FORWARD_CONFIGS, key=["N", "HW", "Cs", "Ct", "HAS_INDEX"])
 @triton.jit
 def _tempered_kl_forward_kernel(
     student_ptr,

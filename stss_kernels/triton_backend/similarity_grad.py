@@ -31,7 +31,7 @@ SIMILARITY_GRAD_CONFIGS = autotune_configs(
 )
 
 
-@triton.autotune(configs=SIMILARITY_GRAD_CONFIGS, key=["N", "HW", "Cs", "Ct", "FOR_TEACHER"])
+@triton.autotune(configs=SIMILARITY_GRAD_CONFIGS, key=["N", "HW", "Cs", "Ct", "FOR_TEACHER", "HAS_INDEX"])
 @triton.jit
 def _similarity_grad_kernel(
     student_ptr,
@@ -79,7 +79,7 @@ def _similarity_grad_kernel(
     tl.store(out_ptr + offsets, grad.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & key_valid[None, :])
 
 
-def chunk_rows(num_tokens: int, dtype: torch.dtype) -> int:
+def rows_per_chunk(num_tokens: int, dtype: torch.dtype) -> int:
     """Query rows per chunk so that one (chunk x N) block of dL/dS fits in CHUNK_BUDGET_BYTES."""
     return max(1, min(num_tokens, CHUNK_BUDGET_BYTES // (num_tokens * dtype.itemsize)))
 
@@ -101,7 +101,7 @@ def feature_grad_by_chunks(
     batch = features.shape[0]
     grad = torch.zeros(features.shape, dtype=torch.float32, device=features.device)
     counts = [num_tokens] * batch if query_count is None else query_count.tolist()
-    step = chunk_rows(num_tokens, features.dtype)
+    step = rows_per_chunk(num_tokens, features.dtype)
     frames = num_tokens // hw
     for b in range(batch):
         index = scaled_row_grad[b] if query_index is None else query_index[b]
