@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from stss_kernels._utils import accumulation_dtype
+
 
 def tempered_kl_reference(
     student: torch.Tensor,
@@ -21,7 +23,7 @@ def tempered_kl_reference(
     `query_weight` is accepted for interface parity and ignored (every row is computed).
     """
     batch, num_tokens, _ = student.shape
-    out_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    out_dtype = accumulation_dtype(student.dtype)
     sim_student = torch.bmm(student, student.transpose(1, 2)).to(out_dtype)
     sim_teacher = torch.bmm(teacher, teacher.transpose(1, 2)).to(out_dtype)
     grouped = (batch, num_tokens, frames, num_tokens // frames)

@@ -8,7 +8,7 @@ import numbers
 
 import torch
 
-from stss_kernels._utils import triton_available, triton_interpreting
+from stss_kernels._utils import accumulation_dtype, triton_available, triton_interpreting
 
 # backend name -> (module, function); imported at call time so that Triton stays optional.
 _BACKENDS = {
@@ -155,7 +155,7 @@ def _query_weight(query_mask, student):
         )
     if query_mask.device != student.device:
         raise ValueError(f"query_mask must be on the features' device {student.device}, got {query_mask.device}")
-    return query_mask.to(_result_dtype(student.dtype))
+    return query_mask.to(accumulation_dtype(student.dtype))
 
 
 def _check_temperature(name, tau):
@@ -203,7 +203,7 @@ class _L2Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        compute_dtype = _result_dtype(x.dtype)
+        compute_dtype = accumulation_dtype(x.dtype)
         inv_norm = x.to(compute_dtype).square().sum(-1, keepdim=True).clamp_min(1e-24).rsqrt()
         ctx.save_for_backward(x, inv_norm)
         return (x.to(compute_dtype) * inv_norm).to(x.dtype)
@@ -216,10 +216,6 @@ class _L2Normalize(torch.autograd.Function):
         # d(x / |x|) = (g - y (g . y)) / |x|; below the 1e-12 clamp the map is x * 1e12, whose gradient is g * 1e12.
         radial = torch.where(inv_norm < 1e12, (grad_y * y).sum(-1, keepdim=True), 0.0)
         return ((grad_y - y * radial) * inv_norm).to(x.dtype)
-
-
-def _result_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _reduce(kl, weight, reduction):

@@ -10,19 +10,17 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from stss_kernels._utils import accumulation_dtype
+
 # Memory allowed for the (chunk x N) temporaries when `chunk_size` is None.
 CHUNK_BUDGET_BYTES = 256 << 20
 # How many (chunk x N) buffers are alive at once (logits of both sides, probabilities, gradient tile).
 _LIVE_TILES = 5
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def auto_chunk_size(num_tokens: int, dtype: torch.dtype) -> int:
     """Query rows per chunk so that the chunk's temporaries fit in CHUNK_BUDGET_BYTES."""
-    row_bytes = num_tokens * _compute_dtype(dtype).itemsize * _LIVE_TILES
+    row_bytes = num_tokens * accumulation_dtype(dtype).itemsize * _LIVE_TILES
     return max(1, min(num_tokens, CHUNK_BUDGET_BYTES // row_bytes))
 
 
@@ -56,7 +54,7 @@ class TemperedKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, frames, tau_student, tau_teacher, query_weight, chunk_size):
         batch, num_tokens, _ = student.shape
-        compute_dtype = _compute_dtype(student.dtype)
+        compute_dtype = accumulation_dtype(student.dtype)
         kl_frames = student.new_zeros((batch, num_tokens, frames), dtype=compute_dtype)
         lse_student = torch.zeros_like(kl_frames)
         lse_teacher = torch.zeros_like(kl_frames)

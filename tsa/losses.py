@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stss_kernels
+from stss_kernels._utils import accumulation_dtype
 from tsa.choices import TRD_VARIANTS
 from tsa.masks import motion_query_mask
 
@@ -94,7 +95,7 @@ class TRDLoss(nn.Module):
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         check_feature_pair(student, teacher)
         batch, frames, height, width = student.shape[:4]
-        dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        dtype = accumulation_dtype(student.dtype)
         s = F.normalize(student.to(dtype), dim=-1)
         t = F.normalize(teacher.to(dtype), dim=-1)
         per_frame = height * width
@@ -163,5 +164,5 @@ class REPALoss(nn.Module):
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         check_feature_pair(student, teacher, same_channels=True)
-        dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        dtype = accumulation_dtype(student.dtype)
         return -F.cosine_similarity(student.to(dtype), teacher.to(dtype), dim=-1).mean()

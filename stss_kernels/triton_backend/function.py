@@ -22,9 +22,9 @@ class TemperedKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, frames, tau_student, tau_teacher, query_weight):
-        query_index, query_count = kept_queries(query_weight)
+        keep = None if query_weight is None else query_weight != 0
+        query_index, query_count = kept_queries(keep)
         with _on_device(student):
-            keep = None if query_weight is None else query_weight != 0
             kl, stats = tempered_kl_forward(
                 student, teacher, frames, tau_student, tau_teacher, query_index, query_count, keep
             )

@@ -21,14 +21,14 @@ DOT_PRECISION = "ieee"
 LOGIT_FLOOR: tl.constexpr = tl.constexpr(-1.0e30)
 
 
-def kept_queries(query_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-    """Per video, the token ids of the queries with weight != 0 first (ascending), and how many there are.
+def kept_queries(keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """Per video, the token ids of the kept queries (keep (B, N) bool) first, ascending, and how many there are.
 
     The kernels walk only these: masked queries cost nothing (M-TSA keeps ~20% of them).
     """
-    if query_weight is None:
+    if keep is None:
         return None, None
-    dropped = (query_weight == 0).to(torch.int8)
+    dropped = (~keep).to(torch.int8)
     index = torch.argsort(dropped, dim=1, stable=True).to(torch.int32).contiguous()
     return index, (dropped.shape[1] - dropped.sum(1, dtype=torch.int32)).contiguous()
 
