@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import stss_kernels
-from stss_kernels._utils import triton_available, triton_interpreting
-from stss_kernels.reference import tempered_kl_reference
+from stss_kernels import tempered_kl_reference
+from stss_kernels._core.backends import triton_available, triton_interpreting
 
 from .workloads import Workload
 

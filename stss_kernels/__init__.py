@@ -1,18 +1,22 @@
-"""Fused kernels for tempered spatio-temporal self-similarity (STSS) alignment losses."""
+"""Fused kernels for relational alignment losses (tempered self-similarity KL) in video diffusion training.
 
-from stss_kernels.reference import tempered_kl_reference
-from stss_kernels.tempered_kl import TemperedKL, tempered_kl
-from stss_kernels.torch_backend import tempered_kl_torch
+Each op lives in its own subpackage of `stss_kernels.ops` (public function and nn.Module, naive
+reference, torch and Triton backends) on the shared core `stss_kernels._core`.
+"""
+
+from stss_kernels.ops.tempered_kl import TemperedKL, tempered_kl, tempered_kl_reference, tempered_kl_torch
 
 __version__ = "0.1.0"
 
 __all__ = ["TemperedKL", "tempered_kl", "tempered_kl_reference", "tempered_kl_torch", "tempered_kl_triton"]
 
+# Triton backends, imported on first use: `import stss_kernels` works without Triton.
+_LAZY = {"tempered_kl_triton": "stss_kernels.ops.tempered_kl.triton_backend"}
+
 
 def __getattr__(name):
-    # The Triton backend is imported on first use: `import stss_kernels` works without Triton.
-    if name == "tempered_kl_triton":
-        from stss_kernels.triton_backend import tempered_kl_triton
+    if name in _LAZY:
+        import importlib
 
-        return tempered_kl_triton
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

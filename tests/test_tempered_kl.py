@@ -11,19 +11,19 @@ import torch.nn.functional as F
 
 import stss_kernels
 from stss_kernels import TemperedKL, tempered_kl
-from stss_kernels._utils import triton_available
-from stss_kernels.reference import tempered_kl_reference
+from stss_kernels._core.backends import triton_available
+from stss_kernels import tempered_kl_reference
 
 
 def _triton_backend_importable() -> bool:
     try:
-        return hasattr(importlib.import_module("stss_kernels.triton_backend"), "tempered_kl_triton")
+        return hasattr(importlib.import_module("stss_kernels.ops.tempered_kl.triton_backend"), "tempered_kl_triton")
     except ImportError:
         return False
 
 
 TRITON = pytest.param(
-    "triton", marks=pytest.mark.skipif(not _triton_backend_importable(), reason="stss_kernels.triton_backend missing")
+    "triton", marks=pytest.mark.skipif(not _triton_backend_importable(), reason="the Triton backend is missing")
 )
 BACKENDS = ["reference", "torch", TRITON]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -250,9 +250,9 @@ class _BackendSpy:
 
     def __init__(self, monkeypatch, forbid):
         self.calls = []
-        backends = importlib.import_module("stss_kernels.tempered_kl")._BACKENDS
+        backends = importlib.import_module("stss_kernels.ops.tempered_kl.op").BACKENDS
         for module, fn_name in backends.values():
-            if module != "stss_kernels.triton_backend" or _triton_backend_importable():
+            if not module.endswith(".triton_backend") or _triton_backend_importable():
                 monkeypatch.setattr(importlib.import_module(module), fn_name, self._recorder(fn_name, forbid))
 
     def _recorder(self, fn_name, forbid):

@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stss_kernels.reference import tempered_kl_reference
-from stss_kernels.torch_backend import CHUNK_BUDGET_BYTES, auto_chunk_size, tempered_kl_torch
+from stss_kernels import tempered_kl_reference
+from stss_kernels._core.chunking import CHUNK_BUDGET_BYTES
+from stss_kernels.ops.tempered_kl.torch_backend import auto_chunk_size, tempered_kl_torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +101,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, time
     import torch, torch.nn.functional as F
-    from stss_kernels.torch_backend import tempered_kl_torch
+    from stss_kernels.ops.tempered_kl.torch_backend import tempered_kl_torch
 
     def proc_status(key):
         for line in open("/proc/self/status"):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stss_kernels.reference import tempered_kl_reference
-from stss_kernels.triton_backend import backward, similarity_grad, tempered_kl_triton
+from stss_kernels import tempered_kl_reference
+from stss_kernels._core import chunking
+from stss_kernels.ops.tempered_kl.triton_backend import backward, tempered_kl_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -58,7 +59,7 @@ def backward_path(request, monkeypatch):
     """
     if request.param == "chunked":
         monkeypatch.setattr(backward, "FUSED_MAX_CHANNELS", 0)
-        monkeypatch.setattr(similarity_grad, "CHUNK_BUDGET_BYTES", 17 * 60 * 4)
+        monkeypatch.setattr(chunking, "CHUNK_BUDGET_BYTES", 4 * 17 * 60 * 4)
     return request.param
 
 

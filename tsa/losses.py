@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stss_kernels
-from stss_kernels._utils import accumulation_dtype
+from stss_kernels._core.backends import accumulation_dtype
 from tsa.choices import TRD_VARIANTS
 from tsa.masks import motion_query_mask
 

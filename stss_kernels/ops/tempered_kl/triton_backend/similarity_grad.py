@@ -6,7 +6,7 @@ both Gram matrices per pass). Here a kernel writes G = dL/dS (or dL/dT) for a ch
 rows against all N keys, in the features' dtype, recomputing each tile exactly once; the two
 products grad[rows] += G x and grad += G^T x[rows] then run as ordinary matmuls (a single
 (G + G^T) x when the chunk is the whole video). Memory: one (chunk x N) block, sized by
-CHUNK_BUDGET_BYTES.
+stss_kernels._core.chunking.CHUNK_BUDGET_BYTES.
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from stss_kernels.triton_backend.tiles import autotune_configs, query_rows, similarity_grad_tile
+from stss_kernels._core.chunking import rows_per_chunk
+from stss_kernels._core.tiles import autotune_configs, query_rows
+from stss_kernels.ops.tempered_kl.triton_backend.tiles import similarity_grad_tile
 
-# Size of the (chunk x N) block of dL/dS written per launch.
-CHUNK_BUDGET_BYTES = 64 << 20
+# Bytes per (row, key) entry of a chunk, in units of the features' itemsize: the block of dL/dS, block + block^T
+# (a whole video) or the two products' operands; sized by stss_kernels._core.chunking.CHUNK_BUDGET_BYTES.
+_LIVE_BLOCKS = 4
 
 SIMILARITY_GRAD_CONFIGS = autotune_configs(
     [
@@ -79,11 +82,6 @@ def _similarity_grad_kernel(
     tl.store(out_ptr + offsets, grad.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & key_valid[None, :])
 
 
-def rows_per_chunk(num_tokens: int, dtype: torch.dtype) -> int:
-    """Query rows per chunk so that one (chunk x N) block of dL/dS fits in CHUNK_BUDGET_BYTES."""
-    return max(1, min(num_tokens, CHUNK_BUDGET_BYTES // (num_tokens * dtype.itemsize)))
-
-
 def feature_grad_by_chunks(
     features: torch.Tensor,
     kernel_args: tuple,
@@ -101,7 +99,7 @@ def feature_grad_by_chunks(
     batch = features.shape[0]
     grad = torch.zeros(features.shape, dtype=torch.float32, device=features.device)
     counts = [num_tokens] * batch if query_count is None else query_count.tolist()
-    step = rows_per_chunk(num_tokens, features.dtype)
+    step = rows_per_chunk(num_tokens, features.dtype.itemsize * _LIVE_BLOCKS)
     frames = num_tokens // hw
     for b in range(batch):
         index = scaled_row_grad[b] if query_index is None else query_index[b]

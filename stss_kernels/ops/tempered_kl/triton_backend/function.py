@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch.autograd.function import once_differentiable
 
-from stss_kernels.triton_backend.backward import tempered_kl_feature_grad
-from stss_kernels.triton_backend.forward import tempered_kl_forward
-from stss_kernels.triton_backend.tiles import kept_queries
+from stss_kernels._core.backends import on_device
+from stss_kernels._core.queries import kept_queries
+from stss_kernels.ops.tempered_kl.triton_backend.backward import tempered_kl_feature_grad
+from stss_kernels.ops.tempered_kl.triton_backend.forward import tempered_kl_forward
 
 
-def _on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launch on the tensor's GPU, not the current one."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
-class TemperedKLFunction(torch.autograd.Function):
+class TemperedKLTritonFunction(torch.autograd.Function):
     """kl (B, N) fp32 from student (B, N, Cs) and teacher (B, N, Ct); queries with weight 0 skipped."""
 
     @staticmethod
     def forward(ctx, student, teacher, frames, tau_student, tau_teacher, query_weight):
         keep = None if query_weight is None else query_weight != 0
         query_index, query_count = kept_queries(keep)
-        with _on_device(student):
+        with on_device(student):
             kl, stats = tempered_kl_forward(
                 student, teacher, frames, tau_student, tau_teacher, query_index, query_count, keep
             )
@@ -42,10 +36,17 @@ class TemperedKLFunction(torch.autograd.Function):
         magnitude = row_grad.abs().amax()
         scale = torch.where(magnitude > 0, torch.exp2(torch.round(torch.log2(magnitude))), 1.0)
         row_grad = (row_grad / scale).contiguous()
-        with _on_device(student):
+        with on_device(student):
             grads = [
                 tempered_kl_feature_grad(
-                    student, teacher, stats, row_grad, query_index, query_count, *ctx.temperatures, for_teacher,
+                    student,
+                    teacher,
+                    stats,
+                    row_grad,
+                    query_index,
+                    query_count,
+                    *ctx.temperatures,
+                    for_teacher,
                     scale,
                 )
                 if ctx.needs_input_grad[index]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stss_kernels._utils import accumulation_dtype
+from stss_kernels._core.backends import accumulation_dtype
 
 
 def tempered_kl_reference(

@@ -15,19 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from stss_kernels._utils import triton_interpreting
-from stss_kernels.triton_backend.similarity_grad import feature_grad_by_chunks
-from stss_kernels.triton_backend.tiles import (
-    DOT_PRECISION,
-    LN2,
-    LOG2E,
-    NUM_STATS,
-    autotune_configs,
-    load_rows,
-    num_queries,
-    query_rows,
-    similarity_grad_tile,
-)
+from stss_kernels._core.backends import triton_interpreting
+from stss_kernels._core.tiles import DOT_PRECISION, LN2, LOG2E, autotune_configs, load_rows, num_queries, query_rows
+from stss_kernels.ops.tempered_kl.triton_backend.similarity_grad import feature_grad_by_chunks
+from stss_kernels.ops.tempered_kl.triton_backend.tiles import NUM_STATS, similarity_grad_tile
 
 BACKWARD_CONFIGS = autotune_configs(
     [

@@ -1,6 +1,6 @@
 """Fused Triton backend of the tempered self-similarity KL.
 
-Forward: one program per (query tile, video) runs, for each target frame, the student and teacher
+Forward: one program per (query tile, target frame, video) runs the student and teacher
 online softmaxes and the KL accumulator over that frame's key tiles (exp2 with logits pre-scaled by
 log2(e)/tau) and saves five fp32 statistics per (query, frame) (forward.py). Backward: recomputes the
 tiles (backward.py). Queries with query_weight == 0 are never visited: kl 0, no gradient, no cost.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from stss_kernels._utils import triton_interpreting
-from stss_kernels.triton_backend.function import TemperedKLFunction
+from stss_kernels._core.backends import triton_interpreting
+from stss_kernels.ops.tempered_kl.triton_backend.function import TemperedKLTritonFunction
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -57,7 +57,7 @@ def tempered_kl_triton(
     are skipped: they return 0 and pass no gradient (the weights themselves are not applied).
     """
     _check_inputs(student, teacher, frames, tau_student, tau_teacher, query_weight)
-    return TemperedKLFunction.apply(
+    return TemperedKLTritonFunction.apply(
         student.contiguous(), teacher.contiguous(), frames, float(tau_student), float(tau_teacher), query_weight
     )
 

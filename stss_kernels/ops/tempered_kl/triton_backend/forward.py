@@ -6,17 +6,17 @@ import torch
 import triton
 import triton.language as tl
 
-from stss_kernels._utils import triton_interpreting
-from stss_kernels.triton_backend.tiles import (
-    DOT_PRECISION,
-    LN2,
-    LOG2E,
+from stss_kernels._core.backends import triton_interpreting
+from stss_kernels._core.tiles import DOT_PRECISION, LN2, LOG2E, autotune_configs, num_queries, query_rows
+from stss_kernels.ops.tempered_kl.triton_backend.tiles import (
     LOGIT_FLOOR,
     NUM_STATS,
-    autotune_configs,
+    STAT_GAP,
+    STAT_INV_SUM_S,
+    STAT_INV_SUM_T,
+    STAT_MAX_S,
+    STAT_MAX_T,
     logit_tiles,
-    num_queries,
-    query_rows,
 )
 
 FORWARD_CONFIGS = autotune_configs(
@@ -108,11 +108,11 @@ def _tempered_kl_forward_kernel(
             max_s = new_max_s
         expected_gap = weighted_gap / sum_t
         frame_stats = stats_ptr + f * NUM_STATS * N + rows
-        tl.store(frame_stats, max_t, mask=row_valid)
-        tl.store(frame_stats + N, 1.0 / sum_t, mask=row_valid)
-        tl.store(frame_stats + 2 * N, max_s, mask=row_valid)
-        tl.store(frame_stats + 3 * N, 1.0 / sum_s, mask=row_valid)
-        tl.store(frame_stats + 4 * N, expected_gap, mask=row_valid)
+        tl.store(frame_stats + STAT_MAX_T * N, max_t, mask=row_valid)
+        tl.store(frame_stats + STAT_INV_SUM_T * N, 1.0 / sum_t, mask=row_valid)
+        tl.store(frame_stats + STAT_MAX_S * N, max_s, mask=row_valid)
+        tl.store(frame_stats + STAT_INV_SUM_S * N, 1.0 / sum_s, mask=row_valid)
+        tl.store(frame_stats + STAT_GAP * N, expected_gap, mask=row_valid)
 
 
 def tempered_kl_forward(
@@ -144,5 +144,6 @@ def tempered_kl_forward(
         HAS_INDEX=has_index, UPCAST=triton_interpreting(), PRECISION=DOT_PRECISION,
     )  # fmt: skip
     # KL = ln2 (E + log2(sum_s / sum_t)) per (query, frame), averaged over the target frames.
-    kl = LN2 * (stats[:, :, 4] + torch.log2(stats[:, :, 1]) - torch.log2(stats[:, :, 3])).mean(1)
+    gap, inv_sum_t, inv_sum_s = (stats[:, :, slot.value] for slot in (STAT_GAP, STAT_INV_SUM_T, STAT_INV_SUM_S))
+    kl = LN2 * (gap + torch.log2(inv_sum_t) - torch.log2(inv_sum_s)).mean(1)
     return (kl if keep is None else torch.where(keep, kl, 0.0)), stats

@@ -10,31 +10,16 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from stss_kernels._utils import accumulation_dtype
+from stss_kernels._core.backends import accumulation_dtype
+from stss_kernels._core.chunking import query_chunks, rows_per_chunk
 
-# Memory allowed for the (chunk x N) temporaries when `chunk_size` is None.
-CHUNK_BUDGET_BYTES = 256 << 20
 # How many (chunk x N) buffers are alive at once (logits of both sides, probabilities, gradient tile).
 _LIVE_TILES = 5
 
 
 def auto_chunk_size(num_tokens: int, dtype: torch.dtype) -> int:
-    """Query rows per chunk so that the chunk's temporaries fit in CHUNK_BUDGET_BYTES."""
-    row_bytes = num_tokens * accumulation_dtype(dtype).itemsize * _LIVE_TILES
-    return max(1, min(num_tokens, CHUNK_BUDGET_BYTES // row_bytes))
-
-
-def _query_chunks(query_weight: torch.Tensor | None, shape: torch.Size, chunk_size: int, device):
-    """Yield (video index, query row indices) for each chunk of rows to compute (weight != 0, or all)."""
-    batch, num_tokens, _ = shape
-    for b in range(batch):
-        if query_weight is None:
-            rows = torch.arange(num_tokens, device=device)
-        else:
-            rows = torch.nonzero(query_weight[b]).squeeze(1)
-        for chunk in rows.split(chunk_size):
-            if len(chunk):
-                yield b, chunk
+    """Query rows per chunk so that the chunk's temporaries fit in stss_kernels._core.chunking.CHUNK_BUDGET_BYTES."""
+    return rows_per_chunk(num_tokens, accumulation_dtype(dtype).itemsize * _LIVE_TILES)
 
 
 def _log_probs(queries, keys, tau, frames, lse=None):
@@ -48,7 +33,7 @@ def _log_probs(queries, keys, tau, frames, lse=None):
     return logits.sub_(lse.unsqueeze(-1)), lse
 
 
-class TemperedKLFunction(torch.autograd.Function):
+class TemperedKLTorchFunction(torch.autograd.Function):
     """kl (B, N) from student (B, N, Cs) and teacher (B, N, Ct); saves lse_s, lse_t and KL (B, N, F)."""
 
     @staticmethod
@@ -59,7 +44,7 @@ class TemperedKLFunction(torch.autograd.Function):
         lse_student = torch.zeros_like(kl_frames)
         lse_teacher = torch.zeros_like(kl_frames)
         s_all, t_all = student.to(compute_dtype), teacher.to(compute_dtype)
-        for b, chunk in _query_chunks(query_weight, student.shape, chunk_size, student.device):
+        for b, chunk in query_chunks(query_weight, student.shape, chunk_size, student.device):
             s, t = s_all[b], t_all[b]
             log_p_s, lse_s = _log_probs(s[chunk], s, tau_student, frames)
             log_p_t, lse_t = _log_probs(t[chunk], t, tau_teacher, frames)
@@ -83,7 +68,7 @@ class TemperedKLFunction(torch.autograd.Function):
         # The 1/F of the mean over target frames, folded into the upstream gradient.
         grad_rows = grad_kl.to(compute_dtype) / frames
         s_all, t_all = student.to(compute_dtype), teacher.to(compute_dtype)
-        for b, chunk in _query_chunks(query_weight, student.shape, chunk_size, student.device):
+        for b, chunk in query_chunks(query_weight, student.shape, chunk_size, student.device):
             s, t = s_all[b], t_all[b]
             log_p_s, _ = _log_probs(s[chunk], s, tau_student, frames, lse_student[b, chunk])
             log_p_t, _ = _log_probs(t[chunk], t, tau_teacher, frames, lse_teacher[b, chunk])
@@ -125,10 +110,10 @@ def tempered_kl_torch(
 
     student (B, N, Cs), teacher (B, N, Ct), already normalised. Rows with query_weight == 0 are
     skipped (kl 0, no gradient). `chunk_size` query rows are processed at a time; None picks it from
-    CHUNK_BUDGET_BYTES. Accumulates in fp32 (fp64 for fp64 inputs); gradients in the input dtype.
+    the shared chunk budget. Accumulates in fp32 (fp64 for fp64 inputs); gradients in the input dtype.
     """
     if chunk_size is None:
         chunk_size = auto_chunk_size(student.shape[1], student.dtype)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return TemperedKLFunction.apply(student, teacher, frames, tau_student, tau_teacher, query_weight, chunk_size)
+    return TemperedKLTorchFunction.apply(student, teacher, frames, tau_student, tau_teacher, query_weight, chunk_size)

@@ -1,0 +1,62 @@
+"""Backend availability, the accumulation dtype, and the backend switch every op shares."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+from collections.abc import Callable
+
+import torch
+
+from stss_kernels._core.validation import check_choice
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton imports (it is only installed on Linux)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype similarities, softmaxes and losses accumulate in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch kernels on the tensor's GPU, not the current one."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def resolve_backend(
+    backends: dict[str, tuple[str, str]], backend: str, device: torch.device, dtype: torch.dtype
+) -> Callable:
+    """The function of `backend` from an op's table {name: (module, function)}.
+
+    "auto" picks "triton" for CUDA/ROCm tensors when Triton imports (not for float64), else "torch".
+    Modules are imported at call time, so Triton stays optional.
+    """
+    check_choice("backend", backend, ("auto", *backends))
+    if backend == "auto":
+        use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
+        backend = "triton" if use_triton else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs Triton, which is not installed; use backend='torch'")
+        if device.type != "cuda" and not triton_interpreting():
+            raise ValueError(
+                f"backend='triton' needs CUDA/ROCm tensors, got {device.type} tensors; set TRITON_INTERPRET=1 "
+                "to run the kernels in the CPU interpreter, or use backend='torch'"
+            )
+    module, name = backends[backend]
+    return getattr(importlib.import_module(module), name)
