@@ -1,4 +1,5 @@
-"""What every op shares: validation, the backend switch, normalisation, reductions, chunking, kept queries.
+"""What every op shares: validation, the backend switch, custom-op registration, normalisation, reductions,
+chunking, kept queries.
 
 `stss_kernels._core.tiles` holds the Triton tile helpers; it is imported only by the Triton backends.
 """
@@ -11,19 +12,40 @@ from stss_kernels._core.backends import (
     triton_interpreting,
 )
 from stss_kernels._core.chunking import CHUNK_BUDGET_BYTES, query_chunks, rows_per_chunk
+from stss_kernels._core.library import autocast_disabled, define_fused_op, host_sync_allowed, is_tracing
 from stss_kernels._core.normalize import l2_normalize
 from stss_kernels._core.queries import kept_queries
 from stss_kernels._core.reduction import REDUCTIONS, reduce_rows
-from stss_kernels._core.validation import check_choice, check_real, check_temperature, flatten_tokens, query_weight
+from stss_kernels._core.validation import (
+    check_backend_inputs,
+    check_choice,
+    check_feature_pair,
+    check_frames,
+    check_query_weight,
+    check_real,
+    check_temperature,
+    check_weight_values,
+    flatten_tokens,
+    query_weight,
+)
 
 __all__ = [
     "CHUNK_BUDGET_BYTES",
     "REDUCTIONS",
     "accumulation_dtype",
+    "autocast_disabled",
+    "check_backend_inputs",
     "check_choice",
+    "check_feature_pair",
+    "check_frames",
+    "check_query_weight",
     "check_real",
     "check_temperature",
+    "check_weight_values",
+    "define_fused_op",
     "flatten_tokens",
+    "host_sync_allowed",
+    "is_tracing",
     "kept_queries",
     "l2_normalize",
     "on_device",

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import importlib
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -44,7 +45,8 @@ def resolve_backend(
     """The function of `backend` from an op's table {name: (module, function)}.
 
     "auto" picks "triton" for CUDA/ROCm tensors when Triton imports (not for float64), else "torch".
-    Modules are imported at call time, so Triton stays optional.
+    A module not yet imported is imported here (so Triton stays optional); one already imported is read
+    from sys.modules, which torch.compile traces without a graph break.
     """
     check_choice("backend", backend, ("auto", *backends))
     if backend == "auto":
@@ -59,4 +61,5 @@ def resolve_backend(
                 "to run the kernels in the CPU interpreter, or use backend='torch'"
             )
     module, name = backends[backend]
-    return getattr(importlib.import_module(module), name)
+    loaded = sys.modules.get(module)
+    return getattr(loaded if loaded is not None else importlib.import_module(module), name)

@@ -6,30 +6,44 @@ import torch
 
 from stss_kernels._core.backends import accumulation_dtype
 
+# Norm below which a token's direction is undefined (F.normalize's eps).
+NORM_EPS = 1e-12
+
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """L2-normalise over channels in (at least) fp32, returned in the input dtype."""
+    """x / max(||x||, 1e-12) over channels in (at least) fp32, returned in the input dtype.
+
+    Values as F.normalize. Gradient: exact for tokens of norm > 1e-12; zero for the others (the all-zero
+    token stays zero and gets no gradient), where F.normalize's gradient is 1e12 times the upstream one.
+    """
     return _L2Normalize.apply(x)
 
 
+def _inverse_norm(x: torch.Tensor, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 / max(||x||, eps) (B, N, 1) in compute_dtype, and where ||x|| > eps."""
+    square_norm = x.to(compute_dtype).square().sum(-1, keepdim=True)
+    return square_norm.clamp_min(NORM_EPS**2).rsqrt(), square_norm > NORM_EPS**2
+
+
 class _L2Normalize(torch.autograd.Function):
-    """x / max(||x||, 1e-12) over the last dim, computed in fp32; saves x and the (B, N, 1) inverse norms only.
+    """Computed in fp32; saves x and the (B, N, 1) inverse norms only.
 
     (F.normalize on an fp32 copy would keep that copy, twice a bf16 input's size, alive until backward.)
     """
 
     @staticmethod
     def forward(ctx, x):
-        compute_dtype = accumulation_dtype(x.dtype)
-        inv_norm = x.to(compute_dtype).square().sum(-1, keepdim=True).clamp_min(1e-24).rsqrt()
-        ctx.save_for_backward(x, inv_norm)
-        return (x.to(compute_dtype) * inv_norm).to(x.dtype)
+        inv_norm, regular = _inverse_norm(x, accumulation_dtype(x.dtype))
+        ctx.save_for_backward(x, inv_norm, regular)
+        return (x.to(inv_norm.dtype) * inv_norm).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, inv_norm = ctx.saved_tensors
+        x, inv_norm, regular = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: recompute the norm differentiably, for a correct double backward
+            inv_norm, _ = _inverse_norm(x, inv_norm.dtype)
         y = x.to(inv_norm.dtype) * inv_norm
         grad_y = grad_y.to(inv_norm.dtype)
-        # d(x / |x|) = (g - y (g . y)) / |x|; below the 1e-12 clamp the map is x * 1e12, whose gradient is g * 1e12.
-        radial = torch.where(inv_norm < 1e12, (grad_y * y).sum(-1, keepdim=True), 0.0)
-        return ((grad_y - y * radial) * inv_norm).to(x.dtype)
+        # d(x / |x|) = (g - y (g . y)) / |x| where |x| > eps; zero below (the direction is undefined there).
+        grad_x = (grad_y - y * (grad_y * y).sum(-1, keepdim=True)) * inv_norm
+        return torch.where(regular, grad_x, 0.0).to(x.dtype)

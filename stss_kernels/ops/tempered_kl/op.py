@@ -44,8 +44,12 @@ def tempered_kl(
     KL(P_t || P_s). frames=1 is one softmax over all N keys. normalize=True uses cosine similarity.
 
     query_mask (B, N): bool, or float weights w. reduction "none" -> w * kl (B, N), "sum" -> its sum,
-    "mean" -> sum(w * kl) / sum(w) over the whole batch (0 for an empty mask). The result is float32
-    (float64 for float64 inputs). backend: "auto", "reference", "torch" or "triton".
+    "mean" -> sum(w * kl) / sum(w) over the whole batch (0 for an empty mask); weights must be finite
+    and >= 0 (checked except under torch.compile / CUDA graph capture, where the check would sync the
+    host). A float mask that requires grad gets d loss / d w (then every row is computed). The result is
+    float32 (float64 for float64 inputs), computed in the inputs' dtype whether or not autocast is on.
+    backend: "auto", "reference", "torch" or "triton"; the torch and triton backends are torch.library
+    custom ops (torch.compile(fullgraph=True) traces them) and refuse double backward.
     """
     student, teacher, frames = flatten_tokens(student, teacher, frames, "frames=1 gives one softmax over all N")
     weight = query_weight(query_mask, student, accumulation_dtype(student.dtype))
@@ -55,7 +59,9 @@ def tempered_kl(
     kl_fn = resolve_backend(BACKENDS, backend, student.device, student.dtype)
     if normalize:
         student, teacher = l2_normalize(student), l2_normalize(teacher)
-    skip_hint = None if weight is None else weight.detach()
+    # Rows of weight 0 are skipped, unless the weights need their gradient d loss / d w_i (kl_i on every row).
+    weight_needs_grad = weight is not None and weight.requires_grad and torch.is_grad_enabled()
+    skip_hint = None if weight is None or weight_needs_grad else weight.detach()
     kl = kl_fn(student.contiguous(), teacher.contiguous(), frames, tau_student, tau_teacher, query_weight=skip_hint)
     return reduce_rows(kl, weight, reduction)
 

@@ -1,43 +1,65 @@
-"""The autograd Function tying the forward and backward kernels together."""
+"""The forward and backward custom ops tying the kernels together (`stss_kernels::tempered_kl_triton`).
+
+This module does not import Triton: the kernels are imported when the op first runs, so the op is
+registered (and torch.compile can trace calls to it) whether or not Triton is installed. Nothing here
+syncs the host, so the op can be captured in a CUDA graph once the kernels are tuned.
+"""
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from stss_kernels._core.backends import on_device
+from stss_kernels._core.library import define_fused_op
 from stss_kernels._core.queries import kept_queries
-from stss_kernels.ops.tempered_kl.triton_backend.backward import tempered_kl_feature_grad
-from stss_kernels.ops.tempered_kl.triton_backend.forward import tempered_kl_forward
+
+# fp32 statistics saved per (video, target frame, query): stss_kernels.ops.tempered_kl.triton_backend.tiles.NUM_STATS.
+STATS_PER_QUERY = 5
 
 
-class TemperedKLTritonFunction(torch.autograd.Function):
-    """kl (B, N) fp32 from student (B, N, Cs) and teacher (B, N, Ct); queries with weight 0 skipped."""
+def _forward(student, teacher, frames, tau_student, tau_teacher, query_weight):
+    """kl (B, N) fp32, and the statistics (B, F, STATS_PER_QUERY, N); queries with weight 0 skipped."""
+    from stss_kernels.ops.tempered_kl.triton_backend.forward import tempered_kl_forward
 
-    @staticmethod
-    def forward(ctx, student, teacher, frames, tau_student, tau_teacher, query_weight):
-        keep = None if query_weight is None else query_weight != 0
-        query_index, query_count = kept_queries(keep)
-        with on_device(student):
-            kl, stats = tempered_kl_forward(
-                student, teacher, frames, tau_student, tau_teacher, query_index, query_count, keep
-            )
-        ctx.save_for_backward(student, teacher, stats, query_index, query_count)
-        ctx.temperatures = (tau_student, tau_teacher)
-        return kl
+    keep = None if query_weight is None else query_weight != 0
+    query_index, query_count = kept_queries(keep)
+    with on_device(student):
+        kl, stats = tempered_kl_forward(
+            student, teacher, frames, tau_student, tau_teacher, query_index, query_count, keep
+        )
+    if keep is not None:  # the kernels leave the skipped queries' statistics unset: make the output deterministic
+        stats.masked_fill_(~keep[:, None, None, :], 0.0)
+    return kl, stats
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_kl):
-        student, teacher, stats, query_index, query_count = ctx.saved_tensors
-        row_grad = grad_kl.float() / stats.shape[1]
-        # The kernels round the tiles of dL/dS to the input dtype: bring the upstream gradient (e.g. 1 / (B N)
-        # under a mean) to O(1) by an exact power of two so fp16 tiles do not underflow; undone in fp32 below.
-        magnitude = row_grad.abs().amax()
-        scale = torch.where(magnitude > 0, torch.exp2(torch.round(torch.log2(magnitude))), 1.0)
-        row_grad = (row_grad / scale).contiguous()
-        with on_device(student):
-            grads = [
+
+def _forward_fake(student, teacher, frames, tau_student, tau_teacher, query_weight):
+    batch, num_tokens, _ = student.shape
+    kl = student.new_empty((batch, num_tokens), dtype=torch.float32)
+    return kl, kl.new_empty((batch, frames, STATS_PER_QUERY, num_tokens))
+
+
+def _backward(
+    grad_kl, student, teacher, frames, tau_student, tau_teacher, query_weight, stats, need_student, need_teacher
+):
+    from stss_kernels.ops.tempered_kl.triton_backend.backward import tempered_kl_feature_grad
+
+    keep = None if query_weight is None else query_weight != 0
+    query_index, query_count = kept_queries(keep)
+    row_grad = grad_kl.float() / frames
+    if keep is not None:  # skipped queries pass no gradient (the wide backward may visit them)
+        row_grad = torch.where(keep, row_grad, 0.0)
+    # The kernels round the tiles of dL/dS to the input dtype: bring the upstream gradient (e.g. 1 / (B N)
+    # under a mean) to O(1) by an exact power of two so fp16 tiles do not underflow; undone in fp32 below.
+    magnitude = row_grad.abs().amax()
+    scale = torch.where(magnitude > 0, torch.exp2(torch.round(torch.log2(magnitude))), 1.0)
+    row_grad = (row_grad / scale).contiguous()
+    grads = []
+    with on_device(student):
+        for features, for_teacher, need in ((student, False, need_student), (teacher, True, need_teacher)):
+            if not need:
+                grads.append(features.new_empty(0))
+                continue
+            grads.append(
                 tempered_kl_feature_grad(
                     student,
                     teacher,
@@ -45,12 +67,24 @@ class TemperedKLTritonFunction(torch.autograd.Function):
                     row_grad,
                     query_index,
                     query_count,
-                    *ctx.temperatures,
+                    tau_student,
+                    tau_teacher,
                     for_teacher,
                     scale,
                 )
-                if ctx.needs_input_grad[index]
-                else None
-                for index, for_teacher in enumerate((False, True))
-            ]
-        return grads[0], grads[1], None, None, None, None
+            )
+    return tuple(grads)
+
+
+_ARGS = "Tensor student, Tensor teacher, int frames, float tau_student, float tau_teacher, Tensor? query_weight"
+tempered_kl_triton_op = define_fused_op(
+    "tempered_kl_triton",
+    forward_schema=f"({_ARGS}) -> (Tensor, Tensor)",
+    forward=_forward,
+    forward_fake=_forward_fake,
+    backward_schema=f"(Tensor grad_kl, {_ARGS}, Tensor stats, bool need_student, bool need_teacher) "
+    "-> (Tensor, Tensor)",
+    backward=_backward,
+    differentiable=2,
+    label="tempered_kl (triton backend)",
+)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from stss_kernels._core.chunking import rows_per_chunk
+from stss_kernels._core.library import host_sync_allowed
 from stss_kernels._core.tiles import autotune_configs, query_rows
 from stss_kernels.ops.tempered_kl.triton_backend.tiles import similarity_grad_tile
 
@@ -93,12 +94,15 @@ def feature_grad_by_chunks(
     """fp32 (G + G^T) x for x = features (B, N, C), G written chunk by chunk of kept query rows.
 
     kernel_args = (student, teacher, stats, N, HW, Cs, Ct, scale_s, scale_t) as the fused backward
-    receives them; scaled_row_grad (B, N) fp32 = g_i / F times the side's constant.
+    receives them; scaled_row_grad (B, N) fp32 = g_i / F times the side's constant, 0 for dropped queries.
     """
     student, teacher, stats, num_tokens, hw, *sizes_and_scales = kernel_args
     batch = features.shape[0]
     grad = torch.zeros(features.shape, dtype=torch.float32, device=features.device)
-    counts = [num_tokens] * batch if query_count is None else query_count.tolist()
+    # Reading the kept-query counts syncs the host; where that is not allowed (CUDA graph capture) every
+    # position is visited: those past the count hold dropped queries, whose row gradient is 0 (the caller's).
+    exact_counts = query_count is not None and host_sync_allowed(query_count)
+    counts = query_count.tolist() if exact_counts else [num_tokens] * batch
     step = rows_per_chunk(num_tokens, features.dtype.itemsize * _LIVE_BLOCKS)
     frames = num_tokens // hw
     for b in range(batch):
@@ -114,7 +118,8 @@ def feature_grad_by_chunks(
                 student[b], teacher[b], stats[b], scaled_row_grad[b], index, block,
                 num_tokens, hw, *sizes_and_scales, start, rows, **flags,
             )  # fmt: skip
-            if rows == num_tokens:  # the whole video (no query dropped): one product for (G + G^T) x
+            # The whole video in token order (no query dropped): one product for (G + G^T) x.
+            if rows == num_tokens and (query_index is None or exact_counts):
                 grad[b] += ((block + block.T) @ features[b]).float()
                 continue
             if query_index is None:
