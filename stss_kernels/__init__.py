@@ -1,22 +1,18 @@
 """Fused kernels for relational alignment losses (tempered self-similarity KL) in video diffusion training.
 
 Each op lives in its own subpackage of `stss_kernels.ops` (public function and nn.Module, naive
-reference, torch and Triton backends) on the shared core `stss_kernels._core`.
+reference, torch and Triton backends) on the shared core `stss_kernels._core`. Importing the package
+does not import Triton: the Triton kernels load when a Triton backend first runs.
 """
 
-from stss_kernels.ops.tempered_kl import TemperedKL, tempered_kl, tempered_kl_reference, tempered_kl_torch
+from stss_kernels.ops.tempered_kl import (
+    TemperedKL,
+    tempered_kl,
+    tempered_kl_reference,
+    tempered_kl_torch,
+    tempered_kl_triton,
+)
 
 __version__ = "0.1.0"
 
 __all__ = ["TemperedKL", "tempered_kl", "tempered_kl_reference", "tempered_kl_torch", "tempered_kl_triton"]
-
-# Triton backends, imported on first use: `import stss_kernels` works without Triton.
-_LAZY = {"tempered_kl_triton": "stss_kernels.ops.tempered_kl.triton_backend"}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

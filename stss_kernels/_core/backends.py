@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import os
 import sys
@@ -13,15 +12,20 @@ import torch
 
 from stss_kernels._core.validation import check_choice
 
+_TRITON_IMPORTS: dict[str, bool] = {}
 
-@functools.cache
+
 def triton_available() -> bool:
-    """True when Triton imports (it is only installed on Linux)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when Triton imports (it is only installed on Linux). Cached in a dict, not functools.cache, which
+    torch.compile warns about."""
+    if "triton" not in _TRITON_IMPORTS:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _TRITON_IMPORTS["triton"] = False
+        else:
+            _TRITON_IMPORTS["triton"] = True
+    return _TRITON_IMPORTS["triton"]
 
 
 def triton_interpreting() -> bool:
