@@ -185,6 +185,37 @@ def test_compiled_double_backward_still_raises(backend):
         torch.autograd.grad(grad.square().sum(), student)
 
 
+# --- host syncs ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_paths_without_host_sync_match(backend, monkeypatch):
+    """Where a host sync is not allowed (CUDA graph capture), the torch backend computes every row instead of
+    finding the kept ones with nonzero, and the Triton wide backward visits every query position instead of
+    reading the kept counts: same values and gradients, the dropped rows still passing none."""
+    from stss_kernels._core import chunking
+
+    batch, frames, hw, cs, ct = SHAPE
+    student, teacher = _features(*SHAPE, seed=10)
+    weight = _mask("float", batch, frames * hw)
+    upstream = torch.randn(batch, frames * hw, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    kl_fn = getattr(stss_kernels, f"tempered_kl_{backend}")
+    # The backend itself, with an upstream gradient on the dropped rows too (the op's weighting would zero it).
+    fn = lambda s, t: (kl_fn(s, t, frames, 0.1, 0.15, weight) * upstream).sum()
+    if backend == "triton":
+        from stss_kernels.ops.tempered_kl.triton_backend import backward, similarity_grad
+
+        monkeypatch.setattr(backward, "FUSED_MAX_CHANNELS", 0)  # the wide (chunked) backward
+        monkeypatch.setattr(chunking, "CHUNK_BUDGET_BYTES", 4 * 21 * 8 * 2)  # several chunks per video
+    expected = _loss_and_grads(fn, student, teacher)
+    monkeypatch.setattr(chunking, "host_sync_allowed", lambda tensor: False)
+    if backend == "triton":
+        monkeypatch.setattr(similarity_grad, "host_sync_allowed", lambda tensor: False)
+    actual = _loss_and_grads(fn, student, teacher)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
 # --- CUDA graphs and host syncs (GPU only) ----------------------------------------------------------------
 
 

@@ -126,12 +126,11 @@ def check_temperature(name: str, tau) -> float:
     return tau
 
 
-def check_backend_inputs(
-    student, teacher, frames, tau_student, tau_teacher, query_weight, dtypes: tuple[torch.dtype, ...] | None = None
-) -> tuple[int, float, float]:
-    """What every backend function checks (the op's checks for (B, N, C) input, without a host sync).
-
-    Returns (frames, tau_student, tau_teacher) as int and floats. `dtypes` restricts the feature dtype.
+def check_backend_inputs(student, teacher, frames, query_weight, dtypes: tuple[torch.dtype, ...] | None = None) -> int:
+    """What every op's backend functions check (the op's checks for (B, N, C) input, without a host sync):
+    the features, `frames` and the query_weight skip hint. Returns frames as an int. `dtypes` restricts the
+    feature dtype. The op's own scalars (temperatures, margins) are checked by the backend with check_real /
+    check_temperature.
     """
     check_feature_pair(student, teacher, ranks=(3,))
     if dtypes is not None and student.dtype not in dtypes:
@@ -139,7 +138,7 @@ def check_backend_inputs(
         raise TypeError(f"student must be one of {names} for this backend, got {student.dtype}")
     frames = check_frames(frames, student.shape[1])
     check_query_weight("query_weight", query_weight, student)
-    return frames, check_temperature("tau_student", tau_student), check_temperature("tau_teacher", tau_teacher)
+    return frames
 
 
 def check_choice(name: str, value, choices):

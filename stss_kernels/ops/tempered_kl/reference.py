@@ -6,7 +6,7 @@ import torch
 
 from stss_kernels._core.backends import accumulation_dtype
 from stss_kernels._core.library import autocast_disabled
-from stss_kernels._core.validation import check_backend_inputs
+from stss_kernels._core.validation import check_backend_inputs, check_temperature
 
 
 def tempered_kl_reference(
@@ -25,9 +25,9 @@ def tempered_kl_reference(
     computed in the inputs' dtype whether or not autocast is on.
     `query_weight` is accepted for interface parity and ignored (every row is computed).
     """
-    frames, tau_student, tau_teacher = check_backend_inputs(
-        student, teacher, frames, tau_student, tau_teacher, query_weight
-    )
+    frames = check_backend_inputs(student, teacher, frames, query_weight)
+    tau_student = check_temperature("tau_student", tau_student)
+    tau_teacher = check_temperature("tau_teacher", tau_teacher)
     batch, num_tokens, _ = student.shape
     out_dtype = accumulation_dtype(student.dtype)
     with autocast_disabled(student.device):

@@ -14,7 +14,7 @@ import torch
 from stss_kernels._core.backends import accumulation_dtype
 from stss_kernels._core.chunking import query_chunks, rows_per_chunk
 from stss_kernels._core.library import define_fused_op
-from stss_kernels._core.validation import check_backend_inputs
+from stss_kernels._core.validation import check_backend_inputs, check_temperature
 
 # How many (chunk x N) buffers are alive at once (logits of both sides, probabilities, gradient tile).
 _LIVE_TILES = 5
@@ -135,9 +135,9 @@ def tempered_kl_torch(
     the shared chunk budget. Accumulates in fp32 (fp64 for fp64 inputs); gradients in the input dtype.
     Autocast does not change it. Double backward raises (use the reference backend).
     """
-    frames, tau_student, tau_teacher = check_backend_inputs(
-        student, teacher, frames, tau_student, tau_teacher, query_weight
-    )
+    frames = check_backend_inputs(student, teacher, frames, query_weight)
+    tau_student = check_temperature("tau_student", tau_student)
+    tau_teacher = check_temperature("tau_teacher", tau_teacher)
     if chunk_size is None:
         chunk_size = auto_chunk_size(student.shape[1], student.dtype)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

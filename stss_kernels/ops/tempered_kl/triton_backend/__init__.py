@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from stss_kernels._core.backends import triton_available, triton_interpreting
-from stss_kernels._core.validation import check_backend_inputs
+from stss_kernels._core.validation import check_backend_inputs, check_temperature
 from stss_kernels.ops.tempered_kl.triton_backend.function import tempered_kl_triton_op
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -33,9 +33,9 @@ def tempered_kl_triton(
     are skipped: they return 0 and pass no gradient (the weights themselves are not applied).
     Autocast does not change it. Double backward raises (use the reference backend).
     """
-    frames, tau_student, tau_teacher = check_backend_inputs(
-        student, teacher, frames, tau_student, tau_teacher, query_weight, dtypes=SUPPORTED_DTYPES
-    )
+    frames = check_backend_inputs(student, teacher, frames, query_weight, dtypes=SUPPORTED_DTYPES)
+    tau_student = check_temperature("tau_student", tau_student)
+    tau_teacher = check_temperature("tau_teacher", tau_teacher)
     if not triton_available():
         raise RuntimeError("tempered_kl_triton needs Triton, which is not installed; use tempered_kl_torch")
     if not student.is_cuda and not triton_interpreting():

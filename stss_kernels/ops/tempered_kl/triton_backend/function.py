@@ -15,11 +15,14 @@ from stss_kernels._core.queries import kept_queries
 
 # fp32 statistics saved per (video, target frame, query): stss_kernels.ops.tempered_kl.triton_backend.tiles.NUM_STATS.
 STATS_PER_QUERY = 5
+# Saved maximum of a skipped query (base-2 logit units): exp2(logit - it) is 0 for every real logit.
+_DROPPED_QUERY_MAX = 1.0e30
 
 
 def _forward(student, teacher, frames, tau_student, tau_teacher, query_weight):
     """kl (B, N) fp32, and the statistics (B, F, STATS_PER_QUERY, N); queries with weight 0 skipped."""
     from stss_kernels.ops.tempered_kl.triton_backend.forward import tempered_kl_forward
+    from stss_kernels.ops.tempered_kl.triton_backend.tiles import STAT_MAX_S, STAT_MAX_T
 
     keep = None if query_weight is None else query_weight != 0
     query_index, query_count = kept_queries(keep)
@@ -27,8 +30,14 @@ def _forward(student, teacher, frames, tau_student, tau_teacher, query_weight):
         kl, stats = tempered_kl_forward(
             student, teacher, frames, tau_student, tau_teacher, query_index, query_count, keep
         )
-    if keep is not None:  # the kernels leave the skipped queries' statistics unset: make the output deterministic
-        stats.masked_fill_(~keep[:, None, None, :], 0.0)
+    if keep is not None:
+        # The kernels leave the skipped queries' statistics unset. Set them (a deterministic output) so that a
+        # tile recomputed for them is exactly 0, never inf * 0: maxima far above any logit make every
+        # probability 0 (the wide backward visits them under CUDA graph capture, with zero row gradient).
+        dropped = ~keep[:, None, :]
+        stats.masked_fill_(dropped.unsqueeze(2), 0.0)
+        for slot in (STAT_MAX_T, STAT_MAX_S):
+            stats[:, :, slot.value].masked_fill_(dropped, _DROPPED_QUERY_MAX)
     return kl, stats
 
 
