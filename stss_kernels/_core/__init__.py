@@ -15,7 +15,7 @@ from stss_kernels._core.chunking import CHUNK_BUDGET_BYTES, query_chunks, rows_p
 from stss_kernels._core.library import autocast_disabled, define_fused_op, host_sync_allowed, is_tracing
 from stss_kernels._core.normalize import l2_normalize
 from stss_kernels._core.queries import kept_queries
-from stss_kernels._core.reduction import REDUCTIONS, reduce_rows
+from stss_kernels._core.reduction import REDUCTIONS, reduce_rows, skip_hint
 from stss_kernels._core.validation import (
     check_backend_inputs,
     check_choice,
@@ -54,6 +54,7 @@ __all__ = [
     "reduce_rows",
     "resolve_backend",
     "rows_per_chunk",
+    "skip_hint",
     "triton_available",
     "triton_interpreting",
 ]

@@ -7,6 +7,15 @@ import torch
 REDUCTIONS = ("none", "sum", "mean")
 
 
+def skip_hint(weight: torch.Tensor | None) -> torch.Tensor | None:
+    """The backends' query_weight: the weights, detached, so rows of weight 0 are skipped; None (every row
+    computed) when there are none, or when the weights need their gradient d loss / d w_i, which is row_i on
+    every row, zero-weight ones included."""
+    if weight is None or (weight.requires_grad and torch.is_grad_enabled()):
+        return None
+    return weight.detach()
+
+
 def reduce_rows(rows: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
     """rows (B, N) -> w * rows (B, N), its sum, or sum(w * rows) / sum(w) over the batch (the mean of
     rows without weights). An empty mask gives 0 with zero gradients, never NaN."""

@@ -14,6 +14,7 @@ from stss_kernels._core import (
     query_weight,
     reduce_rows,
     resolve_backend,
+    skip_hint,
 )
 
 # backend name -> (module, function); imported at call time so that Triton stays optional.
@@ -59,10 +60,8 @@ def tempered_kl(
     kl_fn = resolve_backend(BACKENDS, backend, student.device, student.dtype)
     if normalize:
         student, teacher = l2_normalize(student), l2_normalize(teacher)
-    # Rows of weight 0 are skipped, unless the weights need their gradient d loss / d w_i (kl_i on every row).
-    weight_needs_grad = weight is not None and weight.requires_grad and torch.is_grad_enabled()
-    skip_hint = None if weight is None or weight_needs_grad else weight.detach()
-    kl = kl_fn(student.contiguous(), teacher.contiguous(), frames, tau_student, tau_teacher, query_weight=skip_hint)
+    skip = skip_hint(weight)
+    kl = kl_fn(student.contiguous(), teacher.contiguous(), frames, tau_student, tau_teacher, query_weight=skip)
     return reduce_rows(kl, weight, reduction)
 
 
