@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import stss_kernels
-from stss_kernels import TemperedKL, tempered_kl
+from stss_kernels import TemperedKL, tempered_kl, tempered_kl_reference
 from stss_kernels._core.backends import triton_available
-from stss_kernels import tempered_kl_reference
 
 
 def _triton_backend_importable() -> bool:
@@ -23,7 +22,10 @@ def _triton_backend_importable() -> bool:
 
 
 TRITON = pytest.param(
-    "triton", marks=pytest.mark.skipif(not _triton_backend_importable(), reason="the Triton backend is missing")
+    "triton",
+    marks=pytest.mark.skipif(
+        not (_triton_backend_importable() and triton_available()), reason="the Triton backend or Triton is missing"
+    ),
 )
 BACKENDS = ["reference", "torch", TRITON]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

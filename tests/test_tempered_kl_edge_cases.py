@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from stss_kernels import tempered_kl, tempered_kl_reference, tempered_kl_torch
+from stss_kernels._core.backends import triton_available
 
 
 def _triton_backend_importable() -> bool:
@@ -21,7 +22,10 @@ def _triton_backend_importable() -> bool:
 
 
 TRITON = pytest.param(
-    "triton", marks=pytest.mark.skipif(not _triton_backend_importable(), reason="the Triton backend is missing")
+    "triton",
+    marks=pytest.mark.skipif(
+        not (_triton_backend_importable() and triton_available()), reason="the Triton backend or Triton is missing"
+    ),
 )
 BACKENDS = ["reference", "torch", TRITON]
 FUSED_BACKENDS = ["torch", TRITON]
