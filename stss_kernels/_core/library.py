@@ -20,6 +20,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 NAMESPACE = "stss_kernels"
 
@@ -39,13 +40,20 @@ def host_sync_allowed(tensor: torch.Tensor) -> bool:
         return False
     if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
-    from torch._subclasses.fake_tensor import FakeTensor
-
     return not isinstance(tensor, FakeTensor)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # torch < 2.4 (no device_type argument), or a device type autocast does not know
+        return device_type != "cpu" or torch.is_autocast_cpu_enabled()
 
 
 def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off for `device`'s type: the ops compute in their inputs' dtype (with fp32 accumulation)."""
+    if not _autocast_enabled(device.type):
+        return contextlib.nullcontext()
     try:
         return torch.autocast(device.type, enabled=False)
     except RuntimeError:  # a device type autocast does not know
