@@ -271,18 +271,25 @@ def run_report(args: argparse.Namespace) -> dict:
     tasks = build_tasks(kernels, args, problem)
     if not tasks:
         raise SystemExit(f"error: --kernel {args.kernel} selects none of the kernels")
-    with tempfile.TemporaryDirectory(prefix="stss-aot-") as cache_dir:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="stss-aot-") as cache_dir, contextlib.ExitStack() as stack:
         if args.jobs > 1:
             import multiprocessing
 
-            with concurrent.futures.ProcessPoolExecutor(
-                args.jobs, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker,
-                initargs=(cache_dir,),
-            ) as pool:  # fmt: skip
-                rows = list(pool.map(compile_task, tasks))
+            pool = stack.enter_context(
+                concurrent.futures.ProcessPoolExecutor(
+                    args.jobs, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker,
+                    initargs=(cache_dir,),
+                )
+            )  # fmt: skip
+            results = pool.map(compile_task, tasks)
         else:
             _init_worker(cache_dir)
-            rows = [compile_task(task) for task in tasks]
+            results = map(compile_task, tasks)
+        for row in results:
+            rows.append(row)
+            if len(rows) % 20 == 0 or len(rows) == len(tasks):
+                print(f"bench.compile: {len(rows)}/{len(tasks)} compiled", file=sys.stderr, flush=True)
     import triton
 
     return dict(
