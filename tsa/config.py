@@ -96,6 +96,8 @@ def build_parser(prog="tsa-train"):
     align.add_argument("--trd-variant", choices=TRD_VARIANTS, default="full")
     align.add_argument("--teacher", choices=TEACHER_KINDS, default="videomae")
     align.add_argument("--teacher-path", type=Path, default=None)
+    align.add_argument("--teacher-precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                       help="dtype the frozen teacher runs in (fp32 as VideoREPA, whatever --mixed-precision is).")
     align.add_argument("--motion-drift-weight", type=float, default=None,
                        help="LaMo drift loss weight (default 0.4 with --align lamo, else 0).")
     align.add_argument("--predictor-learning-rate", type=float, default=5e-4)

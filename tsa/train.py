@@ -57,7 +57,8 @@ def build_objective(args, transformer, weight_dtype):
     from tsa.teachers import load_teacher
 
     method = "none" if args.align == "lamo" else args.align
-    teacher = None if method == "none" else load_teacher(args.teacher, args.teacher_path, dtype=weight_dtype)
+    teacher_dtype = precision_dtype(getattr(args, "teacher_precision", "fp32"))
+    teacher = None if method == "none" else load_teacher(args.teacher, args.teacher_path, dtype=teacher_dtype)
     return AlignmentObjective(
         transformer, CogVideoXDPMScheduler.from_pretrained(args.model_path, subfolder="scheduler"), teacher,
         align=method, weight=args.align_weight, block_index=args.align_layer, grid=args.grid,
@@ -251,7 +252,7 @@ def sample_latents(batch, scaling_factor, dtype):
 def compute_losses(objective, lamo, drift_weight, batch, latents, dtype):
     """Total loss of one micro-batch and its components: diffusion + weight * align (+ LaMo drift)."""
     pixels = batch.get("pixels")
-    out = objective(latents, batch["prompt_embeds"].to(dtype), None if pixels is None else pixels.to(dtype))
+    out = objective(latents, batch["prompt_embeds"].to(dtype), pixels)  # pixels stay float32 for the teacher
     loss, drift = out["loss"], torch.zeros((), device=latents.device)
     if lamo is not None:
         drift = lamo.drift_loss(out["x0_pred"].float(), out["x0"].float(), out["timesteps"])

@@ -12,7 +12,8 @@ class Dinov2Teacher(Teacher):
 
     last_hidden_state is the model's output after its final LayerNorm (the features DINOv2 and REPA
     use). One token per frame: for a grid (F, H, W) the video is resampled to F frames of
-    (H*p, W*p) pixels; DINOv2 interpolates its position embeddings to any size.
+    (H*p, W*p) pixels; DINOv2 interpolates its position embeddings to any size. Resizing follows its image
+    processor (bicubic, antialiased, clamped, ImageNet mean/std), without the centre crop.
     """
 
     kind = "dinov2"

@@ -12,9 +12,12 @@ class VJEPA2Teacher(Teacher):
 
     Its 3D RoPE assumes square frames of config.crop_size, so the video is resampled to
     (F * tubelet, crop, crop) and the (F, crop/p, crop/p) features are resampled to the grid asked for.
+    Resizing follows VJEPA2VideoProcessor (bilinear, antialiased, clamped, ImageNet mean/std), but the whole
+    frame is squeezed to the square instead of centre-cropped, so every teacher token has a student token.
     """
 
     kind = "vjepa2"
+    resize_mode = "bilinear"  # VJEPA2VideoProcessor: bilinear, antialiased, on uint8 frames
 
     def __init__(self, model, drop_first_frame: bool = True):
         config = model.config
