@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from tsa.choices import GRID_MODES, TEACHER_KINDS, TRAINING_METHODS, TRD_VARIANTS
+from tsa.validation import TRAINING_RANGES, OneLineArgumentParser, UsageError, check_ranges
 
 LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
 
@@ -45,7 +46,7 @@ def _positive_int(text):
 
 def build_parser(prog="tsa-train"):
     """The options shared by tsa-train and tsa-cache (tsa-cache ignores the training ones)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=prog,
         description="Fine-tune CogVideoX with a TSA / M-TSA / TRD / REPA / LaMo alignment loss.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -158,7 +159,12 @@ def parse_args(argv=None, prog="tsa-train"):
     """Parse `argv` with the preset and YAML as defaults, so anything on the command line wins."""
     parser = build_parser(prog)
     first, _ = parser.parse_known_args(argv)
-    from_yaml = _load_yaml(first.config, parser) if first.config is not None else {}
+    try:
+        from_yaml = _load_yaml(first.config, parser) if first.config is not None else {}
+    except (OSError, ValueError, argparse.ArgumentTypeError) as error:
+        parser.error(str(error))
+    except Exception as error:  # noqa: BLE001 - yaml.YAMLError, without importing yaml for --help
+        parser.error(f"--config: {first.config} is not valid YAML: {' '.join(str(error).split())}")
     preset = first.preset or from_yaml.get("preset")
     if preset is None and first.model_path is None and from_yaml.get("model_path") is None:
         preset = "tiny"
@@ -201,4 +207,8 @@ def _finalise(args, parser):
     args.lora_target_modules = [name.strip() for name in modules if name.strip()]
     if args.cache_dir is None:
         args.cache_dir = args.output_dir / "cache"
+    try:
+        check_ranges(args, TRAINING_RANGES)
+    except UsageError as error:
+        parser.error(str(error))
     return args

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tsa.choices import TEACHER_MODEL_TYPES
 from tsa.teachers.base import Teacher, check_grid, check_pixels, load_pretrained_model, resize_video
 
 POSITION_TABLE_FILE = "position_table.safetensors"
@@ -103,7 +104,7 @@ class VideoMAETeacher(Teacher):
     def from_pretrained(cls, path, drop_first_frame: bool = True) -> VideoMAETeacher:
         from safetensors.torch import load_file
 
-        model = load_pretrained_model("videomae", path, ("videomae",))
+        model = load_pretrained_model("videomae", path, TEACHER_MODEL_TYPES["videomae"])
         table_file = Path(path) / POSITION_TABLE_FILE
         table = grid = None
         if table_file.is_file():

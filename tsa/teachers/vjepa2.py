@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tsa.choices import TEACHER_MODEL_TYPES
 from tsa.teachers.base import Teacher, load_pretrained_model
 
 
@@ -27,7 +28,7 @@ class VJEPA2Teacher(Teacher):
 
     @classmethod
     def from_pretrained(cls, path, drop_first_frame: bool = True) -> VJEPA2Teacher:
-        return cls(load_pretrained_model("vjepa2", path, ("vjepa2",)), drop_first_frame)
+        return cls(load_pretrained_model("vjepa2", path, TEACHER_MODEL_TYPES["vjepa2"]), drop_first_frame)
 
     def default_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         side = self.crop_size // self.patch_size[1]
