@@ -104,6 +104,11 @@ def build_parser(prog="tsa-train"):
     align.add_argument("--predictor-learning-rate", type=float, default=5e-4)
     align.add_argument("--predictor-channels", type=_positive_int, default=256, help="LaMo predictor width.")
     align.add_argument("--predictor-blocks", type=_positive_int, default=8, help="LaMo predictor FiLM blocks.")
+    align.add_argument("--predictor-prompt-pooling", choices=("all", "tokens"), default="all",
+                       help="LaMo prompt mean-pool: all 226 T5 positions, padding included (LaMo's code), or the "
+                            "real tokens only (the paper's text).")
+    align.add_argument("--motion-drift-eps", type=float, default=1e-8,
+                       help="Floor of the drift loss's denominator ||mu*||^2 (LaMo's code: 1e-8).")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--learning-rate", type=float, default=2e-6)

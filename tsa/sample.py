@@ -45,6 +45,8 @@ def build_parser():
                         help="Fraction of the last denoising steps that are guided.")
     parser.add_argument("--motion-guidance-lag", type=int, default=1,
                         help="Frame lag (in latent frames) of the guided motion prediction.")
+    parser.add_argument("--motion-guidance-start", choices=("floor", "ceil"), default="floor",
+                        help="First guided step: int((1 - rho) * S) (LaMo's code) or the first s >= (1 - rho) * S.")
     parser.add_argument("--predictor", type=Path, default=None,
                         help="MotionPredictor folder (default: RUN_DIR/motion_predictor).")
     return parser
@@ -100,7 +102,7 @@ def main(argv=None):
 
         predictor = MotionPredictor.from_pretrained(predictor_path).to(args.device)
         enable_motion_guidance(pipe, predictor, scale=args.motion_guidance, rho=args.motion_guidance_rho,
-                               lag=args.motion_guidance_lag)
+                               lag=args.motion_guidance_lag, start_rounding=args.motion_guidance_start)
 
     output_dir = args.output_dir or args.run_dir / "samples"
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -87,10 +87,11 @@ def build_lamo(args, objective, accelerator):
     predictor = MotionPredictor(
         in_channels=config.in_channels, text_dim=config.text_embed_dim,
         channels=args.predictor_channels, num_blocks=args.predictor_blocks,
+        prompt_pooling=args.predictor_prompt_pooling,
     )
     trainer = LaMoTrainer(predictor, lr=args.predictor_learning_rate,
                           total_steps=args.max_steps * args.gradient_accumulation_steps,
-                          noise_scheduler=objective.scheduler)
+                          noise_scheduler=objective.scheduler, drift_eps=args.motion_drift_eps)
     return trainer.prepare(accelerator)
 
 

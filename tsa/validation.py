@@ -25,6 +25,7 @@ TRAINING_RANGES = {
     "predictor_learning_rate": (0, None, False, False),
     "align_weight": (0, None, True, False),
     "motion_drift_weight": (0, None, True, False),
+    "motion_drift_eps": (0, None, False, False),
     "tau": (0, None, False, False),
     "top_k": (0, 1, False, True),
     "lora_alpha": (0, None, False, False),

@@ -50,7 +50,7 @@ class LaMoTrainer:
         noise_prob: float = 0.5,
         noise_scale: float = 0.3,
         drift_lag: int = 2,
-        drift_eps: float = 1e-4,
+        drift_eps: float = 1e-8,
         noise_scheduler=None,
     ):
         if not isinstance(predictor, MotionPredictor):
