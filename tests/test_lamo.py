@@ -42,7 +42,7 @@ def translating_clips(batch: int, frames: int = 4, size: int = 8, gen=None) -> t
 
 
 def drift_loss_fp64(x0_pred, x0, lag, eps):
-    """Loop reference of SPEC 7's L_drift in float64."""
+    """Loop reference of LaMo's L_drift (docs/method.md) in float64."""
     x0_pred, x0 = x0_pred.double(), x0.double()
     terms = []
     for b in range(x0.shape[0]):

@@ -1,8 +1,8 @@
 """Command line and YAML configuration of tsa-train, tsa-cache and tsa-sample.
 
-Precedence, lowest first: the parser's defaults (the SPEC's values), the preset (`--preset`; default `tiny`
-when no `--model-path` is given, else none), the YAML file (`--config`), the command line. YAML keys are the
-option names with dashes or underscores.
+Precedence, lowest first: the parser's defaults (the papers' values, docs/method.md), the preset (`--preset`;
+default `tiny` when no `--model-path` is given, else none), the YAML file (`--config`), the command line. YAML
+keys are the option names with dashes or underscores.
 """
 
 import argparse
@@ -20,14 +20,14 @@ PRESETS = {
         finetune="full", learning_rate=1e-3, lr_warmup_steps=5, train_batch_size=2, max_steps=100,
         checkpointing_steps=50, num_videos=8, predictor_channels=16, predictor_blocks=2,
     ),
-    # SPEC section 9: TSA / M-TSA on CogVideoX-2B, full fine-tune (8 GPUs x 4 = global batch 32).
+    # TSA / M-TSA on CogVideoX-2B, full fine-tune (8 GPUs x 4 = global batch 32).
     "cogvideox-2b-mtsa": dict(
         height=480, width=720, num_frames=49, align="mtsa", align_layer=18, align_weight=0.5, tau=0.1,
         top_k=0.2, finetune="full", learning_rate=2e-6, lr_warmup_steps=100, train_batch_size=4,
         max_steps=4000, checkpointing_steps=500, mixed_precision="bf16", gradient_checkpointing=True,
         vae_tiling=True,
     ),
-    # SPEC sections 7 and 9: CogVideoX-5B with LoRA r128 / alpha 64 on the attention projections.
+    # VideoREPA / LaMo: CogVideoX-5B with LoRA r128 / alpha 64 on the attention projections.
     "cogvideox-5b-lora": dict(
         height=480, width=720, num_frames=49, align="mtsa", align_layer=18, align_weight=0.5, tau=0.1,
         top_k=0.2, finetune="lora", lora_rank=128, lora_alpha=64, learning_rate=1e-4,
@@ -53,7 +53,7 @@ def build_parser(prog="tsa-train"):
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="Named defaults. When neither this nor the YAML names one: tiny without --model-path "
-                             "(tiny random models, CPU demo), else none (the defaults shown here, the SPEC's).")
+                             "(tiny random models, CPU demo), else none (the defaults shown here, the papers').")
     parser.add_argument("--config", type=Path, default=None, help="YAML file of options.")
 
     model = parser.add_argument_group("model")

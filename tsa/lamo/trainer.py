@@ -16,7 +16,7 @@ TRAINER_STATE_NAME = "lamo_trainer_state.pt"
 
 
 class LaMoTrainer:
-    """Owns a MotionPredictor's AdamW + cosine schedule and the denoiser's Motion Drift Loss (SPEC section 7).
+    """Owns a MotionPredictor's AdamW + cosine schedule and the denoiser's Motion Drift Loss (docs/method.md, "LaMo").
 
     In the training loop, per batch of clean scaled latents (B, F, C, h, w) and prompt embeddings (B, L, D):
 
