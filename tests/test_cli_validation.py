@@ -17,10 +17,15 @@ def folders(tmp_path):
     """A diffusers CogVideoX pipeline folder, a transformers VideoMAE folder and a two-video dataset, without
     weights (validation reads only listings and configs)."""
     model = tmp_path / "cogvideox"
-    index = {"_class_name": "CogVideoXPipeline", "_diffusers_version": "0.42.1",
-             "scheduler": ["diffusers", "CogVideoXDPMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
-             "tokenizer": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "X"],
-             "vae": ["diffusers", "AutoencoderKLCogVideoX"]}
+    index = {
+        "_class_name": "CogVideoXPipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "CogVideoXDPMScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "X"],
+        "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+    }
     for name in ("scheduler", "text_encoder", "tokenizer", "transformer", "vae"):
         (model / name).mkdir(parents=True)
     (model / "model_index.json").write_text(json.dumps(index))
@@ -39,6 +44,7 @@ def folders(tmp_path):
 @pytest.fixture
 def nothing_is_built(monkeypatch):
     """Fail the test if a CLI gets as far as building models, a cache or a pipeline."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the CLI went on to build something")
 
@@ -60,19 +66,45 @@ def _refused(main, argv, capsys, option, code=2):
 
 
 def _real(folders, output):
-    return ["--model-path", str(folders["model"]), "--teacher-path", str(folders["teacher"]), "--data",
-            str(folders["data"]), "--output-dir", str(output)]
+    return [
+        "--model-path",
+        str(folders["model"]),
+        "--teacher-path",
+        str(folders["teacher"]),
+        "--data",
+        str(folders["data"]),
+        "--output-dir",
+        str(output),
+    ]
 
 
-@pytest.mark.parametrize("option, value", [
-    ("--learning-rate", "-1e-4"), ("--learning-rate", "0"), ("--learning-rate", "nan"),
-    ("--predictor-learning-rate", "-1"), ("--align-weight", "-0.5"), ("--align-weight", "inf"),
-    ("--tau", "0"), ("--top-k", "1.5"), ("--top-k", "0"), ("--train-batch-size", "0"), ("--max-steps", "-3"),
-    ("--gradient-accumulation-steps", "0"), ("--adam-beta1", "1"), ("--adam-beta2", "-0.1"),
-    ("--adam-epsilon", "0"), ("--adam-weight-decay", "-1"), ("--max-grad-norm", "-1"), ("--lora-alpha", "0"),
-    ("--motion-drift-weight", "-1"), ("--seed", "-1"), ("--checkpointing-steps", "0"),
-    ("--lr-scheduler", "warmup_cosine"),
-])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--learning-rate", "-1e-4"),
+        ("--learning-rate", "0"),
+        ("--learning-rate", "nan"),
+        ("--predictor-learning-rate", "-1"),
+        ("--align-weight", "-0.5"),
+        ("--align-weight", "inf"),
+        ("--tau", "0"),
+        ("--top-k", "1.5"),
+        ("--top-k", "0"),
+        ("--train-batch-size", "0"),
+        ("--max-steps", "-3"),
+        ("--gradient-accumulation-steps", "0"),
+        ("--adam-beta1", "1"),
+        ("--adam-beta2", "-0.1"),
+        ("--adam-epsilon", "0"),
+        ("--adam-weight-decay", "-1"),
+        ("--max-grad-norm", "-1"),
+        ("--lora-alpha", "0"),
+        ("--motion-drift-weight", "-1"),
+        ("--seed", "-1"),
+        ("--checkpointing-steps", "0"),
+        ("--lr-scheduler", "warmup_cosine"),
+    ],
+)
 @pytest.mark.parametrize("main", [tsa.train.main, tsa.cache.main], ids=["tsa-train", "tsa-cache"])
 def test_bad_numbers_are_refused_before_anything_is_built(main, option, value, folders, capsys, nothing_is_built):
     output = folders["root"] / "out"
@@ -80,13 +112,23 @@ def test_bad_numbers_are_refused_before_anything_is_built(main, option, value, f
     assert not output.exists()
 
 
-@pytest.mark.parametrize("case, option", [
-    ("no data", "--data"), ("missing video", "missing"), ("no model", "--model-path"),
-    ("not a pipeline", "model_index.json"), ("unsupported pipeline", "'StableDiffusionPipeline'"),
-    ("missing component", "vae"), ("no teacher", "--teacher-path"), ("teacher not transformers", "config.json"),
-    ("teacher of another kind", "'dinov2'"), ("resume nowhere", "--resume"), ("bad yaml", "--config"),
-    ("output is a file", "--output-dir"),
-])
+@pytest.mark.parametrize(
+    "case, option",
+    [
+        ("no data", "--data"),
+        ("missing video", "missing"),
+        ("no model", "--model-path"),
+        ("not a pipeline", "model_index.json"),
+        ("unsupported pipeline", "'StableDiffusionPipeline'"),
+        ("missing component", "vae"),
+        ("no teacher", "--teacher-path"),
+        ("teacher not transformers", "config.json"),
+        ("teacher of another kind", "'dinov2'"),
+        ("resume nowhere", "--resume"),
+        ("bad yaml", "--config"),
+        ("output is a file", "--output-dir"),
+    ],
+)
 def test_bad_paths_are_refused_before_anything_is_built(case, option, folders, capsys, nothing_is_built):
     root = folders["root"]
     output = root / "out"
@@ -141,20 +183,29 @@ def test_the_tiny_preset_applies_whenever_it_is_named(folders):
 def run_dir(tmp_path, folders):
     run = tmp_path / "run"
     (run / "transformer").mkdir(parents=True)
-    (run / "training_args.json").write_text(json.dumps({"model_path": str(folders["model"]), "height": 96,
-                                                        "width": 144, "num_frames": 9}))
+    (run / "training_args.json").write_text(
+        json.dumps({"model_path": str(folders["model"]), "height": 96, "width": 144, "num_frames": 9})
+    )
     return run
 
 
-@pytest.mark.parametrize("extra, option", [
-    (["--num-inference-steps", "0"], "--num-inference-steps"), (["--guidance-scale", "-1"], "--guidance-scale"),
-    (["--motion-guidance-rho", "1.5"], "--motion-guidance-rho"),
-    (["--motion-guidance-lag", "0"], "--motion-guidance-lag"),
-    (["--motion-guidance", "-15"], "--motion-guidance"), (["--fps", "0"], "--fps"), (["--height", "100"], "--height"),
-    (["--num-frames", "10"], "--num-frames"), (["--prompts-file", "nowhere.txt"], "--prompts-file"),
-    (["--device", "tpu:x"], "--device"), (["--model-path", "nowhere"], "--model-path"),
-    (["--motion-guidance", "15"], "--motion-guidance"),
-])
+@pytest.mark.parametrize(
+    "extra, option",
+    [
+        (["--num-inference-steps", "0"], "--num-inference-steps"),
+        (["--guidance-scale", "-1"], "--guidance-scale"),
+        (["--motion-guidance-rho", "1.5"], "--motion-guidance-rho"),
+        (["--motion-guidance-lag", "0"], "--motion-guidance-lag"),
+        (["--motion-guidance", "-15"], "--motion-guidance"),
+        (["--fps", "0"], "--fps"),
+        (["--height", "100"], "--height"),
+        (["--num-frames", "10"], "--num-frames"),
+        (["--prompts-file", "nowhere.txt"], "--prompts-file"),
+        (["--device", "tpu:x"], "--device"),
+        (["--model-path", "nowhere"], "--model-path"),
+        (["--motion-guidance", "15"], "--motion-guidance"),
+    ],
+)
 def test_sample_mistakes_are_refused_before_the_pipeline_loads(extra, option, run_dir, capsys, nothing_is_built):
     _refused(tsa.sample.main, [str(run_dir), "--prompt", "a ball", *extra], capsys, option)
     assert not (run_dir / "samples").exists()
@@ -172,8 +223,13 @@ def test_verify_checkpoint_names_the_bad_file_and_tensor(tmp_path):
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
     save_file({"w": torch.ones(3)}, checkpoint / "model.safetensors")
-    torch.save({"state": {0: {"exp_avg": torch.zeros(3), "step": torch.tensor(2.0)}},
-                "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.99)}]}, checkpoint / "optimizer.bin")
+    torch.save(
+        {
+            "state": {0: {"exp_avg": torch.zeros(3), "step": torch.tensor(2.0)}},
+            "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.99)}],
+        },
+        checkpoint / "optimizer.bin",
+    )
     verify_checkpoint(checkpoint)
     torch.save({"state": {0: {"exp_avg": torch.tensor([0.0, float("nan")])}}}, checkpoint / "optimizer.bin")
     with pytest.raises(CheckpointError, match=r"optimizer\.bin holds non-finite values .* state\.0\.exp_avg"):

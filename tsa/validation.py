@@ -92,9 +92,13 @@ def check_ranges(args, ranges: dict) -> None:
             bounds.append(f"{'>=' if low_inclusive else '>'} {low}")
         if high is not None:
             bounds.append(f"{'<=' if high_inclusive else '<'} {high}")
-        inside = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
-            low is None or value > low or (low_inclusive and value == low)) and (
-            high is None or value < high or (high_inclusive and value == high))
+        inside = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (low is None or value > low or (low_inclusive and value == low))
+            and (high is None or value < high or (high_inclusive and value == high))
+        )
         if not inside:
             raise UsageError(f"{option_name(dest)} must be a finite number {' and '.join(bounds)}, got {value}")
 
@@ -118,11 +122,16 @@ def pipeline_family(path) -> str:
     name = index.get("_class_name") if isinstance(index, dict) else None
     if name not in PIPELINE_FAMILIES:
         raise UsageError(f"--model-path {folder} holds a {name!r} pipeline; supported: {', '.join(PIPELINE_FAMILIES)}")
-    missing = [key for key, value in index.items() if not key.startswith("_") and isinstance(value, list)
-               and value[0] is not None and not (folder / key).is_dir()]
+    missing = [
+        key
+        for key, value in index.items()
+        if not key.startswith("_") and isinstance(value, list) and value[0] is not None and not (folder / key).is_dir()
+    ]
     if missing:
-        raise UsageError(f"--model-path {folder} is missing the component folder(s) {', '.join(missing)} that its "
-                         "model_index.json lists")
+        raise UsageError(
+            f"--model-path {folder} is missing the component folder(s) {', '.join(missing)} that its "
+            "model_index.json lists"
+        )
     return PIPELINE_FAMILIES[name]
 
 
@@ -139,8 +148,10 @@ def check_teacher_folder(kind: str, path) -> None:
     except (OSError, ValueError, AttributeError) as error:
         raise UsageError(f"--teacher-path {config_file} does not read as a transformers config: {error}") from None
     if model_type not in TEACHER_MODEL_TYPES[kind]:
-        raise UsageError(f"--teacher-path {folder} holds a {model_type!r} model; --teacher {kind} needs model_type "
-                         f"{' or '.join(TEACHER_MODEL_TYPES[kind])}")
+        raise UsageError(
+            f"--teacher-path {folder} holds a {model_type!r} model; --teacher {kind} needs model_type "
+            f"{' or '.join(TEACHER_MODEL_TYPES[kind])}"
+        )
 
 
 def check_dataset(data, video_column: str = "video", caption_column: str = "caption") -> int:
@@ -189,8 +200,10 @@ def check_sampling_args(args) -> None:
     if not run_dir.is_dir():
         raise UsageError(f"RUN_DIR {run_dir} does not exist or is not a folder")
     if not ((run_dir / "transformer").is_dir() or (run_dir / "pytorch_lora_weights.safetensors").is_file()):
-        raise UsageError(f"RUN_DIR {run_dir} holds neither transformer/ nor pytorch_lora_weights.safetensors "
-                         "(the final weights of a finished tsa-train run)")
+        raise UsageError(
+            f"RUN_DIR {run_dir} holds neither transformer/ nor pytorch_lora_weights.safetensors "
+            "(the final weights of a finished tsa-train run)"
+        )
     if args.prompts_file is not None and not Path(args.prompts_file).is_file():
         raise UsageError(f"--prompts-file {args.prompts_file} does not exist")
     if args.num_frames is not None and (args.num_frames - 1) % 4:
@@ -251,8 +264,10 @@ def _check_finite(value, file, name) -> None:
 
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise CheckpointError(f"checkpoint file {file} holds non-finite values (NaN or inf) in "
-                                  f"{name or 'a tensor'}: resume from an earlier checkpoint")
+            raise CheckpointError(
+                f"checkpoint file {file} holds non-finite values (NaN or inf) in "
+                f"{name or 'a tensor'}: resume from an earlier checkpoint"
+            )
     elif isinstance(value, dict):
         for key, item in value.items():
             _check_finite(item, file, f"{name}.{key}" if name else str(key))
