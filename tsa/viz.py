@@ -63,18 +63,17 @@ def _check_tau(name, value) -> float:
 
 
 def _check_queries(queries, grid) -> np.ndarray:
-    rows = np.asarray(queries if len(queries) else np.zeros((0, 3)), dtype=object)
-    if rows.ndim != 2 or rows.shape[1] != 3 or not len(rows):
-        raise ValueError(f"queries must be a non-empty list of (frame, row, col) grid positions, got {queries!r}")
+    rows = [tuple(row) if isinstance(row, (tuple, list, np.ndarray)) else (row,) for row in queries]
     for row in rows:
-        if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in row) or not all(
-            0 <= int(v) < size for v, size in zip(row, grid)
-        ):
+        valid = len(row) == 3 and all(not isinstance(v, bool) and isinstance(v, (int, np.integer)) for v in row)
+        if not valid or not all(0 <= int(v) < size for v, size in zip(row, grid)):
             raise ValueError(
-                f"query {tuple(row)} is not a (frame, row, col) position of the {'x'.join(map(str, grid))} "
-                "alignment grid"
+                f"queries must be (frame, row, col) positions of the {'x'.join(map(str, grid))} alignment grid, "
+                f"got {row!r}"
             )
-    return rows.astype(np.int64)
+    if not rows:
+        raise ValueError("queries must hold at least one (frame, row, col) position, got none")
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
 
 
 def _check_frames(frames, num_frames: int) -> np.ndarray:
