@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -375,8 +376,9 @@ def plot_correspondences(
         overlay = np.zeros((grid_h, grid_w, 4))
         overlay[..., 0], overlay[..., 3] = 1.0, 0.5 * mask[target]
         axis.imshow(overlay, extent=extent, interpolation="nearest")
-        share = saliency[target][mask[target] > 0].sum() / max(saliency[target].sum(), 1e-12)
-        axis.set_title(f"motion in mask {share:.0%}", fontsize=9)
+        total = saliency[target].sum()
+        share = saliency[target][mask[target] > 0].sum() / max(total, 1e-12)
+        axis.set_title(f"motion in mask {share:.0%}" if total > 0 else "no motion (mask arbitrary)", fontsize=9)
         if c == 0:
             axis.set_ylabel(f"M-TSA mask\ntop {clip.top_k:g}", fontsize=9)
         axis.set_xticks([]), axis.set_yticks([])
@@ -388,6 +390,11 @@ def plot_correspondences(
         ),
         fontsize=10,
     )
+    legend = (
+        "heat: probability over the target frame's positions (one scale per query); x: the query token; "
+        "o: the same position in the other frames; red: tokens kept by the M-TSA mask"
+    )
+    figure.supxlabel(textwrap.fill(legend, width=max(40, 32 * columns)), fontsize=8)
     return figure
 
 
