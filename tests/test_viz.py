@@ -140,12 +140,18 @@ def tiny_models(tmp_path_factory):
     return tiny_transformer(num_layers=2), load_teacher("videomae", tiny_videomae(root / "videomae"))
 
 
-def _objective(tiny_models, align, projector=None):
+def _objective(tiny_models, align, projector=None, grid="teacher-grid"):
     from tsa.objective import AlignmentObjective
 
     transformer, teacher = tiny_models
     return AlignmentObjective(
-        transformer, teacher=teacher, align=align, block_index=2, projector_hidden_dim=16, projector=projector
+        transformer,
+        teacher=teacher,
+        align=align,
+        block_index=2,
+        projector_hidden_dim=16,
+        projector=projector,
+        grid=grid,
     ).eval()
 
 
@@ -159,29 +165,30 @@ def _clip(batch=1, seed=0):
     return latents, prompt, pixels
 
 
-def test_clip_alignment_records_what_the_loss_receives(tiny_models):
-    from tsa.features import BlockFeatureCapture
+@pytest.mark.parametrize(("grid", "cells"), [("teacher-grid", (4, 2, 3)), ("native", (2, 6, 9))])
+def test_clip_alignment_records_what_the_loss_receives(tiny_models, grid, cells):
+    from tsa.features import BlockFeatureCapture, resample_features
     from tsa.masks import motion_query_mask
     from tsa.teachers import resize_video
     from tsa.viz import clip_alignment
 
-    objective = _objective(tiny_models, "mtsa")
+    objective = _objective(tiny_models, "mtsa", grid=grid)
     latents, prompt, pixels = _clip(batch=2)
     clip = clip_alignment(objective, latents, prompt, pixels, timestep=300, seed=4)
-    assert clip.grid == (4, 2, 3) and clip.student.shape[-1] == clip.teacher.shape[-1] == 24
-    # The same forward by hand: the block-2 features through the projector, the teacher on the projector's grid.
+    assert clip.grid == cells and clip.student.shape[-1] == clip.teacher.shape[-1] == 24
+    # The same forward by hand: the block-2 features through the projector, the teacher on its grid, resampled.
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
     with torch.no_grad(), BlockFeatureCapture(objective.transformer, 2) as capture:
         out = objective(latents, prompt, pixels, timesteps=torch.tensor([300, 300]), noise=noise)
         student = objective.projector(capture.features)
     torch.testing.assert_close(clip.student, student)
-    torch.testing.assert_close(clip.teacher, objective.teacher(pixels, grid=(4, 2, 3)))
+    torch.testing.assert_close(clip.teacher, resample_features(objective.teacher(pixels, grid=(4, 2, 3)), cells))
     # The statistics over the M-TSA mask are the loss the objective computed.
     stats = alignment_statistics(clip.student, clip.teacher, query_mask=clip.mask.flatten(1))
     assert stats["kl"] == pytest.approx(out["align"].item(), rel=1e-4)
-    video = resize_video(pixels[:, 1:], 8, 32, 48)
+    video = resize_video(pixels[:, 1:], cells[0] * 2, cells[1] * 16, cells[2] * 16)
     assert torch.equal(clip.mask.flatten(1), motion_query_mask(video, (2, 16, 16), 0.2))
-    assert clip.images.shape == (2, 4, 3, 96, 144) and clip.top_k == 0.2 and clip.timestep == 300
+    assert clip.images.shape == (2, cells[0], 3, 96, 144) and clip.top_k == 0.2 and clip.timestep == 300
 
     # TRD and REPA runs never hand the loss a video: the mask is built from the same pixels.
     for align in ("trd", "repa"):

@@ -31,6 +31,7 @@ from tsa.masks import motion_query_mask, motion_saliency
 VIZ_METHODS = ("tsa", "mtsa", "trd", "repa")  # the runs with a projector and a teacher
 DEFAULT_TIMESTEP = 500
 MAX_COLUMNS = 8
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -509,10 +510,15 @@ class TrainingViz:
         module = accelerator.unwrap_model(objective)
         device = next(module.parameters()).device
         batch = {name: value.to(device, self.dtype) for name, value in self.probe.items()}
-        with accelerator.autocast():
-            clip = clip_alignment(
-                module, batch["latents"], batch["prompt_embeds"], batch["pixels"], timestep=self.timestep
-            )
+        was_training = module.training
+        module.eval()
+        try:
+            with accelerator.autocast():
+                clip = clip_alignment(
+                    module, batch["latents"], batch["prompt_embeds"], batch["pixels"], timestep=self.timestep
+                )
+        finally:
+            module.train(was_training)
         tau_student, tau_teacher = temperatures(module)
         queries = select_queries(clip.saliency[0])
         maps = correspondence_maps(
@@ -745,6 +751,7 @@ def build_parser():
     parser.add_argument("--gif", action="store_true", help="Also write an animated GIF (same path, .gif).")
     parser.add_argument("--no-base", action="store_true", help="Leave out the base model's row.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Weights and activations.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the diffusion noise.")
     return parser
 
@@ -776,6 +783,8 @@ def main(argv=None):
         grid = alignment_grid(options.run_dir, args)
     except (FileNotFoundError, ValueError) as error:
         refuse(str(error))
+    except KeyError as error:
+        refuse(f"{options.run_dir / 'training_args.json'} lacks the option {error}: not written by this tsa-train")
     if not options.video.is_file():
         refuse(f"--video: no such file: {options.video}")
     try:
@@ -805,7 +814,7 @@ def main(argv=None):
     if output.suffix.lower() != ".png":
         refuse(f"--output must be a .png path, got {output}")
 
-    run = load_run(options.run_dir, device=options.device, with_base=not options.no_base)
+    run = load_run(options.run_dir, device=options.device, dtype=DTYPES[options.dtype], with_base=not options.no_base)
     prompt = _caption_for(options.video, args) if options.prompt is None else options.prompt
     batch = run.encode(pixels, prompt)
     settings = dict(timestep=options.timestep, seed=options.seed)
