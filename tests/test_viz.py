@@ -204,7 +204,7 @@ def test_clip_alignment_records_what_the_loss_receives(tiny_models, grid, cells)
 def test_plot_and_gif_show_every_row_and_frame(tiny_models, tmp_path):
     from PIL import Image
 
-    from tsa.viz import clip_alignment, plot_correspondences, save_correspondence_gif
+    from tsa.viz import clip_alignment, plot_correspondences, plot_target_frame, save_correspondence_gif
 
     objective = _objective(tiny_models, "tsa")
     clip = clip_alignment(objective, *_clip())
@@ -215,6 +215,9 @@ def test_plot_and_gif_show_every_row_and_frame(tiny_models, tmp_path):
     titles = [axis.get_title() for axis in figure.axes]
     assert titles[:3] == ["frame 0", f"frame 2{' (query)' if queries[0][0] == 2 else ''}", "frame 3"]
     assert titles[3] == f"KL {maps.kl[0, 0, 0]:.3g}" and titles[-1].startswith("motion in mask")
+    one = plot_target_frame(maps, clip, 1, base=maps)
+    assert len(one.axes) == 4 * max(2, len(queries))
+    assert one.axes[len(queries)].get_title() == f"KL {maps.kl[0, 0, 1]:.3g}"  # student row, first query
     path = save_correspondence_gif(maps, clip, tmp_path / "maps.gif")
     with Image.open(path) as gif:
         assert gif.n_frames == 3
