@@ -133,6 +133,9 @@ def build_parser(prog="tsa-train"):
     ckpt.add_argument("--checkpoints-total-limit", type=int, default=None,
                       help="Keep at most this many checkpoints (oldest deleted).")
     ckpt.add_argument("--resume", default=None, help="'latest' or a checkpoint folder.")
+    ckpt.add_argument("--viz-steps", type=int, default=0,
+                      help="Every N optimizer steps, draw the correspondence maps of the first clip to OUTPUT_DIR/viz "
+                           "and TensorBoard, with entropy / KL / mask scalars (0 = off; see tsa-viz).")
     ckpt.add_argument("--no-progress", action="store_true", help="Hide the tqdm bar.")
     return parser
 
@@ -196,7 +199,9 @@ def _finalise(args, parser):
                      f"latent frame 0 and the drift loss compares frames 2 apart), got {args.num_frames}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints-total-limit must be >= 1 (or left out), got {args.checkpoints_total_limit}")
-    for option in ("lr_warmup_steps", "dataloader_num_workers"):
+    if args.viz_steps and args.align not in ("tsa", "mtsa", "trd", "repa"):
+        parser.error(f"--viz-steps needs a teacher alignment (--align tsa, mtsa, trd or repa), not {args.align}")
+    for option in ("lr_warmup_steps", "dataloader_num_workers", "viz_steps"):
         if getattr(args, option) < 0:
             parser.error(f"--{option.replace('_', '-')} must be >= 0, got {getattr(args, option)}")
     if args.preset != "tiny":

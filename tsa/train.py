@@ -5,8 +5,8 @@
         --model-path CogVideoX-2b --teacher-path videomae-v2-base --data my_videos/ --output-dir runs/mtsa
 
 Outputs in --output-dir: checkpoints/checkpoint-STEP (accelerate state), logs/ (TensorBoard), losses.json,
-loss_curve.png, the final weights (transformer/ in diffusers format, or pytorch_lora_weights.safetensors for
-LoRA), projector/ and, with LaMo, motion_predictor/.
+loss_curve.png, viz/ (with --viz-steps), the final weights (transformer/ in diffusers format, or
+pytorch_lora_weights.safetensors for LoRA), projector/ and, with LaMo, motion_predictor/.
 """
 
 import itertools
@@ -364,6 +364,11 @@ def train(args):
     weight_dtype = precision_dtype(accelerator.mixed_precision)
     scaling_factor = json.loads((args.model_path / "vae" / "config.json").read_text())["scaling_factor"]
 
+    viz = None
+    if args.viz_steps:
+        from tsa.viz import TrainingViz
+
+        viz = TrainingViz(accelerator, dataloader.dataset, args.output_dir, scaling_factor, weight_dtype)
     step, history = 0, []
     if resume_from is not None:
         if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):  # own formats
@@ -426,6 +431,8 @@ def train(args):
             progress.set_postfix({name: f"{row[name]:.4g}" for name in LOSS_NAMES if row[name] or name == "loss"})
             if step % args.checkpointing_steps == 0 or step == args.max_steps:
                 save_checkpoint(accelerator, args, step, history, lamo)
+            if viz is not None and step % args.viz_steps == 0:
+                viz(objective, step)
             if step >= args.max_steps:
                 break
     progress.close()
