@@ -85,8 +85,9 @@ def define_fused_op(
 
     forward / backward: the implementations (run with autocast off); forward_fake: the forward's outputs as
     empty tensors of the right shapes and dtypes. `differentiable` = k, the number of leading differentiable
-    tensor inputs. `label` names the op and backend in the double-backward error. Returns the forward op;
-    call it and take [0] for the output.
+    tensor inputs. `label` names the op and backend in the double-backward error. A forward without
+    residuals returns one Tensor (schema "-> Tensor"), a backward with k = 1 likewise. Returns the forward
+    op (a callable: `op(*args)`, then [0] for the output when the forward returns a tuple).
     """
     forward_op = torch.library.custom_op(
         f"{NAMESPACE}::{name}", _without_autocast(forward), mutates_args=(), schema=forward_schema
@@ -99,11 +100,13 @@ def define_fused_op(
     @backward_op.register_fake
     def _(grad_out, *args):
         features, needs = args[:differentiable], args[len(args) - differentiable :]
-        return tuple(x.new_empty(x.shape) if need else x.new_empty(0) for x, need in zip(features, needs))
+        grads = tuple(x.new_empty(x.shape) if need else x.new_empty(0) for x, need in zip(features, needs))
+        return grads[0] if differentiable == 1 else grads
 
     def setup_context(ctx, inputs, output):
+        residuals = output[1:] if isinstance(output, (tuple, list)) else ()
         ctx.scalars = [None if isinstance(x, torch.Tensor) else x for x in inputs]
-        ctx.save_for_backward(*(x if isinstance(x, torch.Tensor) else None for x in inputs), *output[1:])
+        ctx.save_for_backward(*(x if isinstance(x, torch.Tensor) else None for x in inputs), *residuals)
 
     def backward_formula(ctx, grad_out, *_residual_grads):
         saved = ctx.saved_tensors
@@ -111,6 +114,7 @@ def define_fused_op(
         residuals = saved[len(ctx.scalars) :]
         needs = [bool(need) for need in ctx.needs_input_grad[:differentiable]]
         grads = backward_op(grad_out.contiguous(), *inputs, *residuals, *needs)
+        grads = (grads,) if isinstance(grads, torch.Tensor) else grads
         grads = [grad if need else None for grad, need in zip(grads, needs)]
         return (*grads, *([None] * (len(inputs) - differentiable)))
 
