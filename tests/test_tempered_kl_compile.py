@@ -4,6 +4,10 @@ matches eager with and without a mask, CUDA graphs capture the op, and the Trito
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,6 +101,28 @@ def test_backward_op_passes_opcheck(backend, masked):
         torch.library.opcheck(
             backward, (grad, *inputs, *residuals, *needs), test_utils=("test_schema", "test_faketensor")
         )
+
+
+_FRESH_PROCESS = """
+import sys, torch, stss_kernels
+assert "triton" not in sys.modules, "import stss_kernels imported Triton"
+assert hasattr(torch.ops.stss_kernels, "tempered_kl_triton") and hasattr(torch.ops.stss_kernels, "tempered_kl_torch")
+fn = lambda s, t: stss_kernels.tempered_kl(s, t, frames=2, backend="torch")
+s, t = torch.randn(1, 6, 3), torch.randn(1, 6, 4)
+torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(s, t), fn(s, t))
+print("ok")
+"""
+
+
+def test_fresh_import_registers_the_ops_without_triton_and_compiles_first():
+    """In a fresh process: `import stss_kernels` registers both custom ops without importing Triton, and the
+    very first call of the op can be a fullgraph compile (no backend module imported inside the trace)."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    env.pop("TRITON_INTERPRET", None)
+    command = [sys.executable, "-c", _FRESH_PROCESS]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
 
 # --- torch.compile ----------------------------------------------------------------------------------------
