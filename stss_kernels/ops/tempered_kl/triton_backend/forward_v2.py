@@ -178,13 +178,13 @@ def _tempered_kl_forward_v2_kernel(
     """
     b = tl.program_id(1).to(tl.int64)
     query_tiles = tl.cdiv(N, BLOCK_M)
-    tile, f = grouped_tile(tl.program_id(0), query_tiles, frames, GROUP_M)
+    tile, frame = grouped_tile(tl.program_id(0), query_tiles, frames, GROUP_M)
+    f = frame.to(tl.int64)
     count = num_queries(count_ptr, b, N, HAS_INDEX)
     if tile * BLOCK_M < count:
         rows, row_valid = query_rows(index_ptr + b * N, count, tile * BLOCK_M, BLOCK_M, HAS_INDEX)
         student_ptr += b * N * Cs
         teacher_ptr += b * N * Ct
-        f = f.to(tl.int64)
         if NARROW:
             cols_s = tl.arange(0, CS_PAD)
             cols_t = tl.arange(0, CT_PAD)
