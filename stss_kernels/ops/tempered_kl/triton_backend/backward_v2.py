@@ -479,27 +479,28 @@ def tempered_kl_feature_grad_v2(
             student_ptr=student, teacher_ptr=teacher, stats_ptr=stats, row_grad_ptr=scaled_row_grad,
             index_ptr=index, count_ptr=count, grad_ptr=grad, **sizes, frames=frames, **scales,
         )  # fmt: skip
-        constants = dict(FOR_TEACHER=for_teacher, HAS_INDEX=has_index, **common, **narrow_constants(channels_s, channels_t, for_teacher))
+        constants = dict(FOR_TEACHER=for_teacher, HAS_INDEX=has_index, **common)
+        constants.update(narrow_constants(channels_s, channels_t, for_teacher))
+        grids = {
+            True: lambda blocks: (frames * triton.cdiv(hw, blocks["BLOCK_N"]), batch),
+            False: lambda blocks: (triton.cdiv(num_tokens, blocks["BLOCK_M"]), batch),
+        }
         for column_pass in (True, False):
-            if column_pass:
-                grid = lambda blocks: (frames * triton.cdiv(hw, blocks["BLOCK_N"]), batch)
-            else:
-                grid = lambda blocks: (triton.cdiv(num_tokens, blocks["BLOCK_M"]), batch)
-            FEATURE_GRAD_V2(
-                grid, shape_class(**key, masked=has_index, column=column_pass, teacher=for_teacher), arguments,
-                dict(constants, COLUMN_PASS=column_pass),
-            )  # fmt: skip
+            pass_key = shape_class(**key, masked=has_index, column=column_pass, teacher=for_teacher)
+            FEATURE_GRAD_V2(grids[column_pass], pass_key, arguments, dict(constants, COLUMN_PASS=column_pass))
         return grad.mul_(grad_scale).to(features.dtype)
 
     channels = features.shape[-1]
     step = chunk_rows_v2(batch, num_tokens, features.dtype)
     block = torch.empty(batch, min(step, num_tokens), num_tokens, dtype=features.dtype, device=features.device)
+    similarity_key = shape_class(**key, masked=has_index, teacher=for_teacher)
+    channel_tiles = lambda blocks: triton.cdiv(channels, blocks["BLOCK_D"])
+    key_tiles = lambda blocks: frames * triton.cdiv(hw, blocks["BLOCK_N"])
     for start in range(0, num_tokens, step):
         rows = min(step, num_tokens - start)
         SIMILARITY_GRAD_V2(
-            lambda blocks, rows=rows: (triton.cdiv(rows, blocks["BLOCK_M"]), frames * triton.cdiv(hw, blocks["BLOCK_N"]),
-                                       batch),
-            shape_class(**key, masked=has_index, teacher=for_teacher),
+            lambda blocks, rows=rows: (triton.cdiv(rows, blocks["BLOCK_M"]), key_tiles(blocks), batch),
+            similarity_key,
             dict(
                 student_ptr=student, teacher_ptr=teacher, stats_ptr=stats, row_grad_ptr=scaled_row_grad,
                 index_ptr=index, count_ptr=count, out_ptr=block, **sizes, frames=frames, **scales,
@@ -511,16 +512,17 @@ def tempered_kl_feature_grad_v2(
             block_ptr=block, features_ptr=features, index_ptr=index, count_ptr=count, grad_ptr=grad, N=num_tokens,
             C=channels, chunk_start=start, chunk_rows=block.shape[1],
         )  # fmt: skip
-        product_key = shape_class(tokens=num_tokens, hw=hw, channels=(channels,), dtype=features.dtype,
-                                  masked=has_index, rows=next_power_of_two(rows))  # fmt: skip
+        product_key = shape_class(
+            tokens=num_tokens, hw=hw, channels=(channels,), dtype=features.dtype, masked=has_index,
+            rows=next_power_of_two(rows),
+        )  # fmt: skip
         DUAL_PRODUCT(
-            lambda blocks: (triton.cdiv(channels, blocks["BLOCK_D"]), triton.cdiv(num_tokens, blocks["BLOCK_M"]), batch),
+            lambda blocks: (channel_tiles(blocks), triton.cdiv(num_tokens, blocks["BLOCK_M"]), batch),
             product_key, products, dict(HAS_INDEX=has_index, ACCUMULATE=start > 0, **common),
         )  # fmt: skip
         if has_index:
             ROW_PRODUCT(
-                lambda blocks, rows=rows: (triton.cdiv(channels, blocks["BLOCK_D"]), triton.cdiv(rows, blocks["BLOCK_M"]),
-                                           batch),
+                lambda blocks, rows=rows: (channel_tiles(blocks), triton.cdiv(rows, blocks["BLOCK_M"]), batch),
                 product_key, products, common,
             )  # fmt: skip
     return grad.mul_(grad_scale).to(features.dtype)

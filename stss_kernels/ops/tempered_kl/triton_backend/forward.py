@@ -150,7 +150,9 @@ def tempered_kl_forward(
     key = shape_class(tokens=num_tokens, hw=num_tokens // frames, channels=(channels_s, teacher.shape[-1]),
                       dtype=student.dtype, masked=has_index)  # fmt: skip
     FORWARD(
-        lambda blocks: (triton.cdiv(num_tokens, blocks["BLOCK_M"]), frames, batch), key, arguments,
+        lambda blocks: (triton.cdiv(num_tokens, blocks["BLOCK_M"]), frames, batch),
+        key,
+        arguments,
         dict(HAS_INDEX=has_index, UPCAST=triton_interpreting(), PRECISION=DOT_PRECISION),
     )
     # KL = ln2 (E + log2(sum_s / sum_t)) per (query, frame), averaged over the target frames.
