@@ -62,6 +62,15 @@ PRODUCT_CONFIGS = autotune_configs(
     ],
     dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=16),
 )
+# The row product gathers kept rows (int64 offsets): wider tiles spill there (ptxas, sm_90a, bf16).
+ROW_PRODUCT_CONFIGS = autotune_configs(
+    [
+        (dict(BLOCK_M=128, BLOCK_D=128, BLOCK_K=64), 8, 3),
+        (dict(BLOCK_M=64, BLOCK_D=128, BLOCK_K=64), 4, 4),
+        (dict(BLOCK_M=64, BLOCK_D=64, BLOCK_K=64), 4, 3),
+    ],
+    dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=16),
+)
 
 
 @triton.jit
@@ -430,7 +439,7 @@ FEATURE_GRAD_V2 = tuned_kernel(
 )
 SIMILARITY_GRAD_V2 = tuned_kernel("tempered_kl.similarity_grad_v2", _similarity_grad_v2_kernel, SIMILARITY_GRAD_CONFIGS)
 DUAL_PRODUCT = tuned_kernel("tempered_kl.dual_product", _dual_product_kernel, PRODUCT_CONFIGS, restore=("grad_ptr",))
-ROW_PRODUCT = tuned_kernel("tempered_kl.row_product", _row_product_kernel, PRODUCT_CONFIGS, restore=("grad_ptr",))
+ROW_PRODUCT = tuned_kernel("tempered_kl.row_product", _row_product_kernel, ROW_PRODUCT_CONFIGS, restore=("grad_ptr",))
 
 
 def narrow_constants(channels_s: int, channels_t: int, for_teacher: bool) -> dict:
