@@ -90,7 +90,7 @@ def test_capturing_or_tracing_is_true_inside_torch_compile():
 
 def test_every_kernel_is_registered_with_its_config_list():
     names = {"tempered_kl.forward", "tempered_kl.feature_grad", "tempered_kl.similarity_grad",
-             "tempered_kl.forward_v2.narrow", "tempered_kl.forward_v2.wide", "tempered_kl.feature_grad_v2",
+             "tempered_kl.forward_v2.narrow", "tempered_kl.forward_v2.wide", "tempered_kl.feature_grad_v2.row",
              "tempered_kl.similarity_grad_v2", "tempered_kl.dual_product", "tempered_kl.row_product"}  # fmt: skip
     assert names <= set(tuning.REGISTRY)
     assert forward.FORWARD.configs and backward.FEATURE_GRAD.restore == ("grad_ptr",)

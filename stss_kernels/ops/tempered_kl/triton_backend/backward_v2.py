@@ -35,12 +35,23 @@ from stss_kernels.ops.tempered_kl.triton_backend.tiles import (
     similarity_grad_tile,
 )
 
-NARROW_CONFIGS = autotune_configs(
+# Narrow fused passes, per pass (ptxas, sm_90a, bf16 at C = 64: column 96-159 registers, 2-5 CTAs per SM; the
+# row pass holds more live tiles: 64 x 64 with 4 warps spills at 3 stages, so it gets 2).
+COLUMN_CONFIGS = autotune_configs(
     [
-        (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_TAIL=32), 4, 3),
         (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_TAIL=32), 8, 3),
+        (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_TAIL=32), 4, 3),
         (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_TAIL=16), 4, 3),
         (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_TAIL=32), 8, 2),
+    ],
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_TAIL=8),
+)
+ROW_CONFIGS = autotune_configs(
+    [
+        (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_TAIL=16), 4, 4),
+        (dict(BLOCK_M=128, BLOCK_N=32, BLOCK_TAIL=16), 8, 3),
+        (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_TAIL=32), 4, 2),
+        (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_TAIL=32), 8, 3),
     ],
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_TAIL=8),
 )
@@ -434,9 +445,10 @@ def _row_product_kernel(
         tl.store(grad_ptr + offsets, acc + tl.load(grad_ptr + offsets, mask=mask, other=0.0), mask=mask)
 
 
-FEATURE_GRAD_V2 = tuned_kernel(
-    "tempered_kl.feature_grad_v2", _feature_grad_v2_kernel, NARROW_CONFIGS, restore=("grad_ptr",)
-)
+FEATURE_GRAD_V2 = {
+    True: tuned_kernel("tempered_kl.feature_grad_v2.column", _feature_grad_v2_kernel, COLUMN_CONFIGS),
+    False: tuned_kernel("tempered_kl.feature_grad_v2.row", _feature_grad_v2_kernel, ROW_CONFIGS, restore=("grad_ptr",)),
+}
 SIMILARITY_GRAD_V2 = tuned_kernel("tempered_kl.similarity_grad_v2", _similarity_grad_v2_kernel, SIMILARITY_GRAD_CONFIGS)
 DUAL_PRODUCT = tuned_kernel("tempered_kl.dual_product", _dual_product_kernel, PRODUCT_CONFIGS, restore=("grad_ptr",))
 ROW_PRODUCT = tuned_kernel("tempered_kl.row_product", _row_product_kernel, ROW_PRODUCT_CONFIGS, restore=("grad_ptr",))
@@ -496,7 +508,9 @@ def tempered_kl_feature_grad_v2(
         }
         for column_pass in (True, False):
             pass_key = shape_class(**key, masked=has_index, column=column_pass, teacher=for_teacher)
-            FEATURE_GRAD_V2(grids[column_pass], pass_key, arguments, dict(constants, COLUMN_PASS=column_pass))
+            FEATURE_GRAD_V2[column_pass](
+                grids[column_pass], pass_key, arguments, dict(constants, COLUMN_PASS=column_pass)
+            )
         return grad.mul_(grad_scale).to(features.dtype)
 
     channels = features.shape[-1]
