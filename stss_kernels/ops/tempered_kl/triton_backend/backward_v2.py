@@ -57,8 +57,8 @@ ROW_CONFIGS = autotune_configs(
 )
 SIMILARITY_GRAD_CONFIGS = autotune_configs(
     [
-        (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3),
         (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), 8, 3),
+        (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3),
         (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 4, 3),
         (dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64), 4, 4),
     ],
