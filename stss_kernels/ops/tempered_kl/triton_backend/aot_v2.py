@@ -43,10 +43,11 @@ def _channels(problem: Problem, pad: int | None) -> int:
 
 
 def _as_launched(problem: Problem, narrow: bool) -> Problem:
-    """The problem a narrow variant is compiled at: the preset's, or 64 channels when the preset is wide (the
-    launcher never runs the narrow kernels there; their model is None)."""
-    if narrow and not forward_v2.is_narrow(problem.cs, problem.ct):
-        return dataclasses.replace(problem, cs=64, ct=64)
+    """The problem a variant is compiled at: the preset's, or 64 channels for a narrow variant at a wide preset
+    (768 for a wide one at a narrow preset): the launcher never runs it there, and its model is None."""
+    if narrow != forward_v2.is_narrow(problem.cs, problem.ct):
+        channels = 64 if narrow else 768
+        return dataclasses.replace(problem, cs=channels, ct=channels)
     return problem
 
 
@@ -154,6 +155,7 @@ def _chunks(problem: Problem, dtype: torch.dtype) -> list[int]:
 
 def similarity_grad_arguments(for_teacher: bool):
     def arguments(problem: Problem, dtype: torch.dtype, masked: bool) -> dict:
+        problem = _as_launched(problem, False)
         fp32 = Pointer(torch.float32)
         index = Pointer(torch.int32) if masked else fp32
         return dict(
@@ -196,6 +198,7 @@ def similarity_grad_model(for_teacher: bool):
 
 def product_arguments(row_kernel: bool, for_teacher: bool):
     def arguments(problem: Problem, dtype: torch.dtype, masked: bool) -> dict:
+        problem = _as_launched(problem, False)
         fp32 = Pointer(torch.float32)
         index = Pointer(torch.int32) if masked else fp32
         values = dict(
