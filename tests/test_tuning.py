@@ -144,3 +144,30 @@ def test_generations_share_the_saved_statistics(forward_generation, backward_gen
     same = feature_grad(student, teacher, stats_same, row_grad, None, None, 0.1, 0.1, False)
     # The two forwards sum in different orders: statistics agree to fp32 rounding, amplified by 1 / tau.
     assert (mixed - same).abs().max() <= 1e-5 * same.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("generation", [1, 2])
+def test_cuda_graph_capture_does_not_tune(generation, monkeypatch):
+    """An untuned shape class met during capture runs the default config; nothing is timed or cached."""
+    monkeypatch.setattr(triton_backend, "KERNEL_GENERATION", generation)
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 4 * 150, 64, generator=generator).cuda().bfloat16()
+    teacher = torch.randn(2, 4 * 150, 96, generator=generator).cuda().bfloat16()
+
+    def loss():
+        return stss_kernels.tempered_kl(student, teacher, frames=4, backend="triton")
+
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")
+    eager = loss()  # compiles the default configs (no timing) outside the capture
+    monkeypatch.delenv(tuning.AUTOTUNE_ENV)
+    stss_kernels.clear_tuning_cache()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        captured = loss()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert stss_kernels.tuned_configs() == {}
+    torch.testing.assert_close(captured, eager)
