@@ -70,6 +70,17 @@ def test_capture_or_tracing_uses_the_default_config_without_timing(on_gpu, monke
     assert tuned.cache[("class",)].kwargs == {"BLOCK": 32}
 
 
+def test_hopper_only_configs_are_not_timed_on_other_gpus(on_gpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    configs = [FakeConfig(16), tuning.hopper_only(FakeConfig(32)), FakeConfig(64)]
+    tuned = tuning.TunedKernel("fake", on_gpu, configs)
+    tuned(lambda blocks: (1,), ("class",), {"out": torch.zeros(1)}, {})
+    assert on_gpu.launches == [16, 64, 16]  # 32 (fastest, but hopper-only) skipped on sm_80
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert tuning.runs_here(configs[1]) and tuning.runs_here(configs[0])
+
+
 def test_autotune_off_by_environment(on_gpu, monkeypatch):
     monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")
     tuned = tuning.TunedKernel("fake", on_gpu, [FakeConfig(16), FakeConfig(32)])

@@ -45,6 +45,31 @@ def capturing_or_tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def hopper_only(config):
+    """Mark a config as meant for sm_90 only (it spills registers with sm_80's mma.sync): `archs` lists where it runs.
+
+    TunedKernel skips it on other GPUs; the AOT report can skip it on other targets."""
+    config.archs = ("sm_90a",)
+    return config
+
+
+def hopper_only_configs(configs: list, indices) -> list:
+    """Mark configs[i] for i in indices hopper_only (a no-op on the interpreter's one-config list)."""
+    if len(configs) > 1:
+        for index in indices:
+            hopper_only(configs[index])
+    return configs
+
+
+def runs_here(config) -> bool:
+    """Whether the current GPU is one of the config's `archs` (every config without that attribute runs)."""
+    archs = getattr(config, "archs", None)
+    if archs is None or not torch.cuda.is_available():
+        return True
+    major, minor = torch.cuda.get_device_capability()
+    return any(arch.removeprefix("sm_").rstrip("a") == f"{major}{minor}" for arch in archs)
+
+
 def autotune_enabled() -> bool:
     return os.environ.get(AUTOTUNE_ENV, "1").lower() not in ("0", "false", "no", "off")
 
@@ -55,6 +80,7 @@ class TunedKernel:
 
     kernel: the JITFunction; configs: triton.Config list (the GPU list, or the interpreter's one);
     default(key) -> index into configs used when tuning is not allowed (capture, tracing, STSS_AUTOTUNE=0);
+    configs marked `hopper_only` are not timed on other GPUs;
     restore: names of launch arguments the kernel reads and writes, saved and restored around timing runs.
     """
 
@@ -83,6 +109,9 @@ class TunedKernel:
         saved = {name: arguments[name].clone() for name in self.restore}
         timings = []
         for config in self.configs:
+            if not runs_here(config):
+                timings.append(float("inf"))
+                continue
             try:
                 time_ms = do_bench(lambda config=config: launch(config), warmup=5, rep=20)
             except Exception as error:  # noqa: BLE001 - a config that does not fit this GPU (shared memory...) is skipped

@@ -23,7 +23,7 @@ import triton.language as tl
 from stss_kernels._core.backends import triton_interpreting
 from stss_kernels._core.chunking import rows_per_chunk
 from stss_kernels._core.tiles import DOT_PRECISION, LN2, LOG2E, autotune_configs, num_queries, query_rows
-from stss_kernels._core.tuning import next_power_of_two, shape_class, tuned_kernel
+from stss_kernels._core.tuning import hopper_only_configs, next_power_of_two, shape_class, tuned_kernel
 from stss_kernels.ops.tempered_kl.triton_backend.forward_v2 import is_narrow
 from stss_kernels.ops.tempered_kl.triton_backend.tiles import (
     NUM_STATS,
@@ -64,6 +64,7 @@ SIMILARITY_GRAD_CONFIGS = autotune_configs(
     ],
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32),
 )
+hopper_only_configs(SIMILARITY_GRAD_CONFIGS, (1,))  # 128 x 128 spills on sm_80 (mma.sync)
 PRODUCT_CONFIGS = autotune_configs(
     [
         (dict(BLOCK_M=128, BLOCK_D=128, BLOCK_K=64), 8, 3),

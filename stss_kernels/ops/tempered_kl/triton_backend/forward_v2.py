@@ -21,7 +21,7 @@ import triton.language as tl
 
 from stss_kernels._core.backends import triton_interpreting
 from stss_kernels._core.tiles import DOT_PRECISION, LN2, LOG2E, autotune_configs, gram_tile, num_queries, query_rows
-from stss_kernels._core.tuning import next_power_of_two, shape_class, tuned_kernel
+from stss_kernels._core.tuning import hopper_only_configs, next_power_of_two, shape_class, tuned_kernel
 from stss_kernels.ops.tempered_kl.triton_backend.tiles import (
     LOGIT_FLOOR,
     NUM_STATS,
@@ -59,7 +59,8 @@ WIDE_CONFIGS = autotune_configs(
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_TAIL=8, BLOCK_K=32, GROUP_M=2),
 )
 # The first config of each list is the one used untuned (CUDA-graph capture, tracing, STSS_AUTOTUNE=0): one that
-# does not spill on sm_90a nor sm_80 (ptxas, bf16).
+# does not spill on sm_90a nor sm_80 (ptxas, bf16). Configs whose tiles spill with sm_80's mma.sync are hopper-only.
+hopper_only_configs(WIDE_CONFIGS, (1, 2, 3, 4))
 
 
 @triton.jit
