@@ -61,6 +61,7 @@ WIDE_CONFIGS = autotune_configs(
 # The first config of each list is the one used untuned (CUDA-graph capture, tracing, STSS_AUTOTUNE=0): one that
 # does not spill on sm_90a nor sm_80 (ptxas, bf16). Configs whose tiles spill with sm_80's mma.sync are hopper-only.
 hopper_only_configs(WIDE_CONFIGS, (1, 2, 3, 4))
+hopper_only_configs(NARROW_CONFIGS, (3,))
 
 
 @triton.jit
