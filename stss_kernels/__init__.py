@@ -4,11 +4,22 @@ Each op lives in its own subpackage of `stss_kernels.ops` (public function and n
 reference, torch and Triton backends) on the shared core `stss_kernels._core`.
 """
 
+from stss_kernels._core.tuning import clear_tuning_cache, tuned_configs
+from stss_kernels._warmup import warmup
 from stss_kernels.ops.tempered_kl import TemperedKL, tempered_kl, tempered_kl_reference, tempered_kl_torch
 
 __version__ = "0.1.0"
 
-__all__ = ["TemperedKL", "tempered_kl", "tempered_kl_reference", "tempered_kl_torch", "tempered_kl_triton"]
+__all__ = [
+    "TemperedKL",
+    "clear_tuning_cache",
+    "tempered_kl",
+    "tempered_kl_reference",
+    "tempered_kl_torch",
+    "tempered_kl_triton",
+    "tuned_configs",
+    "warmup",
+]
 
 # Triton backends, imported on first use: `import stss_kernels` works without Triton.
 _LAZY = {"tempered_kl_triton": "stss_kernels.ops.tempered_kl.triton_backend"}
