@@ -1,4 +1,7 @@
-"""The implementations compared: naive eager PyTorch, torch.compile of it, and the two stss_kernels backends.
+"""The implementations compared: naive eager PyTorch, torch.compile of it, and the stss_kernels backends.
+
+`triton` runs the Triton kernels of generation 1 and `triton-v2` those of generation 2 (see
+stss_kernels/ops/tempered_kl/triton_backend/generations.py), side by side.
 
 Every provider is a loss function with one signature,
     loss(student (B, N, Cs), teacher (B, N, Ct), frames, tau_student, tau_teacher, query_mask (B, N) bool | None,
@@ -19,7 +22,9 @@ from stss_kernels._core.backends import triton_available, triton_interpreting
 
 from .workloads import Workload
 
-PROVIDERS = ("reference", "compiled", "torch", "triton")
+PROVIDERS = ("reference", "compiled", "torch", "triton", "triton-v2")
+# Triton providers and the kernel generation each runs.
+TRITON_GENERATIONS = {"triton": 1, "triton-v2": 2}
 
 # The Triton interpreter runs every program instance in numpy: keep it to tiny problems.
 INTERPRETER_MAX_TOKENS = 512
@@ -63,13 +68,29 @@ def _backend_loss(backend: str) -> LossFn:
     return loss
 
 
+def _generation_loss(generation: int) -> LossFn:
+    """The Triton backend's loss with the kernels of `generation` (the backward follows the forward's)."""
+    backend_loss = _backend_loss("triton")
+
+    def loss(*args):
+        from stss_kernels.ops.tempered_kl import triton_backend
+
+        previous, triton_backend.KERNEL_GENERATION = triton_backend.KERNEL_GENERATION, generation
+        try:
+            return backend_loss(*args)
+        finally:
+            triton_backend.KERNEL_GENERATION = previous
+
+    return loss
+
+
 def unavailable_reason(provider: str, workload: Workload, device: torch.device) -> str | None:
     """Why `provider` cannot run `workload` on `device` here, or None when it can."""
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
-    if provider in ("torch", "triton") and not hasattr(stss_kernels, "tempered_kl"):
+    if provider in ("torch", *TRITON_GENERATIONS) and not hasattr(stss_kernels, "tempered_kl"):
         return "stss_kernels.tempered_kl is not importable"
-    if provider != "triton":
+    if provider not in TRITON_GENERATIONS:
         return None
     if not triton_available():
         return "Triton is not installed"
@@ -87,6 +108,8 @@ def make_loss(provider: str) -> LossFn:
     if provider == "compiled":
         torch._dynamo.reset()
         return torch.compile(naive_tempered_kl_loss, dynamic=False)
+    if provider in TRITON_GENERATIONS:
+        return _generation_loss(TRITON_GENERATIONS[provider])
     return _backend_loss(provider)
 
 

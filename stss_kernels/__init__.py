@@ -5,6 +5,8 @@ reference, torch and Triton backends) on the shared core `stss_kernels._core`. I
 does not import Triton: the Triton kernels load when a Triton backend first runs.
 """
 
+from stss_kernels._core.tuning import clear_tuning_cache, tuned_configs
+from stss_kernels._warmup import warmup
 from stss_kernels.ops.tempered_kl import (
     TemperedKL,
     tempered_kl,
@@ -15,4 +17,13 @@ from stss_kernels.ops.tempered_kl import (
 
 __version__ = "0.1.0"
 
-__all__ = ["TemperedKL", "tempered_kl", "tempered_kl_reference", "tempered_kl_torch", "tempered_kl_triton"]
+__all__ = [
+    "TemperedKL",
+    "clear_tuning_cache",
+    "tempered_kl",
+    "tempered_kl_reference",
+    "tempered_kl_torch",
+    "tempered_kl_triton",
+    "tuned_configs",
+    "warmup",
+]

@@ -64,34 +64,33 @@ def _loss_and_grads(fn, student, teacher, *extra):
 
 
 def _op_cases():
-    for backend in ("torch", TRITON):
-        for masked in (False, True):
-            name = backend if isinstance(backend, str) else backend.values[0]
-            marks = () if isinstance(backend, str) else backend.marks
-            yield pytest.param(name, masked, marks=marks, id=f"{name}-{'masked' if masked else 'unmasked'}")
+    """(backend, masked, Triton kernel generation)."""
+    yield from (pytest.param("torch", masked, None, id=f"torch-{masked}") for masked in ("unmasked", "masked"))
+    for generation, masked in ((1, "unmasked"), (1, "masked"), (2, "masked")):
+        yield pytest.param("triton", masked, generation, marks=TRITON.marks, id=f"triton-gen{generation}-{masked}")
 
 
-def _forward_op_and_args(backend, masked):
+def _forward_op_and_args(backend, masked, generation):
     from stss_kernels._core.normalize import l2_normalize
 
     batch, frames, hw, cs, ct = SHAPE
     student, teacher = (l2_normalize(x) for x in _features(*SHAPE))
-    weight = _mask("float", batch, frames * hw) if masked else None
+    weight = _mask("float", batch, frames * hw) if masked == "masked" else None
     args = (student.requires_grad_(), teacher.requires_grad_(), frames, 0.1, 0.15, weight)
     if backend == "torch":
         return torch.ops.stss_kernels.tempered_kl_torch.default, (*args, 8)
-    return torch.ops.stss_kernels.tempered_kl_triton.default, args
+    return torch.ops.stss_kernels.tempered_kl_triton.default, (*args, generation)
 
 
-@pytest.mark.parametrize("backend,masked", _op_cases())
-def test_forward_op_passes_opcheck(backend, masked):
-    op, args = _forward_op_and_args(backend, masked)
+@pytest.mark.parametrize("backend,masked,generation", _op_cases())
+def test_forward_op_passes_opcheck(backend, masked, generation):
+    op, args = _forward_op_and_args(backend, masked, generation)
     torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("backend,masked", _op_cases())
-def test_backward_op_passes_opcheck(backend, masked):
-    op, args = _forward_op_and_args(backend, masked)
+@pytest.mark.parametrize("backend,masked,generation", _op_cases())
+def test_backward_op_passes_opcheck(backend, masked, generation):
+    op, args = _forward_op_and_args(backend, masked, generation)
     outputs = op(*args)
     backward = getattr(torch.ops.stss_kernels, f"tempered_kl_{backend}_backward").default
     grad = torch.randn(outputs[0].shape, generator=torch.Generator().manual_seed(3)).to(outputs[0])
@@ -129,17 +128,22 @@ def test_fresh_import_registers_the_ops_without_triton_and_compiles_first():
 
 
 def _compile_cases():
-    for backend in ("reference", "torch", TRITON):
-        for mask_kind in ("none", "bool", "float"):
-            name = backend if isinstance(backend, str) else backend.values[0]
-            marks = () if isinstance(backend, str) else backend.marks
-            yield pytest.param(name, mask_kind, marks=marks, id=f"{name}-{mask_kind}")
+    """(backend, mask kind, Triton kernel generation or None for the default)."""
+    for backend in ("reference", "torch"):
+        yield from (pytest.param(backend, kind, None, id=f"{backend}-{kind}") for kind in ("none", "bool", "float"))
+    for kind, generation in (("none", None), ("bool", None), ("float", None), ("bool", 2)):
+        name = f"triton-{kind}" + (f"-gen{generation}" if generation else "")
+        yield pytest.param("triton", kind, generation, marks=TRITON.marks, id=name)
 
 
-@pytest.mark.parametrize("backend,mask_kind", _compile_cases())
-def test_compile_fullgraph_matches_eager(backend, mask_kind):
+@pytest.mark.parametrize("backend,mask_kind,generation", _compile_cases())
+def test_compile_fullgraph_matches_eager(backend, mask_kind, generation, monkeypatch):
     """fullgraph=True (no graph break anywhere, the mask path included), AOT autograd through the custom ops'
     fake and autograd registrations; one compilation serves a second call with other values."""
+    if generation is not None:
+        from stss_kernels.ops.tempered_kl import triton_backend
+
+        monkeypatch.setattr(triton_backend, "KERNEL_GENERATION", generation)
     torch._dynamo.reset()
     batch, frames, hw, cs, ct = SHAPE
     mask = _mask(mask_kind, batch, frames * hw)

@@ -4,6 +4,7 @@ Forward: one program per (query tile, target frame, video) runs the student and 
 online softmaxes and the KL accumulator over that frame's key tiles (exp2 with logits pre-scaled by
 log2(e)/tau) and saves five fp32 statistics per (query, frame) (forward.py). Backward: recomputes the
 tiles (backward.py). Queries with query_weight == 0 are never visited: kl 0, no gradient, no cost.
+Generation 2 of both (forward_v2.py, backward_v2.py) is selected by KERNEL_GENERATION (generations.py).
 The kernels run inside the custom ops of function.py; importing this package does not import Triton.
 """
 
@@ -14,8 +15,11 @@ import torch
 from stss_kernels._core.backends import triton_available, triton_interpreting
 from stss_kernels._core.validation import check_backend_inputs, check_temperature
 from stss_kernels.ops.tempered_kl.triton_backend.function import tempered_kl_triton_op
+from stss_kernels.ops.tempered_kl.triton_backend.generations import kernel_generation
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Kernel generation (1 or 2; None: $STSS_KERNEL_GENERATION, else 1), read at each call: see generations.py.
+KERNEL_GENERATION: int | None = None
 
 
 def tempered_kl_triton(
@@ -41,9 +45,8 @@ def tempered_kl_triton(
     if not student.is_cuda and not triton_interpreting():
         raise ValueError(f"student: the Triton backend needs GPU tensors (got {student.device}), or TRITON_INTERPRET=1")
     weight = None if query_weight is None else query_weight.detach()
-    return tempered_kl_triton_op(student.contiguous(), teacher.contiguous(), frames, tau_student, tau_teacher, weight)[
-        0
-    ]
+    student, teacher = student.contiguous(), teacher.contiguous()
+    return tempered_kl_triton_op(student, teacher, frames, tau_student, tau_teacher, weight, kernel_generation())[0]
 
 
 __all__ = ["tempered_kl_triton"]
