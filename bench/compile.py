@@ -261,7 +261,9 @@ def build_tasks(kernels: list, args: argparse.Namespace, problem) -> list[tuple]
                     if args.subset and masked and config_index:
                         continue
                     for arch in args.arch:
-                        tasks.append((kernel_index, config_index, dtype, masked, arch, problem))
+                        # a config marked for other GPUs (`archs`, see stss_kernels._core.tuning) never runs here
+                        if arch in getattr(spec.configs[config_index], "archs", (arch,)):
+                            tasks.append((kernel_index, config_index, dtype, masked, arch, problem))
     return tasks
 
 

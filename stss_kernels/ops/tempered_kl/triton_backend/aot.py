@@ -12,7 +12,7 @@ import torch
 from stss_kernels._core.aot import AotKernel, LaunchModel, Pointer, Problem, cdiv, round_up
 from stss_kernels._core.chunking import rows_per_chunk
 from stss_kernels._core.tiles import DOT_PRECISION, LOG2E
-from stss_kernels.ops.tempered_kl.triton_backend import backward, forward, similarity_grad
+from stss_kernels.ops.tempered_kl.triton_backend import aot_v2, backward, forward, similarity_grad
 
 OP = "tempered_kl"
 # Bytes per row of the fp32 statistics one similarity-grad tile reads (4 of the 5), the row gradient and index.
@@ -183,4 +183,4 @@ def aot_kernels() -> list[AotKernel]:
         side = "teacher" if for_teacher else "student"
         arguments, model = similarity_grad_arguments(for_teacher), similarity_grad_model(for_teacher)
         kernels.append(AotKernel(OP, "similarity_grad", side, fn, configs, arguments, model))
-    return kernels
+    return kernels + aot_v2.aot_kernels()
