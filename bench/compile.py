@@ -429,10 +429,10 @@ def _kernels_interpreted() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # The kernels are built when their modules are imported: under TRITON_INTERPRET=1 they are interpreter
-    # functions with a single config. Compile in a fresh process without it if they were already imported so.
-    os.environ.pop("TRITON_INTERPRET", None)
-    if _kernels_interpreted():
+    # Kernels are built when their modules are imported: under TRITON_INTERPRET=1 they are interpreter functions
+    # with a single config. Then compile in a fresh process without it (this process's environment is left alone).
+    interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    if interpret or _kernels_interpreted():
         argv = sys.argv[1:] if argv is None else argv
         env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "bench.compile", *argv], env=env).returncode

@@ -71,8 +71,7 @@ def _report(rows):
 
 @pytest.mark.parametrize("spill, code", [(0, 0), (8, 1)])
 def test_exit_code_follows_the_verdict(monkeypatch, capsys, spill, code):
-    # main() drops TRITON_INTERPRET for the compile; monkeypatch puts it back for the other tests.
-    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # else main() re-runs itself in a clean process
     monkeypatch.setattr(aot, "_kernels_interpreted", lambda: False)
     monkeypatch.setattr(aot, "run_report", lambda args: _report([_row(), _row(arch="sm_80", spill_stores=spill)]))
     assert aot.main(["--arch", "sm_80"]) == code
