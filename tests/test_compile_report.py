@@ -123,3 +123,30 @@ def test_representative_subset_compiles_for_sm90a_and_sm80(tmp_path):
     table = result.stdout
     assert f"{len(rows)} compiles, {len(failing)} failing" in table
     assert table.count("| sm_90a |") + table.count("| sm_80  |") == len(rows)
+
+
+def test_tempered_kl_model_counts():
+    """The static model against closed forms: forward math 2 N^2 (Cs + Ct) per video, one read of each row per
+    frame with whole-frame tiles, and each backward kernel modelled only where the op launches it."""
+    import torch
+
+    from stss_kernels._core.aot import Problem
+    from stss_kernels.ops.tempered_kl.triton_backend import aot as tempered_kl_aot
+    from stss_kernels.ops.tempered_kl.triton_backend.backward import FUSED_MAX_CHANNELS
+
+    problem = Problem("tiny", batch=2, frames=3, hw=10, cs=24, ct=40, mask_ratio=0.5)
+    n, row_bytes = problem.tokens, (24 + 40) * 2
+    whole = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64)  # one query tile, one key tile per frame
+    model = tempered_kl_aot.forward_model(problem, torch.bfloat16, False, whole)
+    assert model.flops == 2 * 2 * n * n * (24 + 40)
+    assert model.bytes == 2 * 3 * ((n + 10) * row_bytes + n * 5 * 4)
+    assert model.executed_flops == 2 * 3 * 2 * 32 * 16 * (64 + 64)
+    masked = tempered_kl_aot.forward_model(problem, torch.bfloat16, True, whole)
+    assert masked.flops == model.flops * problem.kept(True) / n == model.flops / 2
+    kernels = {(spec.name, spec.variant): spec for spec in tempered_kl_aot.aot_kernels()}
+    blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_D=16)
+    for channels in (FUSED_MAX_CHANNELS, FUSED_MAX_CHANNELS + 1):
+        wide = Problem("c", 1, 2, 8, channels, 8)
+        fused = kernels["feature_grad", "row/student"].model(wide, torch.float16, False, blocks)
+        chunked = kernels["similarity_grad", "student"].model(wide, torch.float16, False, blocks)
+        assert (fused is None) == (channels > FUSED_MAX_CHANNELS) and (chunked is None) != (fused is None)

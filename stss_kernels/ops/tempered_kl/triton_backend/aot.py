@@ -56,7 +56,7 @@ def forward_model(problem: Problem, dtype: torch.dtype, masked: bool, blocks: di
     kept = problem.kept(masked)
     query_tiles, key_tiles = cdiv(kept, bm), cdiv(hw, bn)
     row_bytes = (problem.cs + problem.ct) * dtype.itemsize
-    per_frame = (kept * key_tiles + query_tiles * hw) * row_bytes + kept * (5 * 4 + (4 if masked else 0))
+    per_frame = (kept * key_tiles + query_tiles * hw) * row_bytes + kept * (NUM_STATS.value * 4 + (4 if masked else 0))
     return LaunchModel(
         programs=cdiv(n, bm) * frames * batch,
         flops=batch * _gram_flops(kept, n, problem),
