@@ -249,21 +249,20 @@ def build_tasks(kernels: list, args: argparse.Namespace, problem) -> list[tuple]
         label = f"{spec.op}.{spec.name}[{spec.variant}]"
         if args.kernel and not any(text in label for text in args.kernel):
             continue
-        config_indices = range(len(spec.configs))
-        if args.subset:  # the first and the last config of each list: the default-ish and a small-tile one
-            config_indices = sorted({0, len(spec.configs) - 1})
+        # --subset: each variant's first config (the default the launcher runs untuned), bf16, both archs, masked on
+        # sm_90a only; fp16 and fp32 for the first kernel.
+        config_indices = [0] if args.subset else range(len(spec.configs))
         for config_index in config_indices:
+            # A config marked for some archs only (stss_kernels._core.tuning.hopper_only) never runs elsewhere.
+            archs = [arch for arch in args.arch if arch in getattr(spec.configs[config_index], "archs", ARCHS)]
             for dtype in args.dtype:
-                # --subset: bf16 everywhere; fp16 / fp32 on the first config of the first kernel only
-                if args.subset and dtype != "bf16" and (kernel_index or config_index):
+                if args.subset and dtype != "bf16" and kernel_index:
                     continue
                 for masked in spec.masks:
-                    if args.subset and masked and config_index:
-                        continue
-                    for arch in args.arch:
-                        # a config marked for other GPUs (`archs`, see stss_kernels._core.tuning) never runs here
-                        if arch in getattr(spec.configs[config_index], "archs", (arch,)):
-                            tasks.append((kernel_index, config_index, dtype, masked, arch, problem))
+                    for arch in archs:
+                        if args.subset and masked and arch != "sm_90a" and kernel_index:
+                            continue
+                        tasks.append((kernel_index, config_index, dtype, masked, arch, problem))
     return tasks
 
 

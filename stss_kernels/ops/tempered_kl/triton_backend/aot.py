@@ -170,7 +170,8 @@ def _autotuned(kernel) -> tuple[object, list]:
 
 
 def aot_kernels() -> list[AotKernel]:
-    """Every tempered-KL kernel variant: forward, fused backward (4 passes), wide-feature backward (2 sides)."""
+    """Every tempered-KL kernel variant: generation 1 (forward, fused backward in 4 passes, wide-feature backward
+    for 2 sides), then generation 2 (aot_v2.py)."""
     kernels = []
     fn, configs = _autotuned(forward._tempered_kl_forward_kernel)
     kernels.append(AotKernel(OP, "forward", "-", fn, configs, forward_arguments, forward_model))
