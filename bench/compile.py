@@ -307,7 +307,9 @@ def run_report(args: argparse.Namespace) -> dict:
 
 
 def _config_text(row: dict) -> str:
-    return "x".join(str(v) for v in row["blocks"].values()) + f" w{row['num_warps']} s{row['num_stages']}"
+    """E.g. 'M128 N64 K64 w8 s3': block sizes without their BLOCK_ prefix, warps, pipeline stages."""
+    blocks = " ".join(f"{name.removeprefix('BLOCK_')}{value}" for name, value in row["blocks"].items())
+    return f"{blocks} w{row['num_warps']} s{row['num_stages']}"
 
 
 COLUMNS = (
