@@ -5,11 +5,11 @@
 
 Each kernel variant an op's `triton_backend.aot_kernels()` declares is compiled by `triton.compile` for a
 `GPUTarget` with the argument specialisation the launcher would get at the preset's sizes (16-byte divisibility,
-scalars equal to 1), for every config of its `@triton.autotune` list, bf16 / fp16 / fp32, with and without a
-query mask. Registers and spills come from Triton's bundled ptxas (`-v`), shared memory from the compiled
-kernel's metadata, tensor-core instructions are counted in the SASS (cuobjdump): HGMMA (wgmma, sm_90a) and
-HMMA (mma.sync). Exit status 1 when a 16-bit config spills registers, a config needs more shared memory than
-a block may have, or a compile fails.
+scalars equal to 1), for every config of its launch-config list (sm_90a only for a `hopper_only` one),
+bf16 / fp16 / fp32, with and without a query mask. Registers and spills come from Triton's bundled ptxas
+(`-v`), shared memory from the compiled kernel's metadata, tensor-core instructions are counted in the SASS
+(cuobjdump): HGMMA (wgmma, sm_90a) and HMMA (mma.sync). Exit status 1 when a 16-bit config spills registers,
+a config needs more shared memory than a block may have, or a compile fails.
 """
 
 from __future__ import annotations
