@@ -68,7 +68,7 @@ class RelationDistanceTorchFunction(torch.autograd.Function):
         grad_t = torch.zeros(teacher.shape, dtype=compute_dtype, device=teacher.device) if need_teacher else None
         count = pair_count(variant, num_tokens, frames)
         if count > 0 and (need_student or need_teacher):
-            # G_ij = g_i sign(S_ij - T_ij) [|S_ij - T_ij| > margin] / count on query i's pairs; skipped queries pass none.
+            # G_ij = g_i sign(S_ij - T_ij) [|S_ij - T_ij| > margin] / count on query i's pairs (0 if skipped)
             row_grad = grad_rows.to(compute_dtype) / count
             if query_weight is not None:
                 row_grad = torch.where(query_weight != 0, row_grad, 0.0)
