@@ -12,7 +12,7 @@ from stss_kernels._core.backends import (
     triton_interpreting,
 )
 from stss_kernels._core.chunking import CHUNK_BUDGET_BYTES, query_chunks, rows_per_chunk
-from stss_kernels._core.gradients import add_symmetric_grad
+from stss_kernels._core.gradients import add_symmetric_grad, power_of_two_normalized
 from stss_kernels._core.normalize import l2_normalize
 from stss_kernels._core.queries import kept_queries
 from stss_kernels._core.reduction import REDUCTIONS, reduce_rows
@@ -30,6 +30,7 @@ __all__ = [
     "kept_queries",
     "l2_normalize",
     "on_device",
+    "power_of_two_normalized",
     "query_chunks",
     "query_weight",
     "reduce_rows",

@@ -15,3 +15,14 @@ def add_symmetric_grad(grad: torch.Tensor, tile: torch.Tensor, features: torch.T
         return
     grad.index_add_(0, chunk, tile @ features)
     grad.addmm_(tile.T, features[chunk])
+
+
+def power_of_two_normalized(row_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """row_grad / scale and scale, an exact power of two bringing max |row_grad| to about 1.
+
+    Kernels that round gradient tiles to fp16 / bf16 run on the scaled values (a mean's 1 / (B N) would
+    underflow) and multiply the fp32 result by `scale` afterwards; scale is 1 for an all-zero gradient.
+    """
+    magnitude = row_grad.abs().amax()
+    scale = torch.where(magnitude > 0, torch.exp2(torch.round(torch.log2(magnitude))), 1.0)
+    return row_grad / scale, scale

@@ -21,3 +21,9 @@ def pair_mask(variant: str, rows: torch.Tensor, num_tokens: int, frames: int) ->
     per_frame = num_tokens // frames
     same_frame = (rows // per_frame)[:, None] == (torch.arange(num_tokens, device=rows.device) // per_frame)[None, :]
     return same_frame if variant == "spatial" else ~same_frame
+
+
+def uniform_per_video(row_grad: torch.Tensor) -> bool:
+    """True when every query of a video has the same gradient g_i (B, N): then G_ij = g_i sign(..) [..] / count is
+    symmetric (the pairs are), and (G + G^T) x = 2 G x needs one pass over the rows. Synchronises with the device."""
+    return bool((row_grad == row_grad[:, :1]).all())

@@ -13,7 +13,7 @@ from torch.autograd.function import once_differentiable
 from stss_kernels._core.backends import accumulation_dtype
 from stss_kernels._core.chunking import query_chunks, rows_per_chunk
 from stss_kernels._core.gradients import add_symmetric_grad
-from stss_kernels.ops.relation_distance.pairs import pair_count, pair_mask
+from stss_kernels.ops.relation_distance.pairs import pair_count, pair_mask, uniform_per_video
 
 # How many (chunk x N) buffers are alive at once (S - T, its two products, the pair mask / gradient tile).
 _LIVE_TILES = 4
@@ -27,11 +27,6 @@ def auto_chunk_size(num_tokens: int, dtype: torch.dtype) -> int:
 def _similarity_gap(s: torch.Tensor, t: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
     """S - T on the rows `chunk` of one video: (c, N)."""
     return (s[chunk] @ s.T).sub_(t[chunk] @ t.T)
-
-
-def uniform_per_video(row_grad: torch.Tensor) -> bool:
-    """True when every query of a video has the same upstream gradient: then G is symmetric, (G + G^T) = 2 G."""
-    return bool((row_grad == row_grad[:, :1]).all())
 
 
 class RelationDistanceTorchFunction(torch.autograd.Function):
