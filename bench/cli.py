@@ -1,4 +1,5 @@
-"""`python -m bench`: time and memory of the tempered KL across providers, workloads and modes."""
+"""`python -m bench`: time and memory of an op (the tempered KL, the relation distance) across providers, workloads
+and modes."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from . import report
 from .measure import DTYPES, Case, base_result, matmul_tflops, run_case
-from .providers import PROVIDERS
+from .providers import OPS, PROVIDERS
 from .workloads import PRESETS, build_workloads, flop_count
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -24,8 +25,11 @@ DEFAULT_OUT = PROJECT_ROOT / "bench" / "results"
 
 # Options passed to every Case under the same name.
 CASE_SETTINGS = (
+    "op",
     "dtype",
     "tau",
+    "margin",
+    "variant",
     "mask_ratio",
     "normalize",
     "teacher_grad",
@@ -60,6 +64,7 @@ def _mask_ratio(text: str) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--op", choices=OPS, default="tempered_kl", help="the op to measure")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tsa-grid")
     for field in ("batch", "frames", "hw", "cs", "ct"):
         parser.add_argument(f"--{field}", type=int, help=f"override the preset's {field}")
@@ -69,7 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher-grad", action="store_true", help="fwd+bwd also computes teacher gradients")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--tau", type=float, default=0.1, help="student and teacher temperature")
+    parser.add_argument("--tau", type=float, default=0.1, help="tempered_kl: student and teacher temperature")
+    parser.add_argument("--margin", type=float, default=0.1, help="relation_distance: margin")
+    parser.add_argument(
+        "--variant", choices=("full", "spatial", "temporal"), default="full", help="relation_distance: pairs"
+    )
     parser.add_argument("--mask-ratio", type=_mask_ratio, default=1.0, help="fraction of queries kept")
     parser.add_argument("--no-normalize", dest="normalize", action="store_false", help="raw dot products")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU: torch threads")
@@ -91,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     if args.tau <= 0:
         parser.error(f"--tau must be > 0, got {args.tau}")
+    if not args.margin >= 0:
+        parser.error(f"--margin must be >= 0, got {args.margin}")
     return args
 
 
@@ -151,8 +162,11 @@ def run_isolated(case: Case) -> dict:
 
 
 def default_tag(args: argparse.Namespace) -> str:
-    """PRESET-DEVICE-DTYPE, with -maskRATIO and -teacher-grad when those are set."""
+    """PRESET-DEVICE-DTYPE, with -maskRATIO and -teacher-grad when those are set; prefixed by the op (and its
+    variant unless "full") for ops other than tempered_kl."""
     tag = f"{args.preset}-{args.device.type}-{args.dtype}"
+    if args.op != "tempered_kl":
+        tag = f"{args.op}-" + ("" if args.variant == "full" else f"{args.variant}-") + tag
     if args.mask_ratio < 1.0:
         tag += f"-mask{args.mask_ratio:g}"
     return tag + ("-teacher-grad" if args.teacher_grad else "")
@@ -185,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     json_path = args.out / f"{tag}.json"
     report.write_json(json_path, meta, results)
     print(
-        f"{meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, {args.dtype}, "
+        f"{args.op}: {meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, {args.dtype}, "
         f"matmul {meta['matmul_tflops']:.3g} TFLOP/s"
     )
     print(report.format_table(results))

@@ -72,7 +72,8 @@ class RelationDistanceTorchFunction(torch.autograd.Function):
             for b, chunk in query_chunks(query_weight, student.shape, chunk_size, student.device):
                 s, t = s_all[b], t_all[b]
                 gap = _similarity_gap(s, t, chunk)
-                tile = torch.where(gap.abs() > margin, gap.sign_(), 0.0).mul_(row_grad[b, chunk, None])
+                tile = gap.sign().masked_fill_(gap.abs_() <= margin, 0).mul_(row_grad[b, chunk, None])
+                del gap
                 pairs = pair_mask(variant, chunk, num_tokens, frames)
                 if pairs is not None:
                     tile.mul_(pairs)
