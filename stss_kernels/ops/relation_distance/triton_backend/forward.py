@@ -85,12 +85,18 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def key_splits(batch: int, num_tokens: int, frames: int, variant: str, device: torch.device) -> int:
-    """Key runs per query tile: enough programs for two waves on the GPU, at least MIN_KEYS_PER_SPLIT keys each."""
+def plan_key_splits(batch: int, num_tokens: int, frames: int, variant: str, multiprocessors: int) -> int:
+    """Key runs per query tile: enough programs for two waves of `multiprocessors`, at least MIN_KEYS_PER_SPLIT
+    keys each."""
     span = min(num_tokens, 2 * (num_tokens // frames)) if variant == "spatial" else num_tokens
     query_programs = batch * triton.cdiv(num_tokens, PLANNED_BLOCK_M)
-    wanted = triton.cdiv(2 * _multiprocessors(device), query_programs)
+    wanted = triton.cdiv(2 * multiprocessors, query_programs)
     return max(1, min(wanted, span // MIN_KEYS_PER_SPLIT))
+
+
+def key_splits(batch: int, num_tokens: int, frames: int, variant: str, device: torch.device) -> int:
+    """`plan_key_splits` for the device's multiprocessor count."""
+    return plan_key_splits(batch, num_tokens, frames, variant, _multiprocessors(device))
 
 
 def relation_distance_forward(
