@@ -214,6 +214,21 @@ def key_split(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["fused", "chunked"])
+def backward_path(request, monkeypatch):
+    """Run the backward through the fused passes or, as wide features do, the chunked sign-block + matmul path.
+
+    The chunked path's block budget is cut so that a video takes several chunks of query rows.
+    """
+    from stss_kernels._core import chunking
+    from stss_kernels.ops.relation_distance.triton_backend import backward
+
+    if request.param == "chunked":
+        monkeypatch.setattr(backward, "FUSED_MAX_CHANNELS", 0)
+        monkeypatch.setattr(chunking, "CHUNK_BUDGET_BYTES", 3 * 17 * 60 * 4)
+    return request.param
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(
     "batch, frames, hw, cs, ct",
@@ -223,7 +238,9 @@ def key_split(request, monkeypatch):
     ],
 )
 @pytest.mark.parametrize("upstream_kind", ["random", "uniform"])
-def test_triton_fp32_matches_fp64_reference(batch, frames, hw, cs, ct, variant, upstream_kind, key_split):
+def test_triton_fp32_matches_fp64_reference(
+    batch, frames, hw, cs, ct, variant, upstream_kind, key_split, backward_path
+):
     triton_fn = _triton()
     tokens = frames * hw
     student, teacher = _pair(batch, tokens, cs, ct, dtype=torch.float32, seed=10)
@@ -238,7 +255,7 @@ def test_triton_fp32_matches_fp64_reference(batch, frames, hw, cs, ct, variant, 
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_triton_zero_weight_rows_are_skipped_and_exact_elsewhere(variant, key_split):
+def test_triton_zero_weight_rows_are_skipped_and_exact_elsewhere(variant, key_split, backward_path):
     triton_fn = _triton()
     batch, frames, hw, cs, ct = 2, 2, 20, 5, 12
     tokens = frames * hw
@@ -259,7 +276,7 @@ def test_triton_zero_weight_rows_are_skipped_and_exact_elsewhere(variant, key_sp
     _assert_matches((rows, grad_student, grad_teacher), (truth[0] * kept.cpu(), *truth[1:]))
 
 
-def test_triton_all_zero_weight_and_single_frame_temporal_give_zeros():
+def test_triton_all_zero_weight_and_single_frame_temporal_give_zeros(backward_path):
     triton_fn = _triton()
     student, teacher = _pair(1, 14, 5, 6, dtype=torch.float32, seed=9)
     empty = torch.zeros(1, 14, dtype=torch.bool, device=DEVICE)
@@ -269,7 +286,7 @@ def test_triton_all_zero_weight_and_single_frame_temporal_give_zeros():
             assert torch.equal(value, torch.zeros_like(value))
 
 
-def test_triton_frozen_teacher_and_non_contiguous_inputs():
+def test_triton_frozen_teacher_and_non_contiguous_inputs(backward_path):
     """Teacher without grad (as in training); student and upstream gradient non-contiguous, partly zero."""
     triton_fn = _triton()
     batch, frames, hw, cs, ct = 2, 2, 7, 5, 12
@@ -293,7 +310,7 @@ BFLOAT16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("upstream_kind", ["random", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float16, BFLOAT16_ON_GPU])
-def test_triton_half_precision_no_worse_than_pytorch(dtype, upstream_kind, variant):
+def test_triton_half_precision_no_worse_than_pytorch(dtype, upstream_kind, variant, backward_path):
     """Error against the fp64 truth on the same rounded inputs <= same-dtype PyTorch's error + a small tol.
 
     "mean" is the upstream gradient of reduction="mean", 1 / (B N): a symmetric G whose tiny row factors

@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from stss_kernels._core.aot import AotKernel, LaunchModel, Pointer, Problem, cdiv, round_up
+from stss_kernels._core.chunking import rows_per_chunk
 from stss_kernels._core.tiles import DOT_PRECISION
 from stss_kernels.ops.relation_distance.pairs import VARIANTS, pair_count
-from stss_kernels.ops.relation_distance.triton_backend import backward, forward
+from stss_kernels.ops.relation_distance.triton_backend import backward, forward, sign_block
 from stss_kernels.ops.relation_distance.triton_backend.tiles import VARIANT_IDS
 
 OP = "relation_distance"
@@ -97,6 +98,8 @@ def grad_model(variant: str, column_pass: bool, symmetric: bool, for_teacher: bo
     def model(problem: Problem, dtype: torch.dtype, masked: bool, blocks: dict) -> LaunchModel | None:
         if pair_count(variant, problem.tokens, problem.frames) == 0 or (symmetric and column_pass):
             return None
+        if (problem.ct if for_teacher else problem.cs) > backward.FUSED_MAX_CHANNELS:
+            return None
         bm, bn, bk, bd = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"], blocks["BLOCK_D"]
         n, batch, kept = problem.tokens, problem.batch, problem.kept(masked)
         channels = problem.ct if for_teacher else problem.cs
@@ -124,14 +127,64 @@ def grad_model(variant: str, column_pass: bool, symmetric: bool, for_teacher: bo
     return model
 
 
+def _chunk_rows(num_tokens: int, dtype: torch.dtype) -> int:
+    """Query rows per launch of the wide-feature backward, as feature_grads_by_chunks sizes them."""
+    return rows_per_chunk(num_tokens, dtype.itemsize * sign_block._LIVE_BLOCKS)
+
+
+def sign_block_arguments(variant: str):
+    def arguments(problem: Problem, dtype: torch.dtype, masked: bool) -> dict:
+        n = problem.tokens
+        # The launcher passes per-video slices (student[b] ...): aligned when every video's offset is.
+        video_aligned = lambda row_bytes: problem.batch == 1 or (n * row_bytes) % 16 == 0  # noqa: E731
+        rows = min(_chunk_rows(n, dtype), problem.kept(masked))
+        return dict(
+            student_ptr=Pointer(dtype, video_aligned(problem.cs * dtype.itemsize)),
+            teacher_ptr=Pointer(dtype, video_aligned(problem.ct * dtype.itemsize)),
+            index_ptr=Pointer(torch.int32, video_aligned(4)) if masked else Pointer(torch.float32, video_aligned(4)),
+            out_ptr=Pointer(dtype), **_sizes(problem), margin=_MARGIN, chunk_start=0, chunk_rows=rows,
+            VARIANT=VARIANT_IDS[variant], HAS_INDEX=masked, UPCAST=False, PRECISION=DOT_PRECISION,
+        )  # fmt: skip
+
+    return arguments
+
+
+def sign_block_model(variant: str):
+    """Wide-feature backward (student wider than FUSED_MAX_CHANNELS): the sign matrix of every chunk of kept rows,
+    each tile once; the matmuls after it are not counted."""
+
+    def model(problem: Problem, dtype: torch.dtype, masked: bool, blocks: dict) -> LaunchModel | None:
+        if problem.cs <= backward.FUSED_MAX_CHANNELS or pair_count(variant, problem.tokens, problem.frames) == 0:
+            return None
+        bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
+        n, batch, kept = problem.tokens, problem.batch, problem.kept(masked)
+        step = _chunk_rows(n, dtype)
+        chunks = [min(step, kept - start) for start in range(0, kept, step)]
+        keys = _keys_per_query_tile(problem, variant, masked, bm)  # tiles outside the pairs store zeros only
+        row_bytes = (problem.cs + problem.ct) * dtype.itemsize
+        per_video = sum(
+            cdiv(rows, bm) * cdiv(keys, bn) * (bm + bn) * row_bytes + rows * n * dtype.itemsize for rows in chunks
+        )
+        padded_rows = sum(cdiv(rows, bm) * bm for rows in chunks)
+        return LaunchModel(
+            programs=batch * sum(cdiv(rows, bm) for rows in chunks) * cdiv(n, bn),
+            flops=batch * _gram_flops(kept, pair_count(variant, n, problem.frames), problem),
+            executed_flops=batch * _gram_flops(padded_rows, cdiv(keys, bn) * bn, problem, bk),
+            bytes=batch * per_video,
+        )
+
+    return model
+
+
 def _autotuned(kernel) -> tuple[object, list]:
     """The JITFunction under an @triton.autotune and its config list (the GPU list unless TRITON_INTERPRET=1)."""
     return kernel.fn, list(kernel.configs)
 
 
 def aot_kernels() -> list[AotKernel]:
-    """Every relation-distance kernel variant: the forward per pair variant, and per pair variant the backward's
-    column and row passes (general G) and its single symmetric row pass, for each side."""
+    """Every relation-distance kernel variant: the forward per pair variant, and per pair variant the fused
+    backward's column and row passes (general G) and its single symmetric row pass for each side, and the
+    wide-feature backward's sign block."""
     kernels = []
     fn, configs = _autotuned(forward._relation_distance_forward_kernel)
     for variant in VARIANTS:
@@ -146,4 +199,8 @@ def aot_kernels() -> list[AotKernel]:
                 name = f"{variant}/{pass_name}/{'teacher' if for_teacher else 'student'}"
                 flags = (variant, column_pass, symmetric, for_teacher)
                 kernels.append(AotKernel(OP, "grad", name, fn, configs, grad_arguments(*flags), grad_model(*flags)))
+    fn, configs = _autotuned(sign_block._sign_block_kernel)
+    for variant in VARIANTS:
+        arguments, model = sign_block_arguments(variant), sign_block_model(variant)
+        kernels.append(AotKernel(OP, "sign_block", variant, fn, configs, arguments, model))
     return kernels

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from stss_kernels._core.backends import triton_interpreting
 from stss_kernels._core.tiles import DOT_PRECISION, autotune_configs, load_rows, num_queries, query_rows
+from stss_kernels.ops.relation_distance.triton_backend.sign_block import feature_grads_by_chunks
 from stss_kernels.ops.relation_distance.triton_backend.tiles import (
     SPATIAL,
     TEMPORAL,
@@ -38,6 +39,9 @@ BACKWARD_CONFIGS = autotune_configs(
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_D=32),
 )
 BACKWARD_KEY = ["N", "HW", "Cs", "Ct", "VARIANT", "COLUMN_PASS", "SYMMETRIC", "FOR_TEACHER", "HAS_INDEX"]
+# Wider features take the chunked path (sign_block.py): the sign matrix written once per chunk of rows and
+# shared by both sides, then matmuls, instead of recomputing the tiles for every BLOCK_D slice.
+FUSED_MAX_CHANNELS = 128
 
 
 @triton.autotune(configs=BACKWARD_CONFIGS, key=BACKWARD_KEY, restore_value=["grad_ptr"])
@@ -182,3 +186,37 @@ def relation_distance_feature_grad(
         grid = lambda meta, tiles=tiles: (tiles(meta), channel_blocks(meta), batch)
         _relation_distance_grad_kernel[grid](*args, COLUMN_PASS=column_pass, **flags)
     return grad.mul_(grad_scale).to(features.dtype)
+
+
+def relation_distance_feature_grads(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    row_grad: torch.Tensor,
+    query_index: torch.Tensor | None,
+    query_count: torch.Tensor | None,
+    frames: int,
+    margin: float,
+    variant: str,
+    symmetric: bool,
+    needs_grad: tuple[bool, bool],
+    grad_scale: torch.Tensor | float = 1.0,
+) -> list[torch.Tensor | None]:
+    """[student gradient, teacher gradient] in the inputs' dtypes (None where not needed).
+
+    Sides up to FUSED_MAX_CHANNELS wide run the fused passes; wider ones share one sign block per chunk.
+    """
+    args = (student, teacher, row_grad, query_index, query_count, frames, margin, variant, symmetric)
+    grads: list[torch.Tensor | None] = [None, None]
+    wide = []
+    for index, (features, for_teacher) in enumerate(((student, False), (teacher, True))):
+        if not needs_grad[index]:
+            continue
+        if features.shape[-1] > FUSED_MAX_CHANNELS:
+            wide.append(for_teacher)
+        else:
+            grads[index] = relation_distance_feature_grad(*args, for_teacher, grad_scale)
+    if wide:
+        for for_teacher, grad in zip(wide, feature_grads_by_chunks(*args, tuple(wide))):
+            features = teacher if for_teacher else student
+            grads[int(for_teacher)] = grad.mul_(grad_scale).to(features.dtype)
+    return grads

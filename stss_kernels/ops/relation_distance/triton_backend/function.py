@@ -9,7 +9,7 @@ from stss_kernels._core.backends import on_device
 from stss_kernels._core.gradients import power_of_two_normalized
 from stss_kernels._core.queries import kept_queries
 from stss_kernels.ops.relation_distance.pairs import pair_count, uniform_per_video
-from stss_kernels.ops.relation_distance.triton_backend.backward import relation_distance_feature_grad
+from stss_kernels.ops.relation_distance.triton_backend.backward import relation_distance_feature_grads
 from stss_kernels.ops.relation_distance.triton_backend.forward import relation_distance_forward
 
 
@@ -41,14 +41,13 @@ class RelationDistanceTritonFunction(torch.autograd.Function):
             row_grad = torch.where(keep, row_grad, 0.0)
         row_grad, scale = power_of_two_normalized(row_grad)
         symmetric = uniform_per_video(row_grad)
-        args = (student, teacher, row_grad.contiguous(), query_index, query_count, frames, margin, variant, symmetric)
-        grads = []
-        for index, (features, for_teacher) in enumerate(((student, False), (teacher, True))):
-            if not ctx.needs_input_grad[index]:
-                grads.append(None)
-            elif count == 0:
-                grads.append(torch.zeros_like(features))
-            else:
-                with on_device(student):
-                    grads.append(relation_distance_feature_grad(*args, for_teacher, scale))
+        needs_grad = tuple(ctx.needs_input_grad[:2])
+        if count == 0:  # no pair: zero gradients
+            grads = [torch.zeros_like(x) if need else None for x, need in zip((student, teacher), needs_grad)]
+        else:
+            with on_device(student):
+                grads = relation_distance_feature_grads(
+                    student, teacher, row_grad.contiguous(), query_index, query_count, frames, margin, variant,
+                    symmetric, needs_grad, scale,
+                )  # fmt: skip
         return grads[0], grads[1], None, None, None, None
