@@ -13,10 +13,12 @@ mkdir -p "$results"
     python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee "$results/gpu-environment.txt"
 
-python -m pytest -q -p no:cacheprovider tests/test_triton_backend.py tests/test_tempered_kl.py tests/test_torch_backend.py 2>&1 \
+python -m pytest -q -p no:cacheprovider tests/test_triton_backend.py tests/test_tempered_kl.py tests/test_torch_backend.py \
+    tests/test_relation_distance.py tests/test_relation_distance_backends.py 2>&1 \
     | tee "$results/gpu-tests.log" | tail -n 15
 
-presets=("--preset tsa-grid" "--preset tsa-grid --mask-ratio 0.2" "--preset cogvideox-native")
+presets=("--preset tsa-grid" "--preset tsa-grid --mask-ratio 0.2" "--preset cogvideox-native"
+         "--op relation_distance --preset tsa-grid" "--op relation_distance --preset cogvideox-native")
 if [ "${1:-all}" != quick ]; then
     presets+=("--preset cogvideox-native --mask-ratio 0.2" "--preset cogvideox15 --providers reference,torch,triton"
               "--preset sweep --providers reference,compiled,triton")
