@@ -21,7 +21,8 @@ from .providers import OPS, PROVIDERS
 from .workloads import PRESETS, build_workloads, flop_count
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = PROJECT_ROOT / "bench" / "results"
+DEFAULT_OUT = PROJECT_ROOT / "bench" / "results"  # the committed results: written only with --update-results
+RUNS_DIR = PROJECT_ROOT / "bench" / "runs"  # one folder per run otherwise (git-ignored)
 
 # Options passed to every Case under the same name.
 CASE_SETTINGS = (
@@ -63,7 +64,9 @@ def _mask_ratio(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--op", choices=OPS, default="tempered_kl", help="the op to measure")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tsa-grid")
     for field in ("batch", "frames", "hw", "cs", "ct"):
@@ -73,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", type=_csv(report.MODES), default=list(report.MODES))
     parser.add_argument("--teacher-grad", action="store_true", help="fwd+bwd also computes teacher gradients")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="None: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--tau", type=float, default=0.1, help="tempered_kl: student and teacher temperature")
     parser.add_argument("--margin", type=float, default=0.1, help="relation_distance: margin")
     parser.add_argument(
@@ -92,8 +95,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="run each case in a fresh process (auto: on CPU, where peak RSS cannot be reset otherwise)",
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON and PNG files")
-    parser.add_argument("--tag", help="file name stem (default: PRESET-DEVICE-DTYPE[-maskR][-teacher-grad])")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the JSON and PNG files (None: a new bench/runs/UTC-TIMESTAMP/)",
+    )
+    parser.add_argument(
+        "--update-results",
+        action="store_true",
+        help="write to bench/results/, replacing the committed result files of the same tag",
+    )
+    parser.add_argument("--tag", help="file name stem (None: PRESET-DEVICE-DTYPE[-maskR][-teacher-grad])")
     parser.add_argument("--no-plot", dest="plot", action="store_false")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
@@ -102,6 +115,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--tau must be > 0, got {args.tau}")
     if not args.margin >= 0:
         parser.error(f"--margin must be >= 0, got {args.margin}")
+    if args.update_results and args.out is not None:
+        parser.error("--update-results writes to bench/results/; leave out --out")
+    if args.out is None:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        args.out = DEFAULT_OUT if args.update_results else RUNS_DIR / stamp
     return args
 
 

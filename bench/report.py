@@ -51,14 +51,14 @@ def _row(result: dict) -> list[str]:
         status = result["status"] + (f": {result['note']}" if result["note"] else "")
         return cells + [status] + [""] * 6 + [_check_cell(result)]
     time_ms = result["time_ms"]
-    peak_mb = result["peak_bytes"] / 2**20
+    peak_mib = result["peak_bytes"] / 2**20
     cells += [
         result["status"],
         f"{_ms(time_ms['median'])} [{_ms(time_ms['q25'])}, {_ms(time_ms['q75'])}]",
         f"{result['speedup_vs_reference']:.3g}x" if "speedup_vs_reference" in result else "-",
         f"{result['tflops']:.3g}",
         f"{100 * result['matmul_fraction']:.1f}%" if "matmul_fraction" in result else "-",
-        f"{peak_mb:.1f}",
+        f"{peak_mib:.1f}",
         f"{result['peak_bytes'] / result['input_bytes']:.2f}",
         _check_cell(result),
     ]
@@ -67,7 +67,7 @@ def _row(result: dict) -> list[str]:
 
 HEADER = [
     "workload", "N", "mode", "provider", "status", "time ms median [IQR]", "vs ref", "TFLOP/s",
-    "% matmul", "peak MB", "peak/in", "check",
+    "% matmul", "peak MiB", "peak/in", "check",
 ]  # fmt: skip
 
 

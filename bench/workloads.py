@@ -1,4 +1,4 @@
-"""Workload presets (SPEC sections 4, 8, 11) and the FLOP model used for TFLOP/s."""
+"""Workload presets (docs/method.md: feature grid, CogVideoX, cost model) and the FLOP model for TFLOP/s."""
 
 from __future__ import annotations
 

@@ -151,6 +151,18 @@ def test_bad_arguments_are_rejected():
             cli.parse_args(argv)
 
 
+def test_results_go_to_a_run_folder_unless_told_to_update(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "RUNS_DIR", tmp_path / "runs")
+    assert cli.parse_args([]).out.parent == tmp_path / "runs"  # bench/runs/<timestamp>/
+    assert cli.parse_args(["--update-results"]).out == cli.DEFAULT_OUT
+    assert cli.parse_args(["--out", str(tmp_path)]).out == tmp_path
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--update-results", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    assert "(default: 0.1)" in capsys.readouterr().out  # --help shows the defaults
+
+
 def test_relation_distance_op(tmp_path, capsys):
     """`--op relation_distance`: the same harness, table and JSON; every provider checked against its fp64 truth."""
     argv = "--op relation_distance --variant temporal --margin 0.05 --batch 2 --frames 3 --hw 10 --cs 12 --ct 7"

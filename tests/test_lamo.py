@@ -42,7 +42,7 @@ def translating_clips(batch: int, frames: int = 4, size: int = 8, gen=None) -> t
 
 
 def drift_loss_fp64(x0_pred, x0, lag, eps):
-    """Loop reference of SPEC 7's L_drift in float64."""
+    """Loop reference of LaMo's L_drift (docs/method.md) in float64."""
     x0_pred, x0 = x0_pred.double(), x0.double()
     terms = []
     for b in range(x0.shape[0]):
@@ -65,6 +65,19 @@ def test_drift_loss_matches_fp64_loop_reference(lag):
     loss = MotionDriftLoss(lag=lag, eps=1e-4)(x0_pred, x0)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss.double(), drift_loss_fp64(x0_pred, x0, lag, 1e-4), rtol=1e-5, atol=1e-6)
+
+
+def test_drift_loss_denominator_floor_defaults_to_lamo_code():
+    """eps = 1e-8 (LaMo's code): a clip whose clean drift has ||mu*||^2 ~ 1e-6 is normalised by it, not by 1e-4."""
+    x0 = torch.zeros(1, 4, C, 4, 4)
+    x0[:, 2:, 0] = 1e-3  # mu* = (1e-3, 0, ...) for the pairs (0, 2) and (1, 3)
+    x0_pred = x0 + 1e-3 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    assert MotionDriftLoss().eps == 1e-8 and LaMoTrainer(tiny_predictor(), total_steps=1).drift.eps == 1e-8
+    expected = drift_loss_fp64(x0_pred, x0, 2, 1e-8)
+    torch.testing.assert_close(MotionDriftLoss()(x0_pred, x0).double(), expected, rtol=1e-4, atol=0)
+    floored = MotionDriftLoss(eps=1e-4)(x0_pred, x0).double()  # the earlier default, still an option
+    torch.testing.assert_close(floored, drift_loss_fp64(x0_pred, x0, 2, 1e-4), rtol=1e-4, atol=0)
+    assert expected > 50 * floored
 
 
 def test_drift_loss_zero_when_equal_and_positive_otherwise():
@@ -132,8 +145,27 @@ def test_fresh_predictor_predicts_no_motion_and_ignores_the_prompt():
     assert all(block.film.weight.abs().sum() == 0 for block in predictor.blocks)
 
 
-def test_predictor_pools_only_valid_tokens_and_drops_prompts():
+def test_predictor_pools_every_position_by_default_as_lamo_code():
+    """LaMo's released code mean-pools all positions (padding included) in training and sampling."""
     predictor = randomize_zero_layers(tiny_predictor()).eval()
+    assert predictor.config.prompt_pooling == "all"
+    z = torch.randn(2, 3, C, 8, 8)
+    embeds = torch.randn(2, 6, TEXT)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    garbage = embeds.clone()
+    garbage[mask == 0] = 100.0
+    with torch.no_grad():
+        out = predictor(z, embeds, mask)
+        torch.testing.assert_close(out, predictor(z, embeds))  # the mask does not change the pooling
+        assert not torch.allclose(predictor(z, garbage, mask), out)  # padding positions are pooled
+        cond = nn.functional.gelu(predictor.text_proj(embeds.mean(dim=1)))
+        torch.testing.assert_close(predictor.encode_prompt(embeds, mask, 2), cond)
+    with pytest.raises(ValueError, match="prompt_pooling"):
+        tiny_predictor(prompt_pooling="cls")
+
+
+def test_predictor_pools_only_valid_tokens_and_drops_prompts():
+    predictor = randomize_zero_layers(tiny_predictor(prompt_pooling="tokens")).eval()
     z = torch.randn(2, 3, C, 8, 8)
     embeds = torch.randn(2, 6, TEXT)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
@@ -145,7 +177,7 @@ def test_predictor_pools_only_valid_tokens_and_drops_prompts():
         assert not torch.allclose(predictor(z, embeds), out)  # no mask: every token pooled
         null = predictor(z, None)
         assert not torch.allclose(null, out)
-    dropping = randomize_zero_layers(tiny_predictor(prompt_dropout=1.0)).train()
+    dropping = randomize_zero_layers(tiny_predictor(prompt_dropout=1.0, prompt_pooling="tokens")).train()
     with torch.no_grad():
         torch.testing.assert_close(dropping(z, embeds, mask), null)
 
@@ -305,6 +337,19 @@ def test_one_guided_step_lowers_the_guidance_loss(tiny_pipe):
     assert predictor.training  # its mode is restored
     enable_motion_guidance(pipe, predictor.eval()).remove()
     assert not predictor.training
+
+
+@pytest.mark.parametrize("rho, steps, floor, ceil", [(0.8, 50, 9, 10), (0.8, 5, 0, 1), (0.4, 5, 3, 3), (1.0, 50, 0, 0),
+                                                      (0.0, 50, 50, 50), (0.5, 7, 3, 4)])
+def test_first_guided_step_is_lamo_codes_int(tiny_pipe, rho, steps, floor, ceil):
+    """LaMo's code guides from int((1 - rho) * S): 41 of 50 steps at rho = 0.8 (ceil: 40)."""
+    predictor = tiny_predictor()
+    with enable_motion_guidance(tiny_pipe, predictor, rho=rho) as guidance:
+        assert guidance.first_guided_step(steps) == floor == int((1 - rho) * steps)
+    with enable_motion_guidance(tiny_pipe, predictor, rho=rho, start_rounding="ceil") as guidance:
+        assert guidance.first_guided_step(steps) == ceil
+    with pytest.raises(ValueError, match="start_rounding"):
+        enable_motion_guidance(tiny_pipe, predictor, start_rounding="round")
 
 
 def test_guidance_rejects_bad_arguments(tiny_pipe):

@@ -57,8 +57,8 @@ def test_guidance_scale_zero_reproduces_the_unguided_sample(pipe, predictor):
     unguided = sample(pipe)
     with enable_motion_guidance(pipe, predictor, scale=0.0, rho=0.8) as guidance:
         assert torch.equal(sample(pipe), unguided)
-    # rho = 0.8 of 5 steps: steps 1..4 guided, each with a finite loss
-    assert [index for index, _ in guidance.history] == [1, 2, 3, 4]
+    # rho = 0.8 of 5 steps: from int(0.2 * 5) = int(0.99...) = 0 on (LaMo's code), each with a finite loss
+    assert [index for index, _ in guidance.history] == [0, 1, 2, 3, 4]
     assert all(np.isfinite(loss) for _, loss in guidance.history)
     assert torch.equal(sample(pipe), unguided)  # removed
 

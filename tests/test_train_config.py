@@ -90,10 +90,13 @@ def test_bad_options_are_named(argv, message, capsys):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_bad_yaml_is_named(tmp_path):
-    with pytest.raises(ValueError, match="unknown option 'learning_rat'"):
-        parse_args(["--config", write_yaml(tmp_path, "learning_rat: 0.1\n")])
-    with pytest.raises(ValueError, match="align must be one of"):
-        parse_args(["--config", write_yaml(tmp_path, "align: bogus\n")])
-    with pytest.raises(FileNotFoundError, match="no such YAML"):
+def test_bad_yaml_is_named(tmp_path, capsys):
+    for text, message in (("learning_rat: 0.1\n", "unknown option 'learning_rat'"),
+                          ("align: bogus\n", "align must be one of"), ("top_k: [1\n", "is not valid YAML")):
+        with pytest.raises(SystemExit):
+            parse_args(["--config", write_yaml(tmp_path, text)])
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
+    assert "no such YAML" in capsys.readouterr().err

@@ -245,3 +245,55 @@ def test_accelerate_launch_two_processes(tiny_run, tmp_path):
     assert [row["step"] for row in history] == [1, 2]
     assert all(row["align"] == 0 and row["drift"] > 0 and np.isfinite(row["loss"]) for row in history)
     assert (output / "motion_predictor" / "config.json").is_file()
+
+
+def _one_line_exit(capsys, code):
+    """The one error line of a run that stopped with exit status 1 (progress bars aside), no traceback."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("tsa-train: error:")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_resume_from_a_nan_checkpoint_is_refused_naming_the_file(tiny_run, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from tsa.train import main
+
+    run = tiny_run[0]
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-4"
+    shutil.copytree(run / "checkpoints" / "checkpoint-4", checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, checkpoint / "model.safetensors")
+    monkeypatch.setattr("tsa.train.prepare_training", lambda *a: pytest.fail("models built for a bad checkpoint"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*assets(run), "--output-dir", str(tmp_path), "--max-steps", "6", "--resume", "latest", *QUIET])
+    line = _one_line_exit(capsys, exit_info.value.code)
+    assert str(checkpoint / "model.safetensors") in line and "non-finite" in line and name in line
+    assert not (tmp_path / "transformer").exists() and not (tmp_path / "projector").exists()
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-4"]
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tiny_run, tmp_path, capsys, monkeypatch):
+    import tsa.train
+    from tsa.validation import verify_checkpoint
+
+    compute_losses, calls = tsa.train.compute_losses, []
+
+    def nan_at_second_step(*args):
+        loss, losses = compute_losses(*args)
+        calls.append(1)
+        return (loss * float("nan"), {**losses, "loss": float("nan")}) if len(calls) == 2 else (loss, losses)
+
+    monkeypatch.setattr(tsa.train, "compute_losses", nan_at_second_step)
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        tsa.train.main([*assets(tiny_run[0]), "--output-dir", str(output), "--max-steps", "3",
+                        "--checkpointing-steps", "1", *QUIET])
+    line = _one_line_exit(capsys, exit_info.value.code)
+    assert line.startswith("tsa-train: error: step 2:") and "gradient norm is nan" in line, line
+    assert sorted(path.name for path in (output / "checkpoints").iterdir()) == ["checkpoint-1"]
+    verify_checkpoint(output / "checkpoints" / "checkpoint-1")
+    assert not (output / "transformer").exists() and not (output / "losses.json").exists()

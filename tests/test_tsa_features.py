@@ -124,7 +124,7 @@ def test_resample_features():
 
 
 def test_projector_teacher_grid_spec_shape():
-    """SPEC 4: 13 x 30 x 45 DiT tokens -> 24 x 10 x 15 (teacher-grid) or 12 x 30 x 45 (native)."""
+    """docs/method.md, features: 13 x 30 x 45 DiT tokens -> 24 x 10 x 15 (teacher-grid) or 12 x 30 x 45 (native)."""
     features = torch.randn(1, 13, 30, 45, 6)
     projector = AlignmentProjector(6, out_dim=5, hidden_dim=7)
     assert projector.teacher_grid((13, 30, 45)) == (24, 10, 15)

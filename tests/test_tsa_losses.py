@@ -15,7 +15,7 @@ def _features(batch=2, frames=3, height=2, width=3, channels=(5, 7), seed=0):
 
 
 def _tsa_by_hand(student, teacher, tau_s, tau_t, mask=None):
-    """SPEC 2-3: per query i and target frame f, KL(softmax(T[i, f]/tau_t) || softmax(S[i, f]/tau_s))."""
+    """docs/method.md, TSA: per query i and target frame f, KL(softmax(T[i, f]/tau_t) || softmax(S[i, f]/tau_s))."""
     batch, frames, height, width, _ = student.shape
     tokens, per_frame = frames * height * width, height * width
     s = student.reshape(batch, tokens, -1)

@@ -26,9 +26,36 @@ def _pixels(batch=2, frames=9, height=40, width=56, seed=0):
     return torch.rand(batch, frames, 3, height, width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def _model_input(pixels, frames, height, width):
-    video = resize_video(pixels[:, 1:], frames, height, width)
+def _model_input(pixels, frames, height, width, mode="bicubic"):
+    """An image processor's order: resize (antialiased, clamped like uint8 frames), rescale, normalise."""
+    video = resize_video(pixels[:, 1:], frames, height, width, mode=mode)
     return ((video + 1) / 2 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def _videorepa_features(model, pixels, grid):
+    """VideoREPA's released recipe, written out independently of tsa: (x+1)/2, Normalize, drop frame 0, plain
+    F.interpolate bicubic; VideoMAEv2.interpolate_pos_embed (bicubic per temporal slice, then trilinear with H, W
+    kept); patch embedding + table, blocks, no final norm."""
+    batch, frames, channels, height, width = pixels.shape
+    raw = (pixels.flatten(0, 1) + 1.0) / 2.0
+    raw = torchvision_normalize(raw, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    raw = raw.reshape(batch, frames, channels, height, width)[:, 1:]
+    size = (grid[1] * 16, grid[2] * 16)
+    raw = torch.nn.functional.interpolate(raw.flatten(0, 1), size, mode="bicubic").reshape(batch, frames - 1, 3, *size)
+    config = model.config
+    t0, h0 = config.num_frames // config.tubelet_size, config.image_size // config.patch_size
+    pos = model.embeddings.position_embeddings.reshape(-1, t0, h0, h0, 24).reshape(-1, h0, h0, 24).permute(0, 3, 1, 2)
+    pos = torch.nn.functional.interpolate(pos, size=grid[1:], mode="bicubic", align_corners=False)
+    pos = pos.permute(0, 2, 3, 1).reshape(-1, t0, *grid[1:], 24).permute(0, 4, 1, 2, 3)
+    pos = torch.nn.functional.interpolate(pos, size=grid, mode="trilinear", align_corners=False)
+    pos = pos.permute(0, 2, 3, 4, 1).flatten(1, 3)
+    with torch.no_grad():
+        tokens = model.embeddings.patch_embeddings.projection(raw.transpose(1, 2)).flatten(2).transpose(1, 2)
+        return model.encoder(tokens + pos).last_hidden_state.view(batch, *grid, 24)
+
+
+def torchvision_normalize(frames, mean, std):
+    return (frames - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 @pytest.mark.parametrize("kind", ["videomae", "dinov2", "vjepa2"])
@@ -55,7 +82,7 @@ def test_videomae_is_last_block_without_final_norm(folders):
     teacher = load_teacher("videomae", folders["videomae"])
     model = transformers.VideoMAEModel.from_pretrained(folders["videomae"]).eval()
     pixels = _pixels()
-    video = _model_input(pixels, 4, 32, 32)
+    video = teacher.preprocess(pixels, (2, 2, 2))
     with torch.no_grad():
         outputs = model(pixel_values=video, output_hidden_states=True)
     expected = outputs.hidden_states[-1].view(2, 2, 2, 2, 24)
@@ -63,19 +90,41 @@ def test_videomae_is_last_block_without_final_norm(folders):
     assert not torch.allclose(outputs.last_hidden_state.view(2, 2, 2, 2, 24), expected, atol=1e-3)
 
 
-def test_videomae_other_grid_resamples_position_table(folders):
+@pytest.mark.parametrize("grid", [(2, 2, 2), (3, 2, 3), (4, 3, 2)])
+def test_videomae_matches_videorepa_recipe(folders, grid):
+    """Features equal an independent transcription of VideoREPA's preprocessing and position-table resampling
+    (downsampled in space here, so antialiasing, clamping or a one-pass trilinear table would show)."""
     teacher = load_teacher("videomae", folders["videomae"])
     model = transformers.VideoMAEModel.from_pretrained(folders["videomae"]).eval()
-    table = model.embeddings.position_embeddings  # sinusoid for the config's 2 x 2 x 2 grid
+    pixels = _pixels(frames=2 * grid[0] + 1, height=40, width=56)
+    expected = _videorepa_features(model, pixels, grid)
+    torch.testing.assert_close(teacher(pixels, grid=grid), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(teacher(pixels, grid=grid), teacher(pixels.double(), grid=grid))  # fp32 inside
+
+
+def test_videomae_runs_in_fp32_under_autocast(folders):
+    teacher = load_teacher("videomae", folders["videomae"])
+    assert teacher.model.embeddings.patch_embeddings.projection.weight.dtype == torch.float32
     pixels = _pixels()
-    features = teacher(pixels, grid=(3, 2, 5))
-    video = _model_input(pixels, 6, 32, 80)
-    with torch.no_grad():
-        patches = model.embeddings.patch_embeddings.projection(video.transpose(1, 2)).flatten(2).transpose(1, 2)
-        tokens = patches + resample_position_table(table, (2, 2, 2), (3, 2, 5))
-        expected = model.encoder(tokens).last_hidden_state.view(2, 3, 2, 5, 24)
-    torch.testing.assert_close(features, expected)
-    torch.testing.assert_close(teacher(pixels), teacher(pixels, grid=(2, 2, 2)))  # back to the config grid
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = teacher(pixels, grid=(3, 2, 3))
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, teacher(pixels, grid=(3, 2, 3)))
+    half = load_teacher("videomae", folders["videomae"], dtype=torch.bfloat16)
+    assert half(pixels).dtype == torch.bfloat16
+
+
+def test_position_table_bicubic_in_space_then_linear_in_time():
+    table = torch.randn(1, 2 * 3 * 4, 5, generator=torch.Generator().manual_seed(0))
+    out = resample_position_table(table, (2, 3, 4), (5, 3, 4))  # time only: linear, align_corners=False
+    volume = table.view(2, 12, 5)
+    weights = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])  # source position (i + 0.5) * 2 / 5 - 0.5, clamped
+    expected = volume[0] + (weights.view(5, 1, 1) * (volume[1] - volume[0]))
+    torch.testing.assert_close(out.view(5, 12, 5), expected)
+    spatial = resample_position_table(table, (2, 3, 4), (2, 5, 6))  # space only: bicubic per slice
+    planes = torch.nn.functional.interpolate(table.view(2, 3, 4, 5).permute(0, 3, 1, 2), size=(5, 6), mode="bicubic")
+    torch.testing.assert_close(spatial, planes.permute(0, 2, 3, 1).reshape(1, -1, 5))
+    assert torch.equal(resample_position_table(table, (2, 3, 4), (2, 3, 4)), table)
 
 
 def test_dinov2_patch_tokens_per_frame(folders):
@@ -92,7 +141,7 @@ def test_vjepa2_square_crop_then_resampled(folders):
     teacher = load_teacher("vjepa2", folders["vjepa2"])
     model = transformers.VJEPA2Model.from_pretrained(folders["vjepa2"]).eval()
     pixels = _pixels()
-    video = _model_input(pixels, 6, 32, 32)
+    video = _model_input(pixels, 6, 32, 32, mode="bilinear")
     with torch.no_grad():
         square = model(pixel_values_videos=video, skip_predictor=True).last_hidden_state.view(2, 3, 2, 2, 24)
     torch.testing.assert_close(teacher(pixels, grid=(3, 2, 2)), square)
@@ -105,6 +154,11 @@ def test_resize_video_frames_and_size():
     assert resize_video(pixels, 4, 4, 6)[0, :, 0, 0, 0].tolist() == [1 / 8, 3 / 8, 5 / 8, 7 / 8]  # frame centres
     resized = resize_video(pixels * 8 - 1, 8, 9, 5)
     assert resized.shape == (1, 8, 3, 9, 5) and resized.abs().max() <= 1
+    noise = _pixels(batch=1, frames=2, height=12, width=12)
+    plain = resize_video(noise, 2, 5, 7, antialias=False, clamp=False)
+    expected = torch.nn.functional.interpolate(noise[0], size=(5, 7), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(plain[0], expected)
+    assert plain.abs().max() > 1  # bicubic overshoots; clamp=False keeps it
 
 
 def test_teacher_errors(folders, tmp_path):
@@ -197,21 +251,23 @@ def test_converter_round_trip(original, folders, tmp_path):
 
 
 def test_converter_learned_table_and_layer_scale(original, tmp_path):
-    """pos_embed + gamma + 'module' nesting + 'module.' prefix; the table is resampled to the new grid."""
+    """pos_embed + gamma + 'module' nesting + 'module.' prefix; the table is stored as built, with its grid."""
     pos_embed = torch.randn(1, 8, 24)
     state = {"module." + key: value for key, value in _official_state_dict(original, torch.rand(24) + 0.5).items()}
     state["module.pos_embed"] = pos_embed
     out = convert_videomae_v2_checkpoint({"module": state, "epoch": 3}, tmp_path / "out", num_frames=6,
                                          image_size=(16, 48), source_num_frames=4, source_image_size=32,
                                          layer_norm_eps=1e-12, num_attention_heads=2)
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    table = load_file(str(out / POSITION_TABLE_FILE))["position_table"]
-    volume = torch.nn.functional.interpolate(pos_embed.view(1, 2, 2, 2, 24).permute(0, 4, 1, 2, 3), size=(3, 1, 3),
-                                             mode="trilinear", align_corners=False)
-    torch.testing.assert_close(table, volume.permute(0, 2, 3, 4, 1).reshape(1, 9, 24))
+    torch.testing.assert_close(load_file(str(out / POSITION_TABLE_FILE))["position_table"], pos_embed)  # as built
+    with safe_open(str(out / POSITION_TABLE_FILE), framework="pt") as handle:
+        assert handle.metadata() == {"grid": "2,2,2"}
     teacher = load_teacher("videomae", out)
     assert teacher.source_grid == (3, 1, 3) and teacher.model.config.image_size == [16, 48]
+    assert teacher.position_grid == (2, 2, 2)
+    table = resample_position_table(pos_embed, (2, 2, 2), (3, 1, 3))  # once, at load
     torch.testing.assert_close(teacher.model.embeddings.position_embeddings, table)
     video = torch.randn(1, 6, 3, 16, 48)
     with torch.no_grad():

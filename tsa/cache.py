@@ -212,8 +212,13 @@ def main(argv=None):
 
     from tsa.config import parse_args
     from tsa.data import prepare_tiny_assets
+    from tsa.validation import UsageError, check_training_args, exit_with_error
 
     args = parse_args(argv, prog="tsa-cache")
+    try:
+        check_training_args(args, needs_teacher=False)
+    except UsageError as error:
+        exit_with_error("tsa-cache", error)
     accelerator = Accelerator()
     if args.preset == "tiny":
         with accelerator.main_process_first():

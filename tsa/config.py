@@ -1,14 +1,15 @@
 """Command line and YAML configuration of tsa-train, tsa-cache and tsa-sample.
 
-Precedence, lowest first: the parser's defaults (the SPEC's values), the preset (`--preset`; default `tiny`
-when no `--model-path` is given, else none), the YAML file (`--config`), the command line. YAML keys are the
-option names with dashes or underscores.
+Precedence, lowest first: the parser's defaults (the papers' values, docs/method.md), the preset (`--preset`;
+default `tiny` when no `--model-path` is given, else none), the YAML file (`--config`), the command line. YAML
+keys are the option names with dashes or underscores.
 """
 
 import argparse
 from pathlib import Path
 
 from tsa.choices import GRID_MODES, TEACHER_KINDS, TRAINING_METHODS, TRD_VARIANTS
+from tsa.validation import TRAINING_RANGES, OneLineArgumentParser, UsageError, check_ranges
 
 LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
 
@@ -19,14 +20,14 @@ PRESETS = {
         finetune="full", learning_rate=1e-3, lr_warmup_steps=5, train_batch_size=2, max_steps=100,
         checkpointing_steps=50, num_videos=8, predictor_channels=16, predictor_blocks=2,
     ),
-    # SPEC section 9: TSA / M-TSA on CogVideoX-2B, full fine-tune (8 GPUs x 4 = global batch 32).
+    # TSA / M-TSA on CogVideoX-2B, full fine-tune (8 GPUs x 4 = global batch 32).
     "cogvideox-2b-mtsa": dict(
         height=480, width=720, num_frames=49, align="mtsa", align_layer=18, align_weight=0.5, tau=0.1,
         top_k=0.2, finetune="full", learning_rate=2e-6, lr_warmup_steps=100, train_batch_size=4,
         max_steps=4000, checkpointing_steps=500, mixed_precision="bf16", gradient_checkpointing=True,
         vae_tiling=True,
     ),
-    # SPEC sections 7 and 9: CogVideoX-5B with LoRA r128 / alpha 64 on the attention projections.
+    # VideoREPA / LaMo: CogVideoX-5B with LoRA r128 / alpha 64 on the attention projections.
     "cogvideox-5b-lora": dict(
         height=480, width=720, num_frames=49, align="mtsa", align_layer=18, align_weight=0.5, tau=0.1,
         top_k=0.2, finetune="lora", lora_rank=128, lora_alpha=64, learning_rate=1e-4,
@@ -45,14 +46,14 @@ def _positive_int(text):
 
 def build_parser(prog="tsa-train"):
     """The options shared by tsa-train and tsa-cache (tsa-cache ignores the training ones)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=prog,
         description="Fine-tune CogVideoX with a TSA / M-TSA / TRD / REPA / LaMo alignment loss.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="Named defaults. When neither this nor the YAML names one: tiny without --model-path "
-                             "(tiny random models, CPU demo), else none (the defaults shown here, the SPEC's).")
+                             "(tiny random models, CPU demo), else none (the defaults shown here, the papers').")
     parser.add_argument("--config", type=Path, default=None, help="YAML file of options.")
 
     model = parser.add_argument_group("model")
@@ -96,11 +97,18 @@ def build_parser(prog="tsa-train"):
     align.add_argument("--trd-variant", choices=TRD_VARIANTS, default="full")
     align.add_argument("--teacher", choices=TEACHER_KINDS, default="videomae")
     align.add_argument("--teacher-path", type=Path, default=None)
+    align.add_argument("--teacher-precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                       help="dtype the frozen teacher runs in (fp32 as VideoREPA, whatever --mixed-precision is).")
     align.add_argument("--motion-drift-weight", type=float, default=None,
                        help="LaMo drift loss weight (default 0.4 with --align lamo, else 0).")
     align.add_argument("--predictor-learning-rate", type=float, default=5e-4)
     align.add_argument("--predictor-channels", type=_positive_int, default=256, help="LaMo predictor width.")
     align.add_argument("--predictor-blocks", type=_positive_int, default=8, help="LaMo predictor FiLM blocks.")
+    align.add_argument("--predictor-prompt-pooling", choices=("all", "tokens"), default="all",
+                       help="LaMo prompt mean-pool: all 226 T5 positions, padding included (LaMo's code), or the "
+                            "real tokens only (the paper's text).")
+    align.add_argument("--motion-drift-eps", type=float, default=1e-8,
+                       help="Floor of the drift loss's denominator ||mu*||^2 (LaMo's code: 1e-8).")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--learning-rate", type=float, default=2e-6)
@@ -125,6 +133,9 @@ def build_parser(prog="tsa-train"):
     ckpt.add_argument("--checkpoints-total-limit", type=int, default=None,
                       help="Keep at most this many checkpoints (oldest deleted).")
     ckpt.add_argument("--resume", default=None, help="'latest' or a checkpoint folder.")
+    ckpt.add_argument("--viz-steps", type=int, default=0,
+                      help="Every N optimizer steps, draw the correspondence maps of the first clip to OUTPUT_DIR/viz "
+                           "and TensorBoard, with entropy / KL / mask scalars (0 = off; see tsa-viz).")
     ckpt.add_argument("--no-progress", action="store_true", help="Hide the tqdm bar.")
     return parser
 
@@ -156,7 +167,12 @@ def parse_args(argv=None, prog="tsa-train"):
     """Parse `argv` with the preset and YAML as defaults, so anything on the command line wins."""
     parser = build_parser(prog)
     first, _ = parser.parse_known_args(argv)
-    from_yaml = _load_yaml(first.config, parser) if first.config is not None else {}
+    try:
+        from_yaml = _load_yaml(first.config, parser) if first.config is not None else {}
+    except (OSError, ValueError, argparse.ArgumentTypeError) as error:
+        parser.error(str(error))
+    except Exception as error:  # noqa: BLE001 - yaml.YAMLError, without importing yaml for --help
+        parser.error(f"--config: {first.config} is not valid YAML: {' '.join(str(error).split())}")
     preset = first.preset or from_yaml.get("preset")
     if preset is None and first.model_path is None and from_yaml.get("model_path") is None:
         preset = "tiny"
@@ -183,7 +199,9 @@ def _finalise(args, parser):
                      f"latent frame 0 and the drift loss compares frames 2 apart), got {args.num_frames}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints-total-limit must be >= 1 (or left out), got {args.checkpoints_total_limit}")
-    for option in ("lr_warmup_steps", "dataloader_num_workers"):
+    if args.viz_steps and args.align not in ("tsa", "mtsa", "trd", "repa"):
+        parser.error(f"--viz-steps needs a teacher alignment (--align tsa, mtsa, trd or repa), not {args.align}")
+    for option in ("lr_warmup_steps", "dataloader_num_workers", "viz_steps"):
         if getattr(args, option) < 0:
             parser.error(f"--{option.replace('_', '-')} must be >= 0, got {getattr(args, option)}")
     if args.preset != "tiny":
@@ -199,4 +217,8 @@ def _finalise(args, parser):
     args.lora_target_modules = [name.strip() for name in modules if name.strip()]
     if args.cache_dir is None:
         args.cache_dir = args.output_dir / "cache"
+    try:
+        check_ranges(args, TRAINING_RANGES)
+    except UsageError as error:
+        parser.error(str(error))
     return args

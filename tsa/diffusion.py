@@ -1,4 +1,4 @@
-"""CogVideoX's diffusion training objective (SPEC section 8): v-prediction through CogVideoXDPMScheduler."""
+"""CogVideoX's diffusion training objective (docs/method.md): v-prediction through CogVideoXDPMScheduler."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ def check_feature_pair(student: torch.Tensor, teacher: torch.Tensor, same_channe
 
 
 class TSALoss(nn.Module):
-    """Tempered self-similarity alignment (SPEC 2-3) on `stss_kernels.tempered_kl`.
+    """Tempered self-similarity alignment (docs/method.md, "TSA" and "M-TSA") on `stss_kernels.tempered_kl`.
 
     forward(student (B, F, H, W, Cs), teacher (B, F, H, W, Ct), video=None, query_mask=None) -> scalar
     float32: mean over queries and target frames of KL(P_teacher || P_student), cosine similarities,
@@ -75,7 +75,7 @@ def tubelet_for_grid(video: torch.Tensor, grid) -> tuple[int, int, int]:
 
 
 class TRDLoss(nn.Module):
-    """VideoREPA token relation distillation (SPEC 5): mean of relu(|S_ij - T_ij| - margin).
+    """VideoREPA token relation distillation (docs/method.md, "TRD"): mean of relu(|S_ij - T_ij| - margin).
 
     S, T are cosine Gram matrices of the student / teacher tokens. variant "full": all N x N pairs per
     video; "spatial": per-frame HW x HW Gram matrices; "temporal": cross-frame pairs only (0 for a
@@ -100,7 +100,7 @@ class TRDLoss(nn.Module):
 
 
 class REPALoss(nn.Module):
-    """REPA (SPEC 6): negative mean cosine similarity between student and teacher tokens (same width)."""
+    """REPA (docs/method.md): negative mean cosine similarity between student and teacher tokens (same width)."""
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         check_feature_pair(student, teacher, same_channels=True)

@@ -1,4 +1,4 @@
-"""M-TSA motion query mask (SPEC section 3)."""
+"""M-TSA motion query mask (docs/method.md, "M-TSA")."""
 
 from __future__ import annotations
 

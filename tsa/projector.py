@@ -1,4 +1,4 @@
-"""Trainable projector from DiT block features to the teacher's feature space and token grid (SPEC section 4)."""
+"""Trainable projector from DiT block features to the teacher's feature space and token grid (docs/method.md)."""
 
 from __future__ import annotations
 

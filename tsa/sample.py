@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 
 from tsa.data import write_video
+from tsa.validation import OneLineArgumentParser, UsageError, check_sampling_args, pipeline_family
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="tsa-sample", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineArgumentParser(prog="tsa-sample", description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="A tsa-train --output-dir.")
     parser.add_argument("--prompt", action="append", default=[], help="Repeat for several videos.")
     parser.add_argument("--prompts-file", type=Path, default=None, help="One prompt per line.")
@@ -44,6 +45,8 @@ def build_parser():
                         help="Fraction of the last denoising steps that are guided.")
     parser.add_argument("--motion-guidance-lag", type=int, default=1,
                         help="Frame lag (in latent frames) of the guided motion prediction.")
+    parser.add_argument("--motion-guidance-start", choices=("floor", "ceil"), default="floor",
+                        help="First guided step: int((1 - rho) * S) (LaMo's code) or the first s >= (1 - rho) * S.")
     parser.add_argument("--predictor", type=Path, default=None,
                         help="MotionPredictor folder (default: RUN_DIR/motion_predictor).")
     return parser
@@ -68,6 +71,10 @@ def main(argv=None):
     """Console script tsa-sample."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        check_sampling_args(args)
+    except UsageError as error:
+        parser.error(str(error))
     prompts = list(args.prompt)
     if args.prompts_file is not None:
         prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
@@ -79,6 +86,10 @@ def main(argv=None):
     model_path = args.model_path or trained.get("model_path")
     if model_path is None:
         parser.error(f"--model-path is needed: {args.run_dir} has no training_args.json")
+    try:
+        pipeline_family(model_path)
+    except UsageError as error:
+        parser.error(str(error) + ("" if args.model_path else f" (from {args.run_dir / 'training_args.json'})"))
     size = {name: getattr(args, name) or trained.get(name) for name in ("height", "width", "num_frames")}
     predictor_path = args.predictor or args.run_dir / "motion_predictor"
     if args.motion_guidance and not (predictor_path / "config.json").is_file():
@@ -91,7 +102,7 @@ def main(argv=None):
 
         predictor = MotionPredictor.from_pretrained(predictor_path).to(args.device)
         enable_motion_guidance(pipe, predictor, scale=args.motion_guidance, rho=args.motion_guidance_rho,
-                               lag=args.motion_guidance_lag)
+                               lag=args.motion_guidance_lag, start_rounding=args.motion_guidance_start)
 
     output_dir = args.output_dir or args.run_dir / "samples"
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@
         --model-path CogVideoX-2b --teacher-path videomae-v2-base --data my_videos/ --output-dir runs/mtsa
 
 Outputs in --output-dir: checkpoints/checkpoint-STEP (accelerate state), logs/ (TensorBoard), losses.json,
-loss_curve.png, the final weights (transformer/ in diffusers format, or pytorch_lora_weights.safetensors for
-LoRA), projector/ and, with LaMo, motion_predictor/.
+loss_curve.png, viz/ (with --viz-steps), the final weights (transformer/ in diffusers format, or
+pytorch_lora_weights.safetensors for LoRA), projector/ and, with LaMo, motion_predictor/.
 """
 
 import itertools
@@ -20,6 +20,15 @@ from tqdm.auto import tqdm
 
 from tsa.cache import build_cache, collate_entries, precision_dtype
 from tsa.config import parse_args
+from tsa.validation import (
+    CheckpointError,
+    NonFiniteError,
+    UsageError,
+    check_finite_parameters,
+    check_training_args,
+    exit_with_error,
+    verify_checkpoint,
+)
 
 LOSS_NAMES = ("loss", "diffusion", "align", "drift", "predictor")
 TRAINING_ARGS_NAME = "training_args.json"
@@ -57,7 +66,8 @@ def build_objective(args, transformer, weight_dtype):
     from tsa.teachers import load_teacher
 
     method = "none" if args.align == "lamo" else args.align
-    teacher = None if method == "none" else load_teacher(args.teacher, args.teacher_path, dtype=weight_dtype)
+    teacher_dtype = precision_dtype(getattr(args, "teacher_precision", "fp32"))
+    teacher = None if method == "none" else load_teacher(args.teacher, args.teacher_path, dtype=teacher_dtype)
     return AlignmentObjective(
         transformer, CogVideoXDPMScheduler.from_pretrained(args.model_path, subfolder="scheduler"), teacher,
         align=method, weight=args.align_weight, block_index=args.align_layer, grid=args.grid,
@@ -77,18 +87,23 @@ def build_lamo(args, objective, accelerator):
     predictor = MotionPredictor(
         in_channels=config.in_channels, text_dim=config.text_embed_dim,
         channels=args.predictor_channels, num_blocks=args.predictor_blocks,
+        prompt_pooling=args.predictor_prompt_pooling,
     )
     trainer = LaMoTrainer(predictor, lr=args.predictor_learning_rate,
                           total_steps=args.max_steps * args.gradient_accumulation_steps,
-                          noise_scheduler=objective.scheduler)
+                          noise_scheduler=objective.scheduler, drift_eps=args.motion_drift_eps)
     return trainer.prepare(accelerator)
 
 
 def _keep_trainable_state(models, weights, output_dir):
-    """save_state hook: checkpoint only trainable tensors (not the frozen base model or teacher)."""
+    """save_state hook: checkpoint only trainable tensors (not the frozen base model or teacher), and never
+    non-finite ones (NonFiniteError)."""
     for index, model in enumerate(models[: len(weights)]):
         trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
         weights[index] = {name: tensor for name, tensor in weights[index].items() if name in trainable}
+        for name, tensor in weights[index].items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise NonFiniteError(f"parameter {name} holds non-finite values; nothing was saved")
 
 
 def checkpoint_dir(output_dir, step):
@@ -139,12 +154,45 @@ def load_trainable_weights(accelerator, model, checkpoint):
     module.load_state_dict({name: state[name] for name in trainable}, strict=False)
 
 
+def check_finite_gradients(accelerator, model, max_grad_norm, step, losses=None):
+    """Clip (max_grad_norm > 0) and raise NonFiniteError naming `step` when the gradient norm is NaN or inf,
+    before the optimizer step. Skipped under fp16 loss scaling, whose scaler skips such steps by design."""
+    if max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    else:
+        grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+        norm = torch.stack(grads).norm() if grads else None
+    if accelerator.scaler is not None or norm is None:
+        return
+    if not torch.isfinite(torch.as_tensor(norm)).all():
+        terms = ", ".join(f"{name}={value:.4g}" for name, value in (losses or {}).items())
+        raise NonFiniteError(f"step {step}: the gradient norm is {float(norm)}" + (f" ({terms})" if terms else "")
+                             + "; stopped before the optimizer step, nothing of this step was saved (lower "
+                             "--learning-rate, or check the data and --resume checkpoint)")
+
+
+def check_finite_losses(losses, step):
+    """NonFiniteError naming `step` and the loss terms that are NaN or inf (mean over micro-batches and
+    processes, so every process stops together)."""
+    bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+    if bad:
+        terms = ", ".join(f"{name}={value}" for name, value in bad.items())
+        raise NonFiniteError(f"step {step}: non-finite loss ({terms}); stopped, no weights of this step were saved "
+                             "(lower --learning-rate, or check the data and --resume checkpoint)")
+
+
 def save_checkpoint(accelerator, args, step, history, lamo):
     """accelerate state (+ LaMo predictor, loss history) in checkpoints/checkpoint-STEP, written under a
     temporary name first so a run killed while saving never leaves a partial checkpoint; prunes old ones."""
     path = checkpoint_dir(args.output_dir, step)
     partial = path.with_name(path.name + ".partial")
-    accelerator.save_state(partial)
+    if lamo is not None:
+        check_finite_parameters(lamo.predictor, f"checkpoint at step {step} (motion predictor)")
+    try:
+        accelerator.save_state(partial)  # _keep_trainable_state refuses non-finite weights
+    except NonFiniteError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise NonFiniteError(f"checkpoint at step {step}: {error}") from None
     accelerator.wait_for_everyone()  # every process writes its random_states_{i}.pkl into `partial`
     if accelerator.is_main_process:
         (partial / "losses.json").write_text(json.dumps(history))
@@ -174,6 +222,9 @@ def _materialise(model, state):
 def save_final_weights(accelerator, args, objective, lamo):
     """Diffusers-format weights: transformer/ (full) or the pipeline's LoRA file, plus projector/ and
     motion_predictor/. Call on every process (FSDP gathers the full state dict)."""
+    check_finite_parameters(objective, "final weights")
+    if lamo is not None:
+        check_finite_parameters(lamo.predictor, "final weights (motion predictor)")
     state = accelerator.get_state_dict(objective)
     if not accelerator.is_main_process:
         return
@@ -251,7 +302,7 @@ def sample_latents(batch, scaling_factor, dtype):
 def compute_losses(objective, lamo, drift_weight, batch, latents, dtype):
     """Total loss of one micro-batch and its components: diffusion + weight * align (+ LaMo drift)."""
     pixels = batch.get("pixels")
-    out = objective(latents, batch["prompt_embeds"].to(dtype), None if pixels is None else pixels.to(dtype))
+    out = objective(latents, batch["prompt_embeds"].to(dtype), pixels)  # pixels stay float32 for the teacher
     loss, drift = out["loss"], torch.zeros((), device=latents.device)
     if lamo is not None:
         drift = lamo.drift_loss(out["x0_pred"].float(), out["x0"].float(), out["timesteps"])
@@ -306,12 +357,19 @@ def train(args):
     if args.precompute:
         build_cache(args, accelerator)
         return None
+    resume_from = resolve_resume(args)
+    if resume_from is not None:
+        verify_checkpoint(resume_from)  # before any model is built: every tensor loads and is finite
     objective, optimizer, dataloader, lr_scheduler, lamo = prepare_training(args, accelerator)
     weight_dtype = precision_dtype(accelerator.mixed_precision)
     scaling_factor = json.loads((args.model_path / "vae" / "config.json").read_text())["scaling_factor"]
 
+    viz = None
+    if args.viz_steps:
+        from tsa.viz import TrainingViz
+
+        viz = TrainingViz(accelerator, dataloader.dataset, args.output_dir, scaling_factor, weight_dtype)
     step, history = 0, []
-    resume_from = resolve_resume(args)
     if resume_from is not None:
         if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):  # own formats
             load_trainable_weights(accelerator, objective, resume_from)
@@ -349,8 +407,8 @@ def train(args):
                 loss, losses = compute_losses(objective, lamo, args.motion_drift_weight, batch, latents,
                                               weight_dtype)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm)
+                if accelerator.sync_gradients:
+                    check_finite_gradients(accelerator, objective, args.max_grad_norm, step + 1, losses)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -364,6 +422,7 @@ def train(args):
             # The optimizer step's losses: mean over its micro-batches, then over the processes.
             means = accelerator.reduce(torch.tensor(window, device=accelerator.device).mean(0), reduction="mean")
             step += 1
+            check_finite_losses(dict(zip(LOSS_NAMES, means.tolist())), step)
             row = {"step": step, **dict(zip(LOSS_NAMES, means.tolist())), "lr": lr_scheduler.get_last_lr()[0]}
             history.append(row)
             window, micro_step = [], 0
@@ -372,6 +431,8 @@ def train(args):
             progress.set_postfix({name: f"{row[name]:.4g}" for name in LOSS_NAMES if row[name] or name == "loss"})
             if step % args.checkpointing_steps == 0 or step == args.max_steps:
                 save_checkpoint(accelerator, args, step, history, lamo)
+            if viz is not None and step % args.viz_steps == 0:
+                viz(objective, step)
             if step >= args.max_steps:
                 break
     progress.close()
@@ -388,8 +449,14 @@ def train(args):
 
 
 def main(argv=None):
-    """Console script tsa-train (also `python -m tsa.train`)."""
-    train(parse_args(argv))
+    """Console script tsa-train (also `python -m tsa.train`): options and paths are checked before anything is
+    built; a mistake, a bad checkpoint or a non-finite loss ends it with one line (exit 2, 1, 1)."""
+    args = parse_args(argv)
+    try:
+        check_training_args(args)
+        train(args)
+    except (UsageError, CheckpointError, NonFiniteError) as error:
+        exit_with_error("tsa-train", error)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
-"""Motion Prior Guidance for diffusers' CogVideoX pipelines (SPEC section 7), installed through public methods.
+"""Motion Prior Guidance for diffusers' CogVideoX pipelines (docs/method.md), installed through public methods.
 
 The pipeline's denoising loop calls `scheduler.step(v_hat, ..., t, ..., x_t, ...)` with the velocity after
 classifier-free guidance and before the update, so the guidance replaces the pipeline scheduler's `step`
 (an instance attribute shadowing the class method; the scheduler object and the pipeline's isinstance
 checks are unchanged) and adjusts `model_output` before delegating to the real step. The prompt comes from
 the pipeline's own `encode_prompt` (wrapped the same way): its conditional embeddings, and for prompt
-strings the tokenizer's attention mask, so the predictor pools the same real tokens as in training
-(with precomputed `prompt_embeds` every token is pooled). The denoiser is never re-run.
+strings the tokenizer's attention mask, used by a predictor that pools real tokens only
+(`prompt_pooling="tokens"`; with precomputed `prompt_embeds` every position is pooled). The denoiser is
+never re-run.
 """
 
 import functools
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +41,13 @@ class MotionPriorGuidance:
     `history` collects (step index, guidance loss before the update) for every guided step.
     """
 
-    def __init__(self, pipe, predictor: MotionPredictor, scale: float, rho: float, lag: int):
+    def __init__(self, pipe, predictor: MotionPredictor, scale: float, rho: float, lag: int,
+                 start_rounding: str = "floor"):
         self.pipe, self.scheduler = pipe, pipe.scheduler
         self._predictor_was_training = predictor.training
         self.predictor = predictor.eval()
         self.scale, self.rho, self.lag = float(scale), float(rho), int(lag)
+        self.start_rounding = start_rounding
         self.history: list[tuple[int, float]] = []
         self.prompt_embeds = self.prompt_mask = None
         self._real_step, self._real_encode_prompt = self.scheduler.step, pipe.encode_prompt
@@ -76,9 +80,15 @@ class MotionPriorGuidance:
         timestep, sample = call.arguments["timestep"], call.arguments["sample"]
         timesteps = self.scheduler.timesteps.tolist()
         index = timesteps.index(int(timestep))
-        if index >= (1 - self.rho) * len(timesteps) and sample.shape[1] > self.lag:
+        if index >= self.first_guided_step(len(timesteps)) and sample.shape[1] > self.lag:
             call.arguments["model_output"] = self.guide(call.arguments["model_output"], sample, int(timestep), index)
         return self._real_step(*call.args, **call.kwargs)
+
+    def first_guided_step(self, num_steps: int) -> int:
+        """Index of the first guided step of `num_steps`: int((1 - rho) * S) as LaMo's released code
+        ("floor": 9 of 50 at rho = 0.8, 41 guided steps), or the first s >= (1 - rho) * S ("ceil")."""
+        start = (1.0 - self.rho) * num_steps
+        return int(start) if self.start_rounding == "floor" else math.ceil(start)
 
     def guide(self, velocity: torch.Tensor, sample: torch.Tensor, timestep: int, index: int) -> torch.Tensor:
         """v_hat - scale * dL/dv_hat with x0_hat = sqrt(ab) x_t - sqrt(1 - ab) v_hat (B, F, C, h, w), fp32 math."""
@@ -115,11 +125,13 @@ class MotionPriorGuidance:
 
 
 def enable_motion_guidance(
-    pipe, predictor: MotionPredictor, scale: float = 15.0, rho: float = 0.8, lag: int = 1
+    pipe, predictor: MotionPredictor, scale: float = 15.0, rho: float = 0.8, lag: int = 1,
+    start_rounding: str = "floor",
 ) -> MotionPriorGuidance:
     """Install Motion Prior Guidance on a diffusers CogVideoX pipeline (v-prediction scheduler).
 
-    On denoising step s of S, when s >= (1 - rho) * S, the post-CFG velocity becomes
+    On denoising step s of S (0-based), from s = int((1 - rho) * S) on (LaMo's released code;
+    `start_rounding="ceil"`: from the first s >= (1 - rho) * S, the paper's text), the post-CFG velocity becomes
     v_hat - scale * dL/dv_hat with L = motion_guidance_loss(predictor, x0_hat, prompt, lag); the predictor is
     frozen (eval mode, only v_hat gets a gradient). `scale=0` gives the unguided sample bit for bit. The
     guidance stays on the scheduler object that `pipe.scheduler` is now; returns a handle with `.remove()`.
@@ -130,6 +142,8 @@ def enable_motion_guidance(
         raise ValueError(f"rho must be in [0, 1], got {rho}")
     if lag < 1:
         raise ValueError(f"lag must be >= 1, got {lag}")
+    if start_rounding not in ("floor", "ceil"):
+        raise ValueError(f"start_rounding must be 'floor' or 'ceil', got {start_rounding!r}")
     scheduler, transformer = getattr(pipe, "scheduler", None), getattr(pipe, "transformer", None)
     if scheduler is None or transformer is None or not hasattr(pipe, "encode_prompt"):
         raise TypeError(f"pipe must be a CogVideoX pipeline (scheduler, transformer, encode_prompt), got {type(pipe)}")
@@ -143,4 +157,4 @@ def enable_motion_guidance(
     ):
         if ours != theirs:
             raise ValueError(f"predictor {name}={ours} does not match the pipeline's transformer ({theirs})")
-    return MotionPriorGuidance(pipe, predictor, scale, rho, lag)
+    return MotionPriorGuidance(pipe, predictor, scale, rho, lag, start_rounding)

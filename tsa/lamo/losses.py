@@ -1,4 +1,4 @@
-"""LaMo objectives: the motion predictor's loss and the Motion Drift Loss on the denoiser's x0 (SPEC section 7)."""
+"""LaMo objectives: the motion predictor's loss and the Motion Drift Loss on the denoiser's x0 (docs/method.md)."""
 
 import torch
 import torch.nn.functional as F
@@ -71,11 +71,12 @@ class MotionDriftLoss(nn.Module):
     """mean_{b,i} ||mu_hat - mu*||^2 / stopgrad(max(||mu*||^2, eps)) between the denoiser's x0 and the clean x0.
 
     mu = spatial_drift(z, lag). forward(x0_pred (B, F, C, h, w), x0 (B, F, C, h, w)) -> float32 scalar. Only
-    x0_pred receives a gradient; `eps` bounds the normaliser on static clips (mu* = 0). With F <= lag there
-    is no frame pair and the loss is 0.
+    x0_pred receives a gradient; `eps` bounds the normaliser on static clips (mu* = 0): 1e-8 as in LaMo's
+    released code (earlier versions of this package used 1e-4). With F <= lag there is no frame pair and the
+    loss is 0.
     """
 
-    def __init__(self, lag: int = 2, eps: float = 1e-4):
+    def __init__(self, lag: int = 2, eps: float = 1e-8):
         super().__init__()
         if lag < 1:
             raise ValueError(f"lag must be >= 1, got {lag}")

@@ -1,10 +1,12 @@
-"""The LaMo motion predictor f_phi(z_t, prompt) -> dz_hat ~ z_{t+1} - z_t (SPEC section 7)."""
+"""The LaMo motion predictor f_phi(z_t, prompt) -> dz_hat ~ z_{t+1} - z_t (docs/method.md, LaMo)."""
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+PROMPT_POOLINGS = ("all", "tokens")
 
 
 def pool_prompt(prompt_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,7 +58,9 @@ class MotionPredictor(ModelMixin, ConfigMixin):
     forward(latents (B, F, C, h, w), prompt_embeds (B, L, text_dim) or None, attention_mask (B, L) or None)
     -> dz_hat (B, F, C, h, w). The output convolution and the FiLM layers start at zero, so a fresh
     predictor predicts no motion. `prompt_embeds=None` (or prompt dropout while training) uses the
-    learned null-prompt embedding.
+    learned null-prompt embedding. `prompt_pooling="all"` (LaMo's released code) mean-pools the prompt over
+    all L positions, padding included, and ignores `attention_mask`; `"tokens"` pools over the mask's real
+    tokens (the paper's text). The choice is saved in the config, so sampling pools as training did.
     """
 
     @register_to_config
@@ -69,8 +73,11 @@ class MotionPredictor(ModelMixin, ConfigMixin):
         text_dim: int = 4096,
         groups: int = 8,
         prompt_dropout: float = 0.1,
+        prompt_pooling: str = "all",
     ):
         super().__init__()
+        if prompt_pooling not in PROMPT_POOLINGS:
+            raise ValueError(f"prompt_pooling must be one of {PROMPT_POOLINGS}, got {prompt_pooling!r}")
         if channels % groups:
             raise ValueError(f"channels ({channels}) must be divisible by groups ({groups})")
         if channels < 4:
@@ -104,7 +111,8 @@ class MotionPredictor(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"attention_mask must be (B, L) = {tuple(prompt_embeds.shape[:2])}, got {tuple(attention_mask.shape)}"
             )
-        pooled = pool_prompt(prompt_embeds.to(self.null_cond.dtype), attention_mask)
+        mask = attention_mask if self.config.prompt_pooling == "tokens" else None
+        pooled = pool_prompt(prompt_embeds.to(self.null_cond.dtype), mask)
         cond = F.gelu(self.text_proj(pooled))
         if self.training and self.config.prompt_dropout > 0:
             dropped = torch.rand(batch_size, 1, device=cond.device) < self.config.prompt_dropout

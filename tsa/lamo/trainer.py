@@ -16,7 +16,7 @@ TRAINER_STATE_NAME = "lamo_trainer_state.pt"
 
 
 class LaMoTrainer:
-    """Owns a MotionPredictor's AdamW + cosine schedule and the denoiser's Motion Drift Loss (SPEC section 7).
+    """Owns a MotionPredictor's AdamW + cosine schedule and the denoiser's Motion Drift Loss (docs/method.md, "LaMo").
 
     In the training loop, per batch of clean scaled latents (B, F, C, h, w) and prompt embeddings (B, L, D):
 
@@ -50,7 +50,7 @@ class LaMoTrainer:
         noise_prob: float = 0.5,
         noise_scale: float = 0.3,
         drift_lag: int = 2,
-        drift_eps: float = 1e-4,
+        drift_eps: float = 1e-8,
         noise_scheduler=None,
     ):
         if not isinstance(predictor, MotionPredictor):

@@ -18,9 +18,11 @@ __all__ = [
 ]
 
 
-def load_teacher(kind: str, path, *, dtype: torch.dtype | None = None, device=None,
+def load_teacher(kind: str, path, *, dtype: torch.dtype = torch.float32, device=None,
                  drop_first_frame: bool = True) -> Teacher:
     """Load a frozen teacher from a local transformers folder: kind in {"videomae", "dinov2", "vjepa2"}.
+
+    It runs in `dtype`: float32 by default (as VideoREPA runs its teacher), with autocast disabled.
 
     Raises FileNotFoundError for a missing path and ValueError for a folder holding another model type.
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -33,11 +34,14 @@ def check_grid(grid, name: str = "grid") -> tuple[int, int, int]:
     return grid
 
 
-def resize_video(pixels: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
+def resize_video(pixels: torch.Tensor, frames: int, height: int, width: int, *, mode: str = "bicubic",
+                 antialias: bool = True, clamp: bool = True) -> torch.Tensor:
     """Resample a pixel video (B, T, 3, H, W) in [-1, 1] to (B, frames, 3, height, width).
 
     Time: the frame nearest to each output frame's centre (identity when the count matches).
-    Space: bicubic with antialiasing, clamped back to [-1, 1].
+    Space: `F.interpolate` with `mode` (align_corners=False) and `antialias`; `clamp` clips the result back to
+    [-1, 1] (what an image processor resizing uint8 frames does). VideoREPA's teacher input is
+    `antialias=False, clamp=False`; the defaults are DINOv2's processor (bicubic, antialiased, uint8).
     """
     num_frames = pixels.shape[1]
     if frames != num_frames:
@@ -46,10 +50,11 @@ def resize_video(pixels: torch.Tensor, frames: int, height: int, width: int) -> 
     if tuple(pixels.shape[-2:]) == (height, width):
         return pixels
     batch, frames = pixels.shape[:2]
-    planes = F.interpolate(
-        pixels.flatten(0, 1).float(), size=(height, width), mode="bicubic", align_corners=False, antialias=True
-    )
-    return planes.clamp_(-1.0, 1.0).to(pixels.dtype).view(batch, frames, 3, height, width)
+    planes = F.interpolate(pixels.flatten(0, 1).float(), size=(height, width), mode=mode, align_corners=False,
+                           antialias=antialias)
+    if clamp:
+        planes = planes.clamp_(-1.0, 1.0)
+    return planes.to(pixels.dtype).view(batch, frames, 3, height, width)
 
 
 def load_pretrained_model(kind: str, path, model_types: tuple[str, ...]) -> nn.Module:
@@ -72,9 +77,11 @@ def load_pretrained_model(kind: str, path, model_types: tuple[str, ...]) -> nn.M
 class Teacher(nn.Module):
     """A frozen video foundation model: pixels (B, T, 3, H, W) in [-1, 1] -> features (B, F, H', W', C).
 
-    Always in eval mode, parameters with requires_grad=False, forward under no_grad. Preprocessing:
-    drop pixel frame 0 (`drop_first_frame`, matching the projector dropping latent frame 0), resample
-    the video to `input_size(grid)` (frame selection + bicubic), map to [0, 1], ImageNet mean/std.
+    Always in eval mode, parameters with requires_grad=False, forward under no_grad; a float32 teacher (the
+    default of `load_teacher`) also runs with autocast disabled, so mixed-precision training leaves it in fp32.
+    Preprocessing (`preprocess`): drop pixel frame 0 (`drop_first_frame`, matching the projector dropping
+    latent frame 0), resample the video to `input_size(grid)` (frame selection + `resize_mode`, antialiased and
+    clamped when `antialias`, as the model's image processor does), map to [0, 1], ImageNet mean/std.
     `grid` defaults to `default_grid(...)`; the output is resampled to `grid` when the model cannot
     produce it directly (V-JEPA 2's square crops).
     Subclasses set `patch_size` (frames, height, width) of one token and implement
@@ -82,6 +89,8 @@ class Teacher(nn.Module):
     """
 
     kind = "teacher"
+    resize_mode = "bicubic"
+    antialias = True
 
     def __init__(self, model: nn.Module, hidden_size: int, patch_size: tuple[int, int, int],
                  drop_first_frame: bool = True):
@@ -115,20 +124,35 @@ class Teacher(nn.Module):
         frames = check_pixels(pixels).shape[1] - int(self.drop_first_frame)
         return self.default_grid(frames, *pixels.shape[-2:])
 
+    def _drop_first_frame(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not self.drop_first_frame:
+            return pixels
+        if pixels.shape[1] < 2:
+            raise ValueError(f"pixels need at least 2 frames (frame 0 is dropped), got {pixels.shape[1]}")
+        return pixels[:, 1:]
+
     def prepare(self, pixels: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """The pixel video (in [-1, 1]) this teacher encodes for `grid`: frame 0 dropped, resampled."""
-        pixels = check_pixels(pixels)
-        if self.drop_first_frame:
-            if pixels.shape[1] < 2:
-                raise ValueError(f"pixels need at least 2 frames (frame 0 is dropped), got {pixels.shape[1]}")
-            pixels = pixels[:, 1:]
-        return resize_video(pixels, *self.input_size(check_grid(grid)))
+        pixels = self._drop_first_frame(check_pixels(pixels))
+        return resize_video(pixels, *self.input_size(check_grid(grid)), mode=self.resize_mode,
+                            antialias=self.antialias, clamp=self.antialias)
+
+    def normalize(self, video: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] -> [0, 1] -> ImageNet mean/std, in float32."""
+        return ((video.to(self.mean.device, torch.float32) + 1) / 2 - self.mean) / self.std
+
+    def preprocess(self, pixels: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The normalised float32 model input (B, T', 3, H', W') for `grid`: resized, then normalised (the
+        order of an image processor)."""
+        return self.normalize(self.prepare(pixels, grid))
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor, grid: tuple[int, int, int] | None = None) -> torch.Tensor:
         """pixels (B, T, 3, H, W) in [-1, 1] -> features (B, *grid, hidden_size), detached."""
         grid = self.resolve_grid(pixels, grid)
-        video = self.prepare(pixels, grid)
         parameter = next(self.model.parameters())
-        video = ((video.to(self.mean.device) + 1) / 2 - self.mean) / self.std
-        return resample_features(self.encode(video.to(device=parameter.device, dtype=parameter.dtype)), grid)
+        video = self.preprocess(pixels, grid).to(device=parameter.device, dtype=parameter.dtype)
+        full_precision = parameter.dtype == torch.float32
+        with torch.autocast(parameter.device.type, enabled=False) if full_precision else contextlib.nullcontext():
+            features = self.encode(video)
+        return resample_features(features, grid)

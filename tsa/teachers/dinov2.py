@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tsa.choices import TEACHER_MODEL_TYPES
 from tsa.teachers.base import Teacher, load_pretrained_model
 
 
@@ -12,7 +13,8 @@ class Dinov2Teacher(Teacher):
 
     last_hidden_state is the model's output after its final LayerNorm (the features DINOv2 and REPA
     use). One token per frame: for a grid (F, H, W) the video is resampled to F frames of
-    (H*p, W*p) pixels; DINOv2 interpolates its position embeddings to any size.
+    (H*p, W*p) pixels; DINOv2 interpolates its position embeddings to any size. Resizing follows its image
+    processor (bicubic, antialiased, clamped, ImageNet mean/std), without the centre crop.
     """
 
     kind = "dinov2"
@@ -24,7 +26,7 @@ class Dinov2Teacher(Teacher):
 
     @classmethod
     def from_pretrained(cls, path, drop_first_frame: bool = True) -> Dinov2Teacher:
-        return cls(load_pretrained_model("dinov2", path, ("dinov2", "dinov2_with_registers")), drop_first_frame)
+        return cls(load_pretrained_model("dinov2", path, TEACHER_MODEL_TYPES["dinov2"]), drop_first_frame)
 
     def default_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         patch = self.patch_size[1]

@@ -1,6 +1,6 @@
 """VideoMAE / VideoMAEv2 teacher (transformers VideoMAEModel) and the official VideoMAEv2 checkpoint converter.
 
-Convert the official checkpoint once, e.g. for SPEC section 4 (48 frames at 160 x 240 -> 24 x 10 x 15):
+Convert the official checkpoint once, e.g. for VideoREPA's input (48 frames at 160 x 240 -> 24 x 10 x 15):
 
     python -m tsa.teachers.videomae vit_b_k710_dl_from_giant.pth videomaev2-b --num-frames 48 --image-size 160 240
 """
@@ -14,9 +14,10 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from tsa.features import resample_features
-from tsa.teachers.base import Teacher, load_pretrained_model
+from tsa.choices import TEACHER_MODEL_TYPES
+from tsa.teachers.base import Teacher, check_grid, check_pixels, load_pretrained_model, resize_video
 
 POSITION_TABLE_FILE = "position_table.safetensors"
 _IGNORED_KEYS = re.compile(r"^(fc_norm\.|head\.|head_dropout|decoder|encoder_to_decoder|mask_token)")
@@ -42,13 +43,30 @@ def config_grid(config) -> tuple[int, int, int]:
 
 
 def resample_position_table(table: torch.Tensor, source_grid, grid) -> torch.Tensor:
-    """Trilinear resampling of a (1, F*H*W, C) position table from `source_grid` to `grid` (frame-major)."""
+    """Resample a (1, F*H*W, C) position table (frame-major) from `source_grid` to `grid` as VideoREPA does:
+    bicubic over (H, W) per temporal slice, then linear over time (both align_corners=False), in float32."""
     if table.shape[1] != math.prod(source_grid):
         raise ValueError(
             f"position table has {table.shape[1]} positions, grid {tuple(source_grid)} needs {math.prod(source_grid)}"
         )
-    volume = table.reshape(1, *source_grid, table.shape[-1])
-    return resample_features(volume, tuple(grid)).reshape(1, -1, table.shape[-1])
+    frames, height, width = source_grid
+    channels = table.shape[-1]
+    slices = table.float().reshape(frames, height, width, channels).permute(0, 3, 1, 2)  # (F, C, H, W)
+    if (height, width) != tuple(grid[1:]):
+        slices = F.interpolate(slices, size=tuple(grid[1:]), mode="bicubic", align_corners=False)
+    volume = slices.permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, F, H', W')
+    if frames != grid[0]:
+        volume = F.interpolate(volume, size=tuple(grid), mode="trilinear", align_corners=False)
+    return volume[0].permute(1, 2, 3, 0).reshape(1, -1, channels)
+
+
+def _table_grid(path: Path):
+    """The grid recorded in a position_table.safetensors (None for files written before it was recorded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        grid = (handle.metadata() or {}).get("grid")
+    return None if grid is None else tuple(int(size) for size in grid.split(","))
 
 
 class VideoMAETeacher(Teacher):
@@ -56,22 +74,27 @@ class VideoMAETeacher(Teacher):
 
     The features are `model.encoder(model.embeddings(video))`: VideoMAEModel's forward minus the final
     LayerNorm it applies when config.use_mean_pooling is False (pre-training checkpoints).
-    The fixed position table is resampled (trilinear) from the grid it was built for to the grid
-    asked for; a converted VideoMAEv2 folder carries its table in `position_table.safetensors`.
+    Preprocessing is VideoREPA's: (x + 1) / 2, ImageNet mean/std, drop pixel frame 0, plain bicubic resize
+    (align_corners=False, no antialiasing, no clamping). The fixed position table is resampled from the grid it
+    was built for (`position_grid`, default the config's) to the grid asked for: bicubic in space per temporal
+    slice, then linear in time. A converted VideoMAEv2 folder carries its table in `position_table.safetensors`.
     """
 
     kind = "videomae"
+    antialias = False
 
-    def __init__(self, model, position_table: torch.Tensor | None = None, drop_first_frame: bool = True):
+    def __init__(self, model, position_table: torch.Tensor | None = None, drop_first_frame: bool = True,
+                 position_grid: tuple[int, int, int] | None = None):
         config = model.config
         patch = (config.tubelet_size, config.patch_size, config.patch_size)
         super().__init__(model, config.hidden_size, patch, drop_first_frame)
         self.source_grid = config_grid(config)
+        self.position_grid = self.source_grid if position_grid is None else tuple(position_grid)
         table = model.embeddings.position_embeddings if position_table is None else position_table
-        if tuple(table.shape) != (1, math.prod(self.source_grid), config.hidden_size):
+        if tuple(table.shape) != (1, math.prod(self.position_grid), config.hidden_size):
             raise ValueError(
-                f"position_table must be (1, {math.prod(self.source_grid)}, {config.hidden_size}) for grid "
-                f"{self.source_grid}, got {tuple(table.shape)}"
+                f"position_table must be (1, {math.prod(self.position_grid)}, {config.hidden_size}) for grid "
+                f"{self.position_grid}, got {tuple(table.shape)}"
             )
         self.register_buffer("position_table", table.detach().float().clone(), persistent=False)
         self._installed_grid = None
@@ -81,16 +104,23 @@ class VideoMAETeacher(Teacher):
     def from_pretrained(cls, path, drop_first_frame: bool = True) -> VideoMAETeacher:
         from safetensors.torch import load_file
 
-        model = load_pretrained_model("videomae", path, ("videomae",))
+        model = load_pretrained_model("videomae", path, TEACHER_MODEL_TYPES["videomae"])
         table_file = Path(path) / POSITION_TABLE_FILE
-        table = load_file(str(table_file))["position_table"] if table_file.is_file() else None
-        return cls(model, table, drop_first_frame)
+        table = grid = None
+        if table_file.is_file():
+            table, grid = load_file(str(table_file))["position_table"], _table_grid(table_file)
+        return cls(model, table, drop_first_frame, grid)
 
     def default_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         return self.source_grid
 
     def input_size(self, grid: tuple[int, int, int]) -> tuple[int, int, int]:
         return tuple(size * patch for size, patch in zip(grid, self.patch_size))
+
+    def preprocess(self, pixels: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        # VideoREPA's order: normalise the full clip, drop frame 0, then resize.
+        video = self._drop_first_frame(self.normalize(check_pixels(pixels)))
+        return resize_video(video, *self.input_size(check_grid(grid)), antialias=False, clamp=False)
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         grid = tuple(size // patch for size, patch in zip((video.shape[1], *video.shape[-2:]), self.patch_size))
@@ -103,7 +133,7 @@ class VideoMAETeacher(Teacher):
         if grid == self._installed_grid:
             return
         embeddings = self.model.embeddings
-        embeddings.position_embeddings = resample_position_table(self.position_table, self.source_grid, grid)
+        embeddings.position_embeddings = resample_position_table(self.position_table, self.position_grid, grid)
         embeddings.patch_embeddings.image_size = (grid[1] * self.patch_size[1], grid[2] * self.patch_size[2])
         self._installed_grid = grid
 
@@ -173,10 +203,11 @@ def convert_videomae_v2_checkpoint(
     """Convert an official VideoMAE / VideoMAEv2 ViT checkpoint (.pth, timm-style keys) to a transformers folder.
 
     checkpoint: path of the .pth (weights possibly under 'model' or 'module'), or its loaded dict.
-    The folder holds a VideoMAEModel for `num_frames` frames at `image_size` (H, W), and its position
-    table (the checkpoint's `pos_embed`, or the sinusoid table VideoMAEv2 builds for
-    `source_num_frames` x `source_image_size`) resampled trilinearly to the new token grid, in
-    `position_table.safetensors`. The checkpoint does not record the head count: it defaults to
+    The folder holds a VideoMAEModel for `num_frames` frames at `image_size` (H, W) (the teacher's default
+    input), and its position table (the checkpoint's `pos_embed`, or the sinusoid table VideoMAEv2 builds for
+    `source_num_frames` x `source_image_size`) with that grid recorded, in `position_table.safetensors`; the
+    teacher resamples it as VideoREPA does (bicubic in space, then linear in time) to the grid it runs on.
+    The checkpoint does not record the head count: it defaults to
     hidden_size / 64 (ViT-S/B/L/H); ViT-g needs num_attention_heads=16. Layer-scale gammas are folded
     into the projections. allow_pickle=True loads a .pth that also pickles Python objects (only for
     files you trust).
@@ -232,11 +263,16 @@ def convert_videomae_v2_checkpoint(
     table = state.get("pos_embed")
     if table is None:
         table = get_sinusoid_encoding_table(math.prod(source_grid), hidden_size)
-    table = resample_position_table(table.float(), source_grid, config_grid(config))
+    if table.shape[1] != math.prod(source_grid):
+        raise ValueError(
+            f"position table has {table.shape[1]} positions, grid {source_grid} needs {math.prod(source_grid)}"
+        )
 
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
-    save_file({"position_table": table.contiguous()}, str(output_dir / POSITION_TABLE_FILE))
+    # The table as built (the teacher resamples it once, to whatever grid it is asked for) and its grid.
+    save_file({"position_table": table.float().contiguous()}, str(output_dir / POSITION_TABLE_FILE),
+              metadata={"grid": ",".join(str(size) for size in source_grid)})
     return output_dir
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tsa.choices import TEACHER_MODEL_TYPES
 from tsa.teachers.base import Teacher, load_pretrained_model
 
 
@@ -12,9 +13,12 @@ class VJEPA2Teacher(Teacher):
 
     Its 3D RoPE assumes square frames of config.crop_size, so the video is resampled to
     (F * tubelet, crop, crop) and the (F, crop/p, crop/p) features are resampled to the grid asked for.
+    Resizing follows VJEPA2VideoProcessor (bilinear, antialiased, clamped, ImageNet mean/std), but the whole
+    frame is squeezed to the square instead of centre-cropped, so every teacher token has a student token.
     """
 
     kind = "vjepa2"
+    resize_mode = "bilinear"  # VJEPA2VideoProcessor: bilinear, antialiased, on uint8 frames
 
     def __init__(self, model, drop_first_frame: bool = True):
         config = model.config
@@ -24,7 +28,7 @@ class VJEPA2Teacher(Teacher):
 
     @classmethod
     def from_pretrained(cls, path, drop_first_frame: bool = True) -> VJEPA2Teacher:
-        return cls(load_pretrained_model("vjepa2", path, ("vjepa2",)), drop_first_frame)
+        return cls(load_pretrained_model("vjepa2", path, TEACHER_MODEL_TYPES["vjepa2"]), drop_first_frame)
 
     def default_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         side = self.crop_size // self.patch_size[1]

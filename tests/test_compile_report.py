@@ -1,0 +1,126 @@
+"""`python -m bench.compile`: the ahead-of-time compile report (sm_90a / sm_80, no GPU needed)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import compile as aot
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _row(**changes):
+    row = dict(
+        op="tempered_kl", kernel="forward", variant="-", arch="sm_90a", dtype="bf16", masked=False,
+        blocks=dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), num_warps=8, num_stages=3, error=None,
+        registers=210, stack=0, spill_stores=0, spill_loads=0, shared=72 * 1024, hgmma=8, hmma=0,
+        blocks_per_sm=1, limited_by="regs", model=None,
+    )  # fmt: skip
+    row.update(changes)
+    return row
+
+
+def test_verdict_passes_a_clean_config():
+    assert aot.verdict(_row()) == []
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_verdict_fails_a_spill_in_16_bit(dtype):
+    assert aot.verdict(_row(dtype=dtype, spill_stores=8, spill_loads=4)) == ["spills"]
+    assert aot.verdict(_row(dtype=dtype, spill_loads=4)) == ["spills"]
+
+
+def test_verdict_tolerates_fp32_spills():
+    assert aot.verdict(_row(dtype="fp32", spill_stores=5600, spill_loads=7200)) == []
+
+
+def test_verdict_checks_shared_memory_against_each_arch():
+    big = 170 * 1024  # over sm_80's 163 KB per block, under sm_90a's 227 KB
+    assert aot.verdict(_row(arch="sm_80", shared=big)) == ["shared memory"]
+    assert aot.verdict(_row(arch="sm_90a", shared=big)) == []
+    assert aot.verdict(_row(arch="sm_90a", shared=228 * 1024, spill_stores=4)) == ["spills", "shared memory"]
+
+
+def test_verdict_fails_a_compile_error():
+    assert aot.verdict(_row(error="PTXASError: ...", registers=None)) == ["compile error"]
+
+
+def test_blocks_per_sm_limits():
+    sm90, sm80 = aot.ARCHS["sm_90a"], aot.ARCHS["sm_80"]
+    # 213 registers -> 6912 per warp -> 9 warps of registers: one 8-warp CTA.
+    assert aot.blocks_per_sm(sm90, 213, 72 * 1024, 8) == (1, "regs")
+    assert aot.blocks_per_sm(sm90, 128, 48 * 1024, 4) == (4, "regs")
+    # Shared memory plus 1 KB reserved per CTA: 81 KB twice in 228 KB and in 164 KB, 101 KB once in 164 KB.
+    assert aot.blocks_per_sm(sm90, 64, 80 * 1024, 4) == (2, "smem")
+    assert aot.blocks_per_sm(sm80, 64, 80 * 1024, 4) == (2, "smem")
+    assert aot.blocks_per_sm(sm80, 64, 100 * 1024, 4) == (1, "smem")
+    assert aot.blocks_per_sm(sm90, 16, 0, 32) == (2, "warps")
+
+
+def _report(rows):
+    return dict(
+        triton="x", preset=dict(name="tsa-grid", batch=4, frames=24, hw=150, cs=768, ct=768, mask_ratio=0.2),
+        archs={}, rows=[dict(row, problems=aot.verdict(row)) for row in rows],
+        failures=sum(bool(aot.verdict(row)) for row in rows),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("spill, code", [(0, 0), (8, 1)])
+def test_exit_code_follows_the_verdict(monkeypatch, capsys, spill, code):
+    # main() drops TRITON_INTERPRET for the compile; monkeypatch puts it back for the other tests.
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    monkeypatch.setattr(aot, "_kernels_interpreted", lambda: False)
+    monkeypatch.setattr(aot, "run_report", lambda args: _report([_row(), _row(arch="sm_80", spill_stores=spill)]))
+    assert aot.main(["--arch", "sm_80"]) == code
+    out = capsys.readouterr().out
+    assert ("SPILLS" in out) == bool(code)
+    assert f"2 compiles, {code} failing" in out
+
+
+def test_cli_rejects_bad_options(capsys):
+    for argv in (["--arch", "sm_75"], ["--dtype", "fp8"], ["--mask-ratio", "0"], ["--jobs", "0"]):
+        with pytest.raises(SystemExit) as error:
+            aot.build_parser().parse_args(argv)
+        assert error.value.code == 2
+    assert "expected a comma-separated subset" in capsys.readouterr().err
+
+
+@pytest.mark.aot
+def test_representative_subset_compiles_for_sm90a_and_sm80(tmp_path):
+    """The real compile, in a process without TRITON_INTERPRET (the kernels pick one config under it)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    out = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.compile", "--subset", "--jobs", "2", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode in (0, 1), result.stderr
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert not [row for row in rows if row["error"]], result.stdout
+    failing = [row for row in rows if row["problems"]]
+    assert result.returncode == (1 if failing else 0)
+    assert report["failures"] == len(failing)
+    # Every declared kernel variant is there, for both archs, masked and unmasked, with its full config list.
+    kernels = aot.discover_kernels()
+    labels = {(row["kernel"], row["variant"], row["arch"], row["masked"]) for row in rows}
+    for spec in kernels:
+        for arch in aot.ARCHS:
+            assert {(spec.name, spec.variant, arch, masked) for masked in spec.masks} <= labels
+    assert {row["dtype"] for row in rows} == {"bf16", "fp16", "fp32"}
+    for row in rows:
+        assert row["registers"] > 0 and row["shared"] > 0 and row["blocks_per_sm"] >= 1
+        if row["dtype"] == "bf16":  # tensor cores: wgmma on Hopper, mma.sync on Ampere
+            assert (row["hgmma"] if row["arch"] == "sm_90a" else row["hmma"]) > 0, row
+        if row["arch"] == "sm_80":
+            assert row["hgmma"] == 0
+    assert any(row["model"] and row["model"]["bytes"] > 0 and row["model"]["flops"] > 0 for row in rows)
+    # The table lists every row and the summary line counts them.
+    table = result.stdout
+    assert f"{len(rows)} compiles, {len(failing)} failing" in table
+    assert table.count("| sm_90a |") + table.count("| sm_80  |") == len(rows)
