@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import report
+from .dit import DIT_MODELS, format_dit, run_dit
 from .measure import DTYPES, Case, base_result, matmul_tflops, run_case
 from .providers import OPS, PROVIDERS
 from .workloads import PRESETS, build_workloads, flop_count
@@ -40,6 +41,9 @@ CASE_SETTINGS = (
     "min_time_s",
     "check",
 )
+
+# Loss providers timed beside a DiT step by default (torch.compile of the naive loss is left out: slow to build).
+DIT_PROVIDERS = ("reference", "triton", "triton-v2")
 
 # Large freed buffers go back to the OS at once, so a CPU worker's resident set tracks live tensors.
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -72,10 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for field in ("batch", "frames", "hw", "cs", "ct"):
         parser.add_argument(f"--{field}", type=int, help=f"override the preset's {field}")
     parser.add_argument("--max-tokens", type=int, help="drop workloads with more tokens (e.g. to cut the sweep)")
-    parser.add_argument("--providers", type=_csv(PROVIDERS), default=list(PROVIDERS))
+    parser.add_argument("--providers", type=_csv(PROVIDERS), help=f"default: all ({','.join(PROVIDERS)}); "
+                        f"with --dit: {','.join(DIT_PROVIDERS)}")  # fmt: skip
     parser.add_argument("--modes", type=_csv(report.MODES), default=list(report.MODES))
     parser.add_argument("--teacher-grad", action="store_true", help="fwd+bwd also computes teacher gradients")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="None: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--tau", type=float, default=0.1, help="tempered_kl: student and teacher temperature")
     parser.add_argument("--margin", type=float, default=0.1, help="relation_distance: margin")
@@ -108,8 +113,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tag", help="file name stem (None: PRESET-DEVICE-DTYPE[-maskR][-teacher-grad])")
     parser.add_argument("--no-plot", dest="plot", action="store_false")
+    parser.add_argument(
+        "--dit", choices=sorted(DIT_MODELS), help="time a training step of this DiT beside the loss at its grid (GPU)"
+    )
+    parser.add_argument("--tiny", action="store_true", help="with --dit: a 2-layer model on a small grid (CPU test)")
     args = parser.parse_args(argv)
-    args.device = torch.device(args.device)
+    if args.dit and args.device.type != "cuda" and not args.tiny:
+        parser.error(f"--dit {args.dit} times the real model and needs a CUDA device; add --tiny for a small CPU run")
+    if args.tiny and not args.dit:
+        parser.error("--tiny only applies to --dit")
+    args.providers = args.providers or list(DIT_PROVIDERS if args.dit else PROVIDERS)
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     if args.tau <= 0:
         parser.error(f"--tau must be > 0, got {args.tau}")
@@ -190,9 +203,27 @@ def default_tag(args: argparse.Namespace) -> str:
     return tag + ("-teacher-grad" if args.teacher_grad else "")
 
 
+def main_dit(args: argparse.Namespace, argv: list[str]) -> dict:
+    """--dit: the DiT step, the loss per provider, the loss's share; DIT-DEVICE-DTYPE.json under --out."""
+    torch.set_num_threads(args.threads)
+    meta = environment(args, argv)
+    result = run_dit(args.dit, args.providers, args.device, args.dtype, tiny=args.tiny, batch=args.batch or 1,
+                     min_runs=args.min_runs)  # fmt: skip
+    print(f"{meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}")
+    print(format_dit(result))
+    tag = args.tag or f"dit-{args.dit}{'-tiny' if args.tiny else ''}-{args.device.type}-{args.dtype}"
+    path = args.out / f"{tag}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "dit": result}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return {"meta": meta, "dit": result, "paths": [path]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.dit:
+        return main_dit(args, argv)
     shape = {field: getattr(args, field) for field in ("batch", "frames", "hw", "cs", "ct")}
     workloads = build_workloads(args.preset, max_tokens=args.max_tokens, **shape)
     isolate = args.isolate == "process" or (args.isolate == "auto" and args.device.type == "cpu")

@@ -5,6 +5,8 @@ Each op lives in its own subpackage of `stss_kernels.ops` (public function and n
 reference, torch and Triton backends) on the shared core `stss_kernels._core`.
 """
 
+from stss_kernels._core.tuning import clear_tuning_cache, tuned_configs
+from stss_kernels._warmup import warmup
 from stss_kernels.ops.relation_distance import (
     RelationDistance,
     relation_distance,
@@ -18,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "RelationDistance",
     "TemperedKL",
+    "clear_tuning_cache",
     "relation_distance",
     "relation_distance_reference",
     "relation_distance_torch",
@@ -26,6 +29,8 @@ __all__ = [
     "tempered_kl_reference",
     "tempered_kl_torch",
     "tempered_kl_triton",
+    "tuned_configs",
+    "warmup",
 ]
 
 # Triton backends, imported on first use: `import stss_kernels` works without Triton.

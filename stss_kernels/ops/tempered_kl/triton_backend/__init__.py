@@ -4,6 +4,7 @@ Forward: one program per (query tile, target frame, video) runs the student and 
 online softmaxes and the KL accumulator over that frame's key tiles (exp2 with logits pre-scaled by
 log2(e)/tau) and saves five fp32 statistics per (query, frame) (forward.py). Backward: recomputes the
 tiles (backward.py). Queries with query_weight == 0 are never visited: kl 0, no gradient, no cost.
+Generation 2 of both (forward_v2.py, backward_v2.py) is selected by KERNEL_GENERATION (generations.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from stss_kernels._core.backends import triton_interpreting
 from stss_kernels.ops.tempered_kl.triton_backend.function import TemperedKLTritonFunction
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Kernel generation (1 or 2; None: $STSS_KERNEL_GENERATION, else 1), read at each call: see generations.py.
+KERNEL_GENERATION: int | None = None
 
 
 def _check_inputs(student, teacher, frames, tau_student, tau_teacher, query_weight) -> None:

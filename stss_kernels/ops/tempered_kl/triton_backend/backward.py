@@ -17,6 +17,7 @@ import triton.language as tl
 
 from stss_kernels._core.backends import triton_interpreting
 from stss_kernels._core.tiles import DOT_PRECISION, LN2, LOG2E, autotune_configs, load_rows, num_queries, query_rows
+from stss_kernels._core.tuning import shape_class, tuned_kernel
 from stss_kernels.ops.tempered_kl.triton_backend.similarity_grad import feature_grad_by_chunks
 from stss_kernels.ops.tempered_kl.triton_backend.tiles import NUM_STATS, similarity_grad_tile
 
@@ -126,6 +127,13 @@ def _feature_grad_kernel(
             tl.store(grad_ptr + offsets, acc + tl.load(grad_ptr + offsets, mask=mask, other=0.0), mask=mask)
 
 
+# Launched through the shape-class cache (stss_kernels._core.tuning); the row pass adds into grad, so timing
+# runs restore it.
+FEATURE_GRAD = tuned_kernel(
+    "tempered_kl.feature_grad", _feature_grad_kernel.fn, _feature_grad_kernel.configs, restore=("grad_ptr",)
+)
+
+
 def tempered_kl_feature_grad(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -165,15 +173,18 @@ def tempered_kl_feature_grad(
         )  # fmt: skip
         return grad.mul_(grad_scale).to(features.dtype)
     grad = torch.empty_like(features, dtype=torch.float32)
-    args = (
-        student, teacher, stats, scaled_row_grad,
-        query_index if has_index else row_grad, query_count if has_index else row_grad, grad,
-        *sizes_and_scales, frames, *scales,
+    arguments = dict(
+        student_ptr=student, teacher_ptr=teacher, stats_ptr=stats, row_grad_ptr=scaled_row_grad,
+        index_ptr=query_index if has_index else row_grad, count_ptr=query_count if has_index else row_grad,
+        grad_ptr=grad, N=num_tokens, HW=num_tokens // frames, Cs=channels_s, Ct=teacher.shape[-1], frames=frames,
+        scale_s=scales[0], scale_t=scales[1],
     )  # fmt: skip
-    channel_blocks = lambda meta: triton.cdiv(features.shape[-1], meta["BLOCK_D"])
-    key_tiles = lambda meta: frames * triton.cdiv(num_tokens // frames, meta["BLOCK_N"])
-    query_tiles = lambda meta: triton.cdiv(num_tokens, meta["BLOCK_M"])
+    channel_blocks = lambda blocks: triton.cdiv(features.shape[-1], blocks["BLOCK_D"])
+    key_tiles = lambda blocks: frames * triton.cdiv(num_tokens // frames, blocks["BLOCK_N"])
+    query_tiles = lambda blocks: triton.cdiv(num_tokens, blocks["BLOCK_M"])
     for column_pass, tiles in ((True, key_tiles), (False, query_tiles)):
-        grid = lambda meta, tiles=tiles: (tiles(meta), channel_blocks(meta), batch)
-        _feature_grad_kernel[grid](*args, COLUMN_PASS=column_pass, **flags)
+        grid = lambda blocks, tiles=tiles: (tiles(blocks), channel_blocks(blocks), batch)
+        key = shape_class(tokens=num_tokens, hw=num_tokens // frames, channels=(channels_s, teacher.shape[-1]),
+                          dtype=student.dtype, masked=has_index, column=column_pass, teacher=for_teacher)  # fmt: skip
+        FEATURE_GRAD(grid, key, arguments, dict(flags, COLUMN_PASS=column_pass))
     return grad.mul_(grad_scale).to(features.dtype)

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from stss_kernels._core.backends import triton_interpreting
 from stss_kernels._core.tiles import DOT_PRECISION, LN2, LOG2E, autotune_configs, num_queries, query_rows
+from stss_kernels._core.tuning import shape_class, tuned_kernel
 from stss_kernels.ops.tempered_kl.triton_backend.tiles import (
     LOGIT_FLOOR,
     NUM_STATS,
@@ -115,6 +116,11 @@ def _tempered_kl_forward_kernel(
         tl.store(frame_stats + STAT_GAP * N, expected_gap, mask=row_valid)
 
 
+# Launched through the shape-class cache (stss_kernels._core.tuning), not @triton.autotune's own tuner: no
+# timing inside CUDA-graph capture or compile tracing. The decorator keeps the config list with the kernel.
+FORWARD = tuned_kernel("tempered_kl.forward", _tempered_kl_forward_kernel.fn, _tempered_kl_forward_kernel.configs)
+
+
 def tempered_kl_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -136,13 +142,19 @@ def tempered_kl_forward(
     if stats.numel() == 0:
         return torch.zeros(batch, num_tokens, dtype=torch.float32, device=student.device), stats
     has_index = query_index is not None
-    grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_M"]), frames, batch)
-    _tempered_kl_forward_kernel[grid](
-        student, teacher, query_index if has_index else stats, query_count if has_index else stats, stats,
-        num_tokens, num_tokens // frames, channels_s, teacher.shape[-1], frames,
-        LOG2E / tau_student, LOG2E / tau_teacher,
-        HAS_INDEX=has_index, UPCAST=triton_interpreting(), PRECISION=DOT_PRECISION,
+    arguments = dict(
+        student_ptr=student, teacher_ptr=teacher, index_ptr=query_index if has_index else stats,
+        count_ptr=query_count if has_index else stats, stats_ptr=stats, N=num_tokens, HW=num_tokens // frames,
+        Cs=channels_s, Ct=teacher.shape[-1], frames=frames, scale_s=LOG2E / tau_student, scale_t=LOG2E / tau_teacher,
     )  # fmt: skip
+    key = shape_class(tokens=num_tokens, hw=num_tokens // frames, channels=(channels_s, teacher.shape[-1]),
+                      dtype=student.dtype, masked=has_index)  # fmt: skip
+    FORWARD(
+        lambda blocks: (triton.cdiv(num_tokens, blocks["BLOCK_M"]), frames, batch),
+        key,
+        arguments,
+        dict(HAS_INDEX=has_index, UPCAST=triton_interpreting(), PRECISION=DOT_PRECISION),
+    )
     # KL = ln2 (E + log2(sum_s / sum_t)) per (query, frame), averaged over the target frames.
     gap, inv_sum_t, inv_sum_s = (stats[:, :, slot.value] for slot in (STAT_GAP, STAT_INV_SUM_T, STAT_INV_SUM_S))
     kl = LN2 * (gap + torch.log2(inv_sum_t) - torch.log2(inv_sum_s)).mean(1)

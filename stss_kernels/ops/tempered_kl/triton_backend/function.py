@@ -7,8 +7,7 @@ from torch.autograd.function import once_differentiable
 
 from stss_kernels._core.backends import on_device
 from stss_kernels._core.queries import kept_queries
-from stss_kernels.ops.tempered_kl.triton_backend.backward import tempered_kl_feature_grad
-from stss_kernels.ops.tempered_kl.triton_backend.forward import tempered_kl_forward
+from stss_kernels.ops.tempered_kl.triton_backend.generations import kernel_generation, kernels
 
 
 class TemperedKLTritonFunction(torch.autograd.Function):
@@ -18,6 +17,8 @@ class TemperedKLTritonFunction(torch.autograd.Function):
     def forward(ctx, student, teacher, frames, tau_student, tau_teacher, query_weight):
         keep = None if query_weight is None else query_weight != 0
         query_index, query_count = kept_queries(keep)
+        ctx.generation = kernel_generation()
+        tempered_kl_forward = kernels(ctx.generation)[0]
         with on_device(student):
             kl, stats = tempered_kl_forward(
                 student, teacher, frames, tau_student, tau_teacher, query_index, query_count, keep
@@ -36,6 +37,7 @@ class TemperedKLTritonFunction(torch.autograd.Function):
         magnitude = row_grad.abs().amax()
         scale = torch.where(magnitude > 0, torch.exp2(torch.round(torch.log2(magnitude))), 1.0)
         row_grad = (row_grad / scale).contiguous()
+        tempered_kl_feature_grad = kernels(ctx.generation)[1]
         with on_device(student):
             grads = [
                 tempered_kl_feature_grad(

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from stss_kernels._core.chunking import rows_per_chunk
 from stss_kernels._core.tiles import autotune_configs, query_rows
+from stss_kernels._core.tuning import shape_class, tuned_kernel
 from stss_kernels.ops.tempered_kl.triton_backend.tiles import similarity_grad_tile
 
 # Bytes per (row, key) entry of a chunk, in units of the features' itemsize: the block of dL/dS, block + block^T
@@ -82,6 +83,11 @@ def _similarity_grad_kernel(
     tl.store(out_ptr + offsets, grad.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & key_valid[None, :])
 
 
+SIMILARITY_GRAD = tuned_kernel(
+    "tempered_kl.similarity_grad", _similarity_grad_kernel.fn, _similarity_grad_kernel.configs
+)
+
+
 def feature_grad_by_chunks(
     features: torch.Tensor,
     kernel_args: tuple,
@@ -101,19 +107,23 @@ def feature_grad_by_chunks(
     counts = [num_tokens] * batch if query_count is None else query_count.tolist()
     step = rows_per_chunk(num_tokens, features.dtype.itemsize * _LIVE_BLOCKS)
     frames = num_tokens // hw
+    key = shape_class(tokens=num_tokens, hw=hw, channels=sizes_and_scales[:2], dtype=features.dtype,
+                      **{name.lower(): flags[name] for name in ("FOR_TEACHER", "HAS_INDEX")})  # fmt: skip
     for b in range(batch):
         index = scaled_row_grad[b] if query_index is None else query_index[b]
         for start in range(0, counts[b], step):
             rows = min(step, counts[b] - start)
             block = torch.empty(rows, num_tokens, dtype=features.dtype, device=features.device)
-            grid = lambda meta, rows=rows: (
-                triton.cdiv(rows, meta["BLOCK_M"]),
-                frames * triton.cdiv(hw, meta["BLOCK_N"]),
+            grid = lambda blocks, rows=rows: (
+                triton.cdiv(rows, blocks["BLOCK_M"]),
+                frames * triton.cdiv(hw, blocks["BLOCK_N"]),
             )
-            _similarity_grad_kernel[grid](
-                student[b], teacher[b], stats[b], scaled_row_grad[b], index, block,
-                num_tokens, hw, *sizes_and_scales, start, rows, **flags,
+            arguments = dict(
+                student_ptr=student[b], teacher_ptr=teacher[b], stats_ptr=stats[b], row_grad_ptr=scaled_row_grad[b],
+                index_ptr=index, out_ptr=block, N=num_tokens, HW=hw, Cs=sizes_and_scales[0], Ct=sizes_and_scales[1],
+                scale_s=sizes_and_scales[2], scale_t=sizes_and_scales[3], chunk_start=start, chunk_rows=rows,
             )  # fmt: skip
+            SIMILARITY_GRAD(grid, key, arguments, flags)
             if rows == num_tokens:  # the whole video (no query dropped): one product for (G + G^T) x
                 grad[b] += ((block + block.T) @ features[b]).float()
                 continue

@@ -1,0 +1,55 @@
+"""`stss_kernels.warmup`: tune the Triton kernels' launch configs for given shapes ahead of time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from stss_kernels._core.backends import triton_interpreting
+from stss_kernels._core.tuning import tuned_configs
+
+
+def warmup(
+    shapes: Iterable[Sequence[int]],
+    *,
+    dtypes: Iterable[torch.dtype] = (torch.bfloat16,),
+    mask_ratios: Iterable[float | None] = (None,),
+    backward: bool = True,
+    teacher_grad: bool = False,
+    device: torch.device | str = "cuda",
+) -> dict[str, dict]:
+    """Run tempered_kl (backend="triton") once per shape, dtype and mask setting so every kernel it launches is
+    tuned now, outside any CUDA-graph capture or torch.compile region; later calls of the same shape class
+    reuse the configs. Returns {kernel: {shape class: config}} of everything tuned so far.
+
+    shapes: (batch, frames, hw, cs, ct) each; mask_ratios: None for unmasked, or the kept fraction of queries
+    (masked launches are a separate class); backward: also run the backward (student gradient; teacher too
+    with teacher_grad). Tunes the kernel generation in force (see triton_backend.generations).
+    """
+    from stss_kernels import tempered_kl
+
+    device = torch.device(device)
+    if device.type != "cuda" and not triton_interpreting():
+        raise ValueError(f"device: warmup tunes GPU kernels and needs a CUDA device, got {device}")
+    generator = torch.Generator().manual_seed(0)
+    for shape in shapes:
+        if len(shape) != 5 or any(int(size) < 1 for size in shape):
+            raise ValueError(f"shapes: expected (batch, frames, hw, cs, ct) positive ints, got {tuple(shape)}")
+        batch, frames, hw, cs, ct = (int(size) for size in shape)
+        tokens = frames * hw
+        for dtype in dtypes:
+            for ratio in mask_ratios:
+                student = torch.randn(batch, tokens, cs, generator=generator).to(device, dtype)
+                teacher = torch.randn(batch, tokens, ct, generator=generator).to(device, dtype)
+                student.requires_grad_(backward)
+                teacher.requires_grad_(backward and teacher_grad)
+                mask = None
+                if ratio is not None:
+                    mask = (torch.rand(batch, tokens, generator=generator) < ratio).to(device)
+                loss = tempered_kl(student, teacher, frames=frames, query_mask=mask, backend="triton")
+                if backward:
+                    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return tuned_configs()
