@@ -19,6 +19,7 @@ import triton.language as tl
 
 from stss_kernels._core.backends import triton_interpreting
 from stss_kernels._core.tiles import DOT_PRECISION, autotune_configs, load_rows, num_queries, query_rows
+from stss_kernels._core.tuning import shape_class, tuned_kernel
 from stss_kernels.ops.relation_distance.triton_backend.sign_block import feature_grads_by_chunks
 from stss_kernels.ops.relation_distance.triton_backend.tiles import (
     SPATIAL,
@@ -144,6 +145,14 @@ def _relation_distance_grad_kernel(
                 tl.store(grad_ptr + offsets, acc + tl.load(grad_ptr + offsets, mask=mask, other=0.0), mask=mask)
 
 
+GRAD = tuned_kernel(
+    "relation_distance.grad",
+    _relation_distance_grad_kernel.fn,
+    _relation_distance_grad_kernel.configs,
+    restore=("grad_ptr",),
+)
+
+
 def relation_distance_feature_grad(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -166,9 +175,10 @@ def relation_distance_feature_grad(
     features = teacher if for_teacher else student
     grad = torch.zeros_like(features, dtype=torch.float32)
     has_index = query_index is not None
-    args = (
-        student, teacher, row_grad, query_index if has_index else row_grad, query_count if has_index else row_grad,
-        grad, num_tokens, num_tokens // frames, channels_s, teacher.shape[-1], margin,
+    arguments = dict(
+        student_ptr=student, teacher_ptr=teacher, row_grad_ptr=row_grad,
+        index_ptr=query_index if has_index else row_grad, count_ptr=query_count if has_index else row_grad,
+        grad_ptr=grad, N=num_tokens, HW=num_tokens // frames, Cs=channels_s, Ct=teacher.shape[-1], margin=margin,
     )  # fmt: skip
     flags = dict(
         VARIANT=VARIANT_IDS[variant],
@@ -178,13 +188,16 @@ def relation_distance_feature_grad(
         UPCAST=triton_interpreting(),
         PRECISION=DOT_PRECISION,
     )
-    channel_blocks = lambda meta: triton.cdiv(features.shape[-1], meta["BLOCK_D"])
-    passes = [(False, lambda meta: triton.cdiv(num_tokens, meta["BLOCK_M"]))]
+    channel_blocks = lambda blocks: triton.cdiv(features.shape[-1], blocks["BLOCK_D"])
+    passes = [(False, lambda blocks: triton.cdiv(num_tokens, blocks["BLOCK_M"]))]
     if not symmetric:
-        passes.insert(0, (True, lambda meta: triton.cdiv(num_tokens, meta["BLOCK_N"])))
+        passes.insert(0, (True, lambda blocks: triton.cdiv(num_tokens, blocks["BLOCK_N"])))
     for column_pass, tiles in passes:
-        grid = lambda meta, tiles=tiles: (tiles(meta), channel_blocks(meta), batch)
-        _relation_distance_grad_kernel[grid](*args, COLUMN_PASS=column_pass, **flags)
+        grid = lambda blocks, tiles=tiles: (tiles(blocks), channel_blocks(blocks), batch)
+        key = shape_class(tokens=num_tokens, hw=num_tokens // frames, channels=(channels_s, teacher.shape[-1]),
+                          dtype=student.dtype, masked=has_index, variant=variant, column=column_pass,
+                          symmetric=symmetric, teacher=for_teacher)  # fmt: skip
+        GRAD(grid, key, arguments, dict(flags, COLUMN_PASS=column_pass))
     return grad.mul_(grad_scale).to(features.dtype)
 
 

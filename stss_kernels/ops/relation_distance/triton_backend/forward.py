@@ -8,6 +8,7 @@ import triton.language as tl
 
 from stss_kernels._core.backends import triton_interpreting
 from stss_kernels._core.tiles import DOT_PRECISION, autotune_configs, num_queries, query_rows
+from stss_kernels._core.tuning import shape_class, tuned_kernel
 from stss_kernels.ops.relation_distance.triton_backend.tiles import VARIANT_IDS, gap_tile, pair_tile, paired_key_range
 
 FORWARD_CONFIGS = autotune_configs(
@@ -81,6 +82,13 @@ def _relation_distance_forward_kernel(
         tl.store(sums_ptr + (b * splits + split) * N + rows, acc, mask=row_valid)
 
 
+# Launched through the shape-class cache (stss_kernels._core.tuning), not @triton.autotune's own tuner: no
+# timing inside CUDA-graph capture or compile tracing. The decorator keeps the config list with the kernel.
+FORWARD = tuned_kernel(
+    "relation_distance.forward", _relation_distance_forward_kernel.fn, _relation_distance_forward_kernel.configs
+)
+
+
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
@@ -117,10 +125,17 @@ def relation_distance_forward(
     splits = key_splits(batch, num_tokens, frames, variant, student.device)
     sums = torch.zeros(batch, splits, num_tokens, dtype=torch.float32, device=student.device)
     has_index = query_index is not None
-    grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_M"]), splits, batch)
-    _relation_distance_forward_kernel[grid](
-        student, teacher, query_index if has_index else sums, query_count if has_index else sums, sums,
-        num_tokens, num_tokens // frames, channels_s, teacher.shape[-1], splits, margin,
-        VARIANT=VARIANT_IDS[variant], HAS_INDEX=has_index, UPCAST=triton_interpreting(), PRECISION=DOT_PRECISION,
+    arguments = dict(
+        student_ptr=student, teacher_ptr=teacher, index_ptr=query_index if has_index else sums,
+        count_ptr=query_count if has_index else sums, sums_ptr=sums, N=num_tokens, HW=num_tokens // frames,
+        Cs=channels_s, Ct=teacher.shape[-1], splits=splits, margin=margin,
     )  # fmt: skip
+    key = shape_class(tokens=num_tokens, hw=num_tokens // frames, channels=(channels_s, teacher.shape[-1]),
+                      dtype=student.dtype, masked=has_index, variant=variant, splits=splits)  # fmt: skip
+    FORWARD(
+        lambda blocks: (triton.cdiv(num_tokens, blocks["BLOCK_M"]), splits, batch),
+        key,
+        arguments,
+        dict(VARIANT=VARIANT_IDS[variant], HAS_INDEX=has_index, UPCAST=triton_interpreting(), PRECISION=DOT_PRECISION),
+    )
     return sums.sum(1)

@@ -18,6 +18,7 @@ import triton.language as tl
 from stss_kernels._core.backends import triton_interpreting
 from stss_kernels._core.chunking import rows_per_chunk
 from stss_kernels._core.tiles import DOT_PRECISION, autotune_configs, query_rows
+from stss_kernels._core.tuning import shape_class, tuned_kernel
 from stss_kernels.ops.relation_distance.triton_backend.tiles import SPATIAL, TEMPORAL, VARIANT_IDS, sign_tile
 
 # Bytes per (row, key) entry of a chunk, in units of the features' itemsize: the sign block, its transpose's
@@ -85,6 +86,9 @@ def _sign_block_kernel(
     tl.store(out_ptr + offsets, sign.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & key_valid[None, :])
 
 
+SIGN_BLOCK = tuned_kernel("relation_distance.sign_block", _sign_block_kernel.fn, _sign_block_kernel.configs)
+
+
 def feature_grads_by_chunks(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -110,19 +114,23 @@ def feature_grads_by_chunks(
         VARIANT=VARIANT_IDS[variant], HAS_INDEX=query_index is not None, UPCAST=triton_interpreting(),
         PRECISION=DOT_PRECISION,
     )  # fmt: skip
+    key = shape_class(tokens=num_tokens, hw=num_tokens // frames, channels=(channels_s, teacher.shape[-1]),
+                      dtype=dtype, masked=query_index is not None, variant=variant)  # fmt: skip
     for b in range(batch):
         index = row_grad[b] if query_index is None else query_index[b]
         for start in range(0, counts[b], step):
             rows = min(step, counts[b] - start)
             block = torch.empty(rows, num_tokens, dtype=dtype, device=student.device)
-            grid = lambda meta, rows=rows: (
-                triton.cdiv(rows, meta["BLOCK_M"]),
-                triton.cdiv(num_tokens, meta["BLOCK_N"]),
-            )
-            _sign_block_kernel[grid](
-                student[b], teacher[b], index, block, num_tokens, num_tokens // frames, channels_s,
-                teacher.shape[-1], margin, start, rows, **flags,
+            arguments = dict(
+                student_ptr=student[b], teacher_ptr=teacher[b], index_ptr=index, out_ptr=block, N=num_tokens,
+                HW=num_tokens // frames, Cs=channels_s, Ct=teacher.shape[-1], margin=margin, chunk_start=start,
+                chunk_rows=rows,
             )  # fmt: skip
+            grid = lambda blocks, rows=rows: (
+                triton.cdiv(rows, blocks["BLOCK_M"]),
+                triton.cdiv(num_tokens, blocks["BLOCK_N"]),
+            )
+            SIGN_BLOCK(grid, key, arguments, flags)
             if query_index is None:
                 token_ids = torch.arange(start, start + rows, device=student.device)
             else:
