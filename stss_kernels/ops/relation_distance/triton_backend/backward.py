@@ -35,7 +35,7 @@ BACKWARD_CONFIGS = autotune_configs(
         (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=256), 8, 2),
         (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_D=128), 8, 2),
         (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_D=128), 8, 2),
-        (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=64), 4, 3),
+        (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=32), 4, 3),
     ],
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_D=32),
 )
