@@ -1,5 +1,5 @@
 """What every op shares: validation, the backend switch, custom-op registration, normalisation, reductions,
-chunking, kept queries.
+chunking, kept queries, symmetric feature gradients.
 
 `stss_kernels._core.tiles` holds the Triton tile helpers; it is imported only by the Triton backends.
 """
@@ -12,6 +12,7 @@ from stss_kernels._core.backends import (
     triton_interpreting,
 )
 from stss_kernels._core.chunking import CHUNK_BUDGET_BYTES, query_chunks, rows_per_chunk
+from stss_kernels._core.gradients import add_symmetric_grad, power_of_two_normalized
 from stss_kernels._core.library import autocast_disabled, define_fused_op, host_sync_allowed, is_tracing
 from stss_kernels._core.normalize import l2_normalize
 from stss_kernels._core.queries import kept_queries
@@ -33,6 +34,7 @@ __all__ = [
     "CHUNK_BUDGET_BYTES",
     "REDUCTIONS",
     "accumulation_dtype",
+    "add_symmetric_grad",
     "autocast_disabled",
     "check_backend_inputs",
     "check_choice",
@@ -49,6 +51,7 @@ __all__ = [
     "kept_queries",
     "l2_normalize",
     "on_device",
+    "power_of_two_normalized",
     "query_chunks",
     "query_weight",
     "reduce_rows",

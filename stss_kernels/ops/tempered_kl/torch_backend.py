@@ -13,6 +13,7 @@ import torch
 
 from stss_kernels._core.backends import accumulation_dtype
 from stss_kernels._core.chunking import query_chunks, rows_per_chunk
+from stss_kernels._core.gradients import add_symmetric_grad
 from stss_kernels._core.library import define_fused_op
 from stss_kernels._core.validation import check_backend_inputs, check_temperature
 
@@ -84,24 +85,15 @@ def _backward(
         if need_student:
             # dL/dS = g (P_s - P_t) / tau_s
             tile = log_p_s.exp().sub_(p_t).mul_(g / tau_student).view(len(chunk), -1)
-            _add_symmetric_grad(grad_s[b], tile, s, chunk)
+            add_symmetric_grad(grad_s[b], tile, s, chunk)
         if need_teacher:
             # dL/dT = g P_t (log P_t - log P_s - KL) / tau_t
             log_ratio = log_p_t.sub_(log_p_s).sub_(kl_frames[b, chunk].unsqueeze(-1))
             tile = log_ratio.mul_(p_t).mul_(g / tau_teacher).view(len(chunk), -1)
-            _add_symmetric_grad(grad_t[b], tile, t, chunk)
+            add_symmetric_grad(grad_t[b], tile, t, chunk)
     grad_s = grad_s.to(student.dtype) if need_student else student.new_empty(0)
     grad_t = grad_t.to(teacher.dtype) if need_teacher else teacher.new_empty(0)
     return grad_s, grad_t
-
-
-def _add_symmetric_grad(grad: torch.Tensor, tile: torch.Tensor, features: torch.Tensor, chunk: torch.Tensor):
-    """grad += (G + G^T) x for the rows `chunk` of G = dL/d(x x^T), given as `tile` (c, N)."""
-    if len(chunk) == len(features):  # the chunk is the whole video: one product instead of two
-        grad.addmm_(tile + tile.T, features)
-        return
-    grad.index_add_(0, chunk, tile @ features)
-    grad.addmm_(tile.T, features[chunk])
 
 
 _ARGS = "Tensor student, Tensor teacher, int frames, float tau_student, float tau_teacher, Tensor? query_weight, "
