@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 import torch
+import torch._dynamo.testing
 import torch.nn.functional as F
 
 import stss_kernels

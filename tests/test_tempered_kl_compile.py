@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 import stss_kernels  # noqa: F401  (registers the custom ops)
 from stss_kernels import tempered_kl
