@@ -8,31 +8,39 @@ option names with dashes or underscores.
 import argparse
 from pathlib import Path
 
-from tsa.choices import GRID_MODES, TEACHER_KINDS, TRAINING_METHODS, TRD_VARIANTS
+from tsa.choices import (
+    EXPERTS,
+    GRID_MODES,
+    MODEL_FAMILIES,
+    TEACHER_KINDS,
+    TIMESTEP_SAMPLING,
+    TRAINING_METHODS,
+    TRD_VARIANTS,
+)
 
 LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
 
+
+def _family_presets():
+    from tsa.models import FAMILIES, family_class
+
+    presets = {}
+    for name in FAMILIES:
+        for preset, values in family_class(name).presets.items():
+            presets[preset] = {"model_family": name, **values}
+    return presets
+
+
 PRESETS = {
-    # Tiny random models and a synthetic mp4 dataset built in the output dir; CPU, about two minutes.
+    # Tiny random models and a synthetic mp4 dataset built in the output dir; CPU, about two minutes. With
+    # --model-family wan the tiny models are Wan's (OUTPUT_DIR/tiny/wan), else CogVideoX's.
     "tiny": dict(
         height=96, width=144, num_frames=9, align="mtsa", align_layer=2, projector_hidden_dim=64,
         finetune="full", learning_rate=1e-3, lr_warmup_steps=5, train_batch_size=2, max_steps=100,
         checkpointing_steps=50, num_videos=8, predictor_channels=16, predictor_blocks=2,
     ),
-    # SPEC section 9: TSA / M-TSA on CogVideoX-2B, full fine-tune (8 GPUs x 4 = global batch 32).
-    "cogvideox-2b-mtsa": dict(
-        height=480, width=720, num_frames=49, align="mtsa", align_layer=18, align_weight=0.5, tau=0.1,
-        top_k=0.2, finetune="full", learning_rate=2e-6, lr_warmup_steps=100, train_batch_size=4,
-        max_steps=4000, checkpointing_steps=500, mixed_precision="bf16", gradient_checkpointing=True,
-        vae_tiling=True,
-    ),
-    # SPEC sections 7 and 9: CogVideoX-5B with LoRA r128 / alpha 64 on the attention projections.
-    "cogvideox-5b-lora": dict(
-        height=480, width=720, num_frames=49, align="mtsa", align_layer=18, align_weight=0.5, tau=0.1,
-        top_k=0.2, finetune="lora", lora_rank=128, lora_alpha=64, learning_rate=1e-4,
-        lr_warmup_steps=100, train_batch_size=1, max_steps=2000, checkpointing_steps=250,
-        mixed_precision="bf16", gradient_checkpointing=True, vae_tiling=True,
-    ),
+    # Each model family's presets (tsa.models): cogvideox-2b-mtsa, cogvideox-5b-lora, wan2.1-1.3b-mtsa, ...
+    **_family_presets(),
 }
 
 
@@ -47,7 +55,8 @@ def build_parser(prog="tsa-train"):
     """The options shared by tsa-train and tsa-cache (tsa-cache ignores the training ones)."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Fine-tune CogVideoX with a TSA / M-TSA / TRD / REPA / LaMo alignment loss.",
+        description="Fine-tune a video DiT (CogVideoX, Wan2.1 / Wan2.2) with a TSA / M-TSA / TRD / REPA / LaMo "
+                    "alignment loss.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -57,7 +66,12 @@ def build_parser(prog="tsa-train"):
 
     model = parser.add_argument_group("model")
     model.add_argument("--model-path", type=Path, default=None,
-                       help="Local diffusers CogVideoX pipeline folder (built in the output dir for tiny).")
+                       help="Local diffusers pipeline folder (built in the output dir for tiny).")
+    model.add_argument("--model-family", choices=MODEL_FAMILIES, default=None,
+                       help="Default: from the model folder's model_index.json (tiny: cogvideox).")
+    model.add_argument("--expert", choices=EXPERTS, default="transformer",
+                       help="Two-expert pipelines (Wan2.2 A14B): the denoiser this run trains, on its own timestep "
+                            "range (transformer: high noise, t >= boundary_ratio * 1000; transformer_2: low noise).")
     model.add_argument("--output-dir", type=Path, default=Path("tsa-output"))
     model.add_argument("--finetune", choices=("full", "lora"), default="full")
     model.add_argument("--lora-rank", type=_positive_int, default=128)
@@ -85,7 +99,8 @@ def build_parser(prog="tsa-train"):
 
     align = parser.add_argument_group("alignment")
     align.add_argument("--align", choices=TRAINING_METHODS, default="mtsa")
-    align.add_argument("--align-layer", type=_positive_int, default=18, help="Transformer block, 1-based.")
+    align.add_argument("--align-layer", type=_positive_int, default=None,
+                       help="Transformer block, 1-based (default: CogVideoX 18, Wan the block at 60%% depth).")
     align.add_argument("--align-weight", type=float, default=0.5)
     align.add_argument("--tau", type=float, default=0.1, help="Temperature of both similarity softmaxes.")
     align.add_argument("--top-k", type=float, default=0.2, help="M-TSA: fraction of moving tokens per frame.")
@@ -119,6 +134,13 @@ def build_parser(prog="tsa-train"):
                        help="Default: the accelerate config's (no without one).")
     optim.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--timestep-sampling", choices=TIMESTEP_SAMPLING, default=None,
+                       help="Flow-matching families (Wan): training timestep density (default logit-normal, shifted "
+                            "by the scheduler's shift).")
+    optim.add_argument("--logit-mean", type=float, default=None, help="Logit-normal mean (flow families; 0).")
+    optim.add_argument("--logit-std", type=float, default=None, help="Logit-normal std (flow families; 1).")
+    optim.add_argument("--flow-shift", type=float, default=None,
+                       help="Flow families: timestep shift (default: the model scheduler's).")
 
     ckpt = parser.add_argument_group("checkpoints and logging")
     ckpt.add_argument("--checkpointing-steps", type=_positive_int, default=500)
@@ -166,8 +188,13 @@ def parse_args(argv=None, prog="tsa-train"):
 
 
 def _finalise(args, parser):
-    if (args.num_frames - 1) % 4:
-        parser.error(f"--num-frames must be 4k+1 (the VAE compresses time by 4), got {args.num_frames}")
+    _resolve_family(args, parser)
+    from tsa.models import get_family
+
+    family = get_family(args.model_family or "cogvideox")
+    message = family.check_frames(args.num_frames)
+    if message:
+        parser.error(message)
     if args.height % 16 or args.width % 16:
         parser.error(f"--height and --width must be multiples of 16, got {args.height}x{args.width}")
     if not 0 < args.top_k <= 1:
@@ -199,4 +226,27 @@ def _finalise(args, parser):
     args.lora_target_modules = [name.strip() for name in modules if name.strip()]
     if args.cache_dir is None:
         args.cache_dir = args.output_dir / "cache"
+    if args.align_layer is None and args.model_family != "wan":
+        args.align_layer = family.default_align_layer(0)  # CogVideoX: 18; Wan: 60% depth, at load time
+    if args.model_family not in (None, "wan") and any(
+            getattr(args, name) is not None for name in ("timestep_sampling", "logit_mean", "logit_std", "flow_shift")):
+        parser.error(f"--timestep-sampling, --logit-mean, --logit-std and --flow-shift apply to flow-matching "
+                     f"families (wan), not {args.model_family}")
     return args
+
+
+def _resolve_family(args, parser):
+    """--model-family from the model folder's model_index.json when not given (tiny: cogvideox); a folder of
+    another family, or an unsupported pipeline, is an error."""
+    from tsa.models import detect_family_name, model_index
+
+    if args.model_path is not None and model_index(args.model_path):
+        try:
+            detected = detect_family_name(args.model_path)
+        except ValueError as error:
+            parser.error(str(error))
+        if args.model_family not in (None, detected):
+            parser.error(f"--model-family {args.model_family} does not match {args.model_path}, a {detected} pipeline")
+        args.model_family = detected
+    elif args.model_family is None and args.preset == "tiny" and args.model_path is None:
+        args.model_family = "cogvideox"

@@ -1,4 +1,4 @@
-"""The training objective: CogVideoX diffusion loss + weight * alignment loss (TSA, M-TSA, TRD or REPA)."""
+"""The training objective: the model family's diffusion loss + weight * alignment loss (TSA, M-TSA, TRD or REPA)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from tsa.choices import ALIGNMENT_LOSSES
-from tsa.diffusion import cogvideox_scheduler, denoise_and_loss
-from tsa.features import BlockFeatureCapture, resample_features, unwrap_transformer
+from tsa.features import BlockFeatureCapture, resample_features
 from tsa.losses import REPALoss, TRDLoss, TSALoss
+from tsa.models import family_of
 from tsa.projector import AlignmentProjector
 from tsa.teachers.base import Teacher, resize_video
 
@@ -16,7 +16,8 @@ from tsa.teachers.base import Teacher, resize_video
 class AlignmentObjective(nn.Module):
     """Holds the transformer and the projector (trainable) and a frozen teacher; returns every loss term.
 
-    forward(latents (B, F, C, h, w) scaled clean latents, prompt_embeds (B, L, D), pixels (B, T, 3, H, W)
+    forward(latents (B, F, C, h, w) clean latents, normalised as the family's pipeline does (CogVideoX: times
+    the VAE scaling factor; Wan: (z - latents_mean) / latents_std), prompt_embeds (B, L, D), pixels (B, T, 3, H, W)
     in [-1, 1] or None (only for align="none"), timesteps=None, noise=None, generator=None) -> dict:
     "loss" = "diffusion" + weight * "align" ("align" is a zero tensor for align="none"), "x0_pred"
     (B, F, C, h, w), "x0" (the clean latents), "timesteps" (B,).
@@ -26,6 +27,11 @@ class AlignmentObjective(nn.Module):
     input to produce it, then its features are resampled to the projector's output grid (a no-op in
     "teacher-grid" mode, an upsampling in "native" mode). M-TSA's motion mask is computed on the pixel
     video (frame 0 dropped) resized to that grid times the teacher's patch size.
+
+    The model family (tsa.models; found from the transformer's class unless `family` is given) owns the diffusion
+    objective (CogVideoX: v-prediction, Wan: rectified flow), the blocks and the token grid. `scheduler` is the
+    model's own training schedule and is required (e.g. `family.load_scheduler(model_path)`). `block_index`
+    None takes the family's default (CogVideoX: 18, Wan: the block at 60% depth).
 
     The teacher is kept outside the module tree: `parameters()`, `state_dict()`, DDP and optimizers
     only see the transformer and the projector; it follows the transformer's device on first use.
@@ -39,7 +45,7 @@ class AlignmentObjective(nn.Module):
         *,
         align: str = "mtsa",
         weight: float = 0.5,
-        block_index: int = 18,
+        block_index: int | None = None,
         grid: str = "teacher-grid",
         projector: AlignmentProjector | None = None,
         projector_hidden_dim: int = 2048,
@@ -49,14 +55,20 @@ class AlignmentObjective(nn.Module):
         trd_margin: float = 0.1,
         trd_variant: str = "full",
         backend: str = "auto",
+        family=None,
     ):
         super().__init__()
         if align not in ALIGNMENT_LOSSES:
             raise ValueError(f"align must be one of {ALIGNMENT_LOSSES}, got {align!r}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(f"weight must be a non-negative number, got {weight!r}")
+        self.family = family_of(transformer) if family is None else family
+        module = self.family.unwrap(transformer)
+        self.family.check_scheduler(scheduler)
+        if block_index is None:
+            block_index = self.family.default_align_layer(len(self.family.blocks(module)))
         self.transformer = transformer
-        self.scheduler = cogvideox_scheduler() if scheduler is None else scheduler
+        self.scheduler = scheduler
         self.align, self.weight, self.block_index = align, float(weight), block_index
         self.projector = self.alignment_loss = None
         self._teacher = (None,)  # a tuple hides the frozen teacher from the module tree
@@ -64,9 +76,8 @@ class AlignmentObjective(nn.Module):
             return
         if not isinstance(teacher, Teacher):
             raise ValueError(f"align={align!r} needs a frozen teacher (tsa.teachers.load_teacher), got {teacher!r}")
-        BlockFeatureCapture(transformer, block_index)  # validates the block index now
-        config = unwrap_transformer(transformer).config
-        width = config.num_attention_heads * config.attention_head_dim
+        BlockFeatureCapture(transformer, block_index, self.family)  # validates the block index now
+        width = self.family.width(module.config)
         if projector is None:
             projector = AlignmentProjector(width, teacher.hidden_size, projector_hidden_dim, grid)
         if projector.in_dim != width:
@@ -108,11 +119,11 @@ class AlignmentObjective(nn.Module):
         self._check_inputs(latents, prompt_embeds, pixels)
         step = dict(timesteps=timesteps, noise=noise, generator=generator)
         if self.align == "none":
-            out = denoise_and_loss(self.transformer, self.scheduler, latents, prompt_embeds, **step)
+            out = self.family.denoise_and_loss(self.transformer, self.scheduler, latents, prompt_embeds, **step)
             align = out["loss"].new_zeros(())
         else:
-            with BlockFeatureCapture(self.transformer, self.block_index) as capture:
-                out = denoise_and_loss(self.transformer, self.scheduler, latents, prompt_embeds, **step)
+            with BlockFeatureCapture(self.transformer, self.block_index, self.family) as capture:
+                out = self.family.denoise_and_loss(self.transformer, self.scheduler, latents, prompt_embeds, **step)
             align = self._alignment(capture.features, pixels)
         return {
             "loss": out["loss"] + self.weight * align,
@@ -146,9 +157,7 @@ class AlignmentObjective(nn.Module):
                 f"prompt_embeds must be (B={latents.shape[0]}, L, D), got "
                 f"{getattr(prompt_embeds, 'shape', type(prompt_embeds))}"
             )
-        patch_t = getattr(unwrap_transformer(self.transformer).config, "patch_size_t", None)
-        if patch_t is not None and latents.shape[1] % patch_t:
-            raise ValueError(f"latent frames ({latents.shape[1]}) must be a multiple of patch_size_t={patch_t}")
+        self.family.check_latents(self.family.unwrap(self.transformer).config, latents)
         if self.align == "none":
             return
         if pixels is None:
