@@ -192,7 +192,10 @@ def build_cache(args, accelerator):
     )
     accelerator.free_memory()  # the VAE and T5 are not needed any more
     accelerator.wait_for_everyone()
-    dataset = CachedLatentDataset(videos, layout, with_pixels=args.align not in ("none", "lamo"))
+    from tsa.alignment import ALIGNMENT_METHODS
+
+    method = ALIGNMENT_METHODS.get(args.align)
+    dataset = CachedLatentDataset(videos, layout, with_pixels=method is not None and method.needs_pixels)
     if accelerator.is_main_process:
         skipped = len(videos) - len(dataset)
         print(f"latent cache {layout.directory}: {len(dataset)} of {len(videos)} videos cached "

@@ -8,15 +8,8 @@ option names with dashes or underscores.
 import argparse
 from pathlib import Path
 
-from tsa.choices import (
-    EXPERTS,
-    GRID_MODES,
-    MODEL_FAMILIES,
-    TEACHER_KINDS,
-    TIMESTEP_SAMPLING,
-    TRAINING_METHODS,
-    TRD_VARIANTS,
-)
+from tsa import alignment
+from tsa.choices import EXPERTS, GRID_MODES, MODEL_FAMILIES, TEACHER_KINDS, TIMESTEP_SAMPLING
 
 LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
 
@@ -98,17 +91,21 @@ def build_parser(prog="tsa-train"):
                       help="Size of the synthetic dataset the tiny preset writes.")
 
     align = parser.add_argument_group("alignment")
-    align.add_argument("--align", choices=TRAINING_METHODS, default="mtsa")
+    methods = alignment.ALIGNMENT_METHODS.values()
+    align.add_argument("--align", choices=alignment.training_methods(), default="mtsa",
+                       help="; ".join(f"{method.name}: {method.description.rstrip('.')}" for method in methods)
+                       + "; lamo: no alignment loss, LaMo's motion drift loss; none: diffusion loss only.")
     align.add_argument("--align-layer", type=_positive_int, default=None,
                        help="Transformer block, 1-based (default: CogVideoX 18, Wan the block at 60%% depth).")
     align.add_argument("--align-weight", type=float, default=0.5)
-    align.add_argument("--tau", type=float, default=0.1, help="Temperature of both similarity softmaxes.")
-    align.add_argument("--top-k", type=float, default=0.2, help="M-TSA: fraction of moving tokens per frame.")
     align.add_argument("--grid", choices=GRID_MODES, default="teacher-grid",
                        help="teacher-grid: project the DiT tokens down to the teacher's grid (VideoREPA / TSA); "
                             "native: keep the DiT grid and upsample the teacher's features.")
     align.add_argument("--projector-hidden-dim", type=_positive_int, default=2048)
-    align.add_argument("--trd-variant", choices=TRD_VARIANTS, default="full")
+    for option in alignment.alignment_options().values():  # every option of every registered method
+        users = ", ".join(method.name for method in methods if option.name in method.option_names)
+        align.add_argument(option.flag, type=option.type, default=option.default, choices=option.choices,
+                           help=f"[{users}] {option.help}")
     align.add_argument("--teacher", choices=TEACHER_KINDS, default="videomae")
     align.add_argument("--teacher-path", type=Path, default=None)
     align.add_argument("--motion-drift-weight", type=float, default=None,
@@ -197,10 +194,11 @@ def _finalise(args, parser):
         parser.error(message)
     if args.height % 16 or args.width % 16:
         parser.error(f"--height and --width must be multiples of 16, got {args.height}x{args.width}")
-    if not 0 < args.top_k <= 1:
-        parser.error(f"--top-k must be in (0, 1], got {args.top_k}")
-    if args.tau <= 0:
-        parser.error(f"--tau must be positive, got {args.tau}")
+    for option in alignment.alignment_options().values():
+        value = getattr(args, option.name)
+        message = option.check(value) if option.check is not None and value is not None else None
+        if message:
+            parser.error(message)
     if args.motion_drift_weight is None:
         args.motion_drift_weight = 0.4 if args.align == "lamo" else 0.0
     if args.motion_drift_weight < 0:

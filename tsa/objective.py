@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tsa.choices import ALIGNMENT_LOSSES
+from tsa.alignment import ALIGNMENT_METHODS, alignment_losses
 from tsa.features import BlockFeatureCapture, resample_features
-from tsa.losses import REPALoss, TRDLoss, TSALoss
 from tsa.models import family_of
 from tsa.projector import AlignmentProjector
 from tsa.teachers.base import Teacher, resize_video
@@ -58,8 +57,13 @@ class AlignmentObjective(nn.Module):
         family=None,
     ):
         super().__init__()
-        if align not in ALIGNMENT_LOSSES:
-            raise ValueError(f"align must be one of {ALIGNMENT_LOSSES}, got {align!r}")
+        if align not in alignment_losses():
+            raise ValueError(f"align must be one of {alignment_losses()}, got {align!r}")
+        method = ALIGNMENT_METHODS.get(align)
+        options = dict(tau=tau, tau_teacher=tau_teacher, top_k=top_k, trd_margin=trd_margin, trd_variant=trd_variant,
+                       backend=backend)
+        if method is not None:
+            method.check(options)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(f"weight must be a non-negative number, got {weight!r}")
         self.family = family_of(transformer) if family is None else family
@@ -70,7 +74,7 @@ class AlignmentObjective(nn.Module):
         self.transformer = transformer
         self.scheduler = scheduler
         self.align, self.weight, self.block_index = align, float(weight), block_index
-        self.projector = self.alignment_loss = None
+        self.projector = self.alignment_loss = self.method = None
         self._teacher = (None,)  # a tuple hides the frozen teacher from the module tree
         if align == "none":
             return
@@ -82,18 +86,14 @@ class AlignmentObjective(nn.Module):
             projector = AlignmentProjector(width, teacher.hidden_size, projector_hidden_dim, grid)
         if projector.in_dim != width:
             raise ValueError(f"projector.in_dim={projector.in_dim} must equal the transformer width {width}")
-        if align == "repa" and projector.out_dim != teacher.hidden_size:
+        if method.teacher_channels and projector.out_dim != teacher.hidden_size:
             raise ValueError(
-                f"REPA compares tokens channel by channel: projector.out_dim={projector.out_dim} must equal the "
+                f"{align} compares tokens channel by channel: projector.out_dim={projector.out_dim} must equal the "
                 f"teacher's hidden size {teacher.hidden_size}"
             )
         self.projector = projector
-        if align in ("tsa", "mtsa"):
-            self.alignment_loss = TSALoss(tau, tau_teacher, masked=align == "mtsa", top_k=top_k, backend=backend)
-        elif align == "trd":
-            self.alignment_loss = TRDLoss(trd_margin, trd_variant)
-        else:
-            self.alignment_loss = REPALoss()
+        self.method = method
+        self.alignment_loss = method.build(**{name: options[name] for name in method.option_names})
         self._teacher = (teacher,)
 
     @property
@@ -142,7 +142,7 @@ class AlignmentObjective(nn.Module):
         student = self.projector(features)
         grid = tuple(student.shape[1:4])
         target = resample_features(teacher(pixels, grid=self.projector.teacher_grid(dit_grid)), grid)
-        if self.align != "mtsa":
+        if not self.method.motion_mask:
             return self.alignment_loss(student, target)
         size = [cells * patch for cells, patch in zip(grid, teacher.patch_size)]
         video = resize_video(pixels[:, int(teacher.drop_first_frame):], *size)

@@ -62,6 +62,7 @@ def load_transformer(args, weight_dtype, family):
 def build_objective(args, transformer, weight_dtype, family):
     """AlignmentObjective around the transformer (the pipeline's own scheduler), with the frozen teacher
     when the method needs one."""
+    from tsa.alignment import alignment_options
     from tsa.objective import AlignmentObjective
     from tsa.teachers import load_teacher
 
@@ -70,8 +71,8 @@ def build_objective(args, transformer, weight_dtype, family):
     return AlignmentObjective(
         transformer, family.load_scheduler(args.model_path), teacher,
         align=method, weight=args.align_weight, block_index=args.align_layer, grid=args.grid,
-        projector_hidden_dim=args.projector_hidden_dim, tau=args.tau, top_k=args.top_k,
-        trd_variant=args.trd_variant, family=family,
+        projector_hidden_dim=args.projector_hidden_dim, family=family,
+        **{name: getattr(args, name) for name in alignment_options()},  # tau, top_k, trd_margin, backend, ...
     )
 
 
