@@ -34,15 +34,10 @@ def tiny_tokenizer():
 
 
 def tiny_text_encoder(vocab_size: int, seed: int = 0):
-    """A 2-layer T5 encoder with d_model = TINY_TEXT_DIM."""
-    from transformers import T5Config, T5EncoderModel
+    """A 2-layer T5 encoder with d_model = TINY_TEXT_DIM (CogVideoX's text encoder class)."""
+    from tsa.models.cogvideox import tiny_t5
 
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=vocab_size, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, dropout_rate=0.0,
-    )
-    return T5EncoderModel(config).eval()
+    return tiny_t5(vocab_size, seed)
 
 
 def tiny_transformer(

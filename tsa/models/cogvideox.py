@@ -190,12 +190,12 @@ class CogVideoXFamily(ModelFamily):
     # ------------------------------------------------------------------------------------------- tiny models
     def tiny_components(self, num_layers: int = 2, rotary: bool = False, seed: int = 0) -> dict:
         """The five components of a CogVideoXPipeline, tiny and random (the scheduler is CogVideoX-2B's)."""
-        from tsa.tiny import tiny_text_encoder, tiny_tokenizer
+        from tsa.tiny import tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         return {
             "tokenizer": tokenizer,
-            "text_encoder": tiny_text_encoder(len(tokenizer), seed=seed),
+            "text_encoder": tiny_t5(len(tokenizer), seed=seed),
             "vae": tiny_vae(seed=seed),
             "transformer": tiny_transformer(num_layers=num_layers, rotary=rotary, seed=seed),
             "scheduler": cogvideox_scheduler(),
@@ -235,3 +235,17 @@ def tiny_vae(latent_channels: int = 4, seed: int = 0):
         latent_channels=latent_channels, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
         sample_height=64, sample_width=64,
     ).eval()
+
+
+def tiny_t5(vocab_size: int, seed: int = 0):
+    """A 2-layer T5 encoder with d_model = TINY_TEXT_DIM."""
+    from transformers import T5Config, T5EncoderModel
+
+    from tsa.tiny import TINY_TEXT_DIM
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocab_size, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0,
+    )
+    return T5EncoderModel(config).eval()

@@ -301,7 +301,8 @@ def tiny_wan_vae(latent_channels: int = 4, residual: bool = False, seed: int = 0
     generator = torch.Generator().manual_seed(seed)
     mean = (torch.randn(latent_channels, generator=generator) * 0.5).tolist()
     std = (torch.rand(latent_channels, generator=generator) * 1.5 + 0.5).tolist()
-    options = dict(is_residual=True, patch_size=2, scale_factor_spatial=16) if residual else {}
+    options = dict(is_residual=True, patch_size=2, scale_factor_spatial=16, in_channels=12, out_channels=12) \
+        if residual else {}
     return AutoencoderKLWan(
         base_dim=8, z_dim=latent_channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
         temperal_downsample=[False, True, True], latents_mean=mean, latents_std=std, **options,
