@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -252,3 +253,39 @@ def test_wan_guided_step_lowers_the_guidance_loss(assets):
         after = motion_guidance_loss(predictor, x0(v_guided), guidance.prompt_embeds, 1, guidance.prompt_mask)
     assert guidance.history[0][1] == pytest.approx(before.item(), rel=1e-5)
     assert after < before
+
+
+def test_unipc_flow_scheduler_as_wan_folders_ship_it():
+    """Wan2.1's diffusers folders ship UniPCMultistepScheduler(flow_prediction, use_flow_sigmas, flow_shift)."""
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=5.0)
+    WAN.check_scheduler(scheduler)
+    u = torch.arange(1000) / 1000
+    torch.testing.assert_close(noise_level_alphas_cumprod(scheduler), (1 - (5 * u / (1 + 4 * u)).square()).float())
+    draw = WAN.sample_timesteps(scheduler, 4000, "cpu", torch.Generator().manual_seed(0))
+    assert abs(draw.median().item() - 1000 * 2.5 / 3) < 15  # shift 5 maps u = 1/2 to sigma = 5/6
+    scheduler.set_timesteps(10)
+    sample, velocity = torch.randn(1, 4, 3, 4, 6), torch.randn(1, 4, 3, 4, 6)
+    x0 = WAN.x0_from_output(scheduler, velocity, sample, scheduler.timesteps[3])
+    torch.testing.assert_close(x0, (sample - scheduler.sigmas[3] * velocity).permute(0, 2, 1, 3, 4))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model-family", "cogvideox", "--model-path", "{wan}"], "does not match .* a wan pipeline"),
+    (["--model-path", "{unsupported}"], "unsupported pipeline 'LTXPipeline'"),
+    (["--model-path", "{wan}", "--expert", "transformer_2"], "has no second expert"),
+    (["--model-family", "cogvideox", "--flow-shift", "2"], "apply to flow-matching families"),
+    (["--model-family", "wan", "--logit-std", "0"], "logit_std must be > 0"),
+    (["--model-family", "cogvideox", "--expert", "transformer_2"], "cogvideox pipelines have the denoisers"),
+])
+def test_family_options_on_the_command_line(assets, tmp_path, argv, message, capsys):
+    from tsa.config import parse_args
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "LTXPipeline"}))
+    paths = {"{wan}": str(assets["wan"]), "{unsupported}": str(tmp_path)}
+    common = ["--preset", "tiny", "--data", "d", "--teacher-path", "t"]
+    with pytest.raises(SystemExit):
+        parse_args(common + [paths.get(arg, arg) for arg in argv])
+    assert re.search(message, capsys.readouterr().err)
+    args = parse_args([*common, "--model-path", str(assets["a14b"]), "--expert", "transformer_2"])
+    assert (args.model_family, args.expert) == ("wan", "transformer_2")

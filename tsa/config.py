@@ -230,6 +230,21 @@ def _finalise(args, parser):
             getattr(args, name) is not None for name in ("timestep_sampling", "logit_mean", "logit_std", "flow_shift")):
         parser.error(f"--timestep-sampling, --logit-mean, --logit-std and --flow-shift apply to flow-matching "
                      f"families (wan), not {args.model_family}")
+    if args.model_family is not None:
+        from tsa.models import family_class, model_index
+
+        options = dict(timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean,
+                       logit_std=args.logit_std, shift=args.flow_shift)
+        cls = family_class(args.model_family)
+        try:  # the expert and the objective options, checked against the model folder when there is one
+            if args.model_path is not None and model_index(args.model_path):
+                cls.from_model_path(args.model_path, args.expert, **options)
+            elif args.expert not in cls.experts:
+                raise ValueError(f"{cls.name} pipelines have the denoisers {cls.experts}, got expert={args.expert!r}")
+            else:
+                cls._with_options(**options)
+        except ValueError as error:
+            parser.error(str(error))
     return args
 
 

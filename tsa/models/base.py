@@ -47,12 +47,20 @@ def noise_level_alphas_cumprod(scheduler) -> torch.Tensor:
     if scheduler is None:
         raise ValueError("a noise scheduler is required (load the model's own, e.g. "
                          "tsa.models.detect_family(model_path).load_scheduler(model_path))")
-    if getattr(scheduler, "alphas_cumprod", None) is not None:
+    if getattr(scheduler, "alphas_cumprod", None) is not None and not is_flow_scheduler(scheduler):
         return torch.as_tensor(scheduler.alphas_cumprod).detach().float().cpu()
     shift = flow_shift(scheduler)
     steps = int(scheduler.config.num_train_timesteps)
     sigma = shift_sigmas(torch.arange(steps, dtype=torch.float64) / steps, shift)
     return (1 - sigma.square()).float()
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """Whether a scheduler samples rectified flow: FlowMatch* (no alphas_cumprod) or UniPC / DPM-Solver with
+    flow sigmas (Wan's own scheduler folders)."""
+    config = getattr(scheduler, "config", {})
+    return bool(config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction"
+                or getattr(scheduler, "alphas_cumprod", None) is None)
 
 
 def flow_shift(scheduler) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tsa.choices import TIMESTEP_SAMPLING
-from tsa.models.base import ModelFamily, flow_shift, model_index, shift_sigmas
+from tsa.models.base import ModelFamily, flow_shift, is_flow_scheduler, model_index, shift_sigmas
 
 
 class WanFamily(ModelFamily):
@@ -161,7 +161,7 @@ class WanFamily(ModelFamily):
             raise ValueError("a noise scheduler is required: pass the model's own (WanFamily().load_scheduler("
                              "model_path)), its shift sets the training timesteps")
         prediction = scheduler.config.get("prediction_type")
-        if getattr(scheduler, "alphas_cumprod", None) is not None and not scheduler.config.get("use_flow_sigmas"):
+        if not is_flow_scheduler(scheduler):
             raise ValueError(f"Wan trains with rectified flow: pass a flow-matching scheduler "
                              f"(FlowMatchEulerDiscreteScheduler, or UniPC with use_flow_sigmas), got "
                              f"{type(scheduler).__name__}")
