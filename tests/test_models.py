@@ -289,3 +289,20 @@ def test_family_options_on_the_command_line(assets, tmp_path, argv, message, cap
     assert re.search(message, capsys.readouterr().err)
     args = parse_args([*common, "--model-path", str(assets["a14b"]), "--expert", "transformer_2"])
     assert (args.model_family, args.expert) == ("wan", "transformer_2")
+
+
+def test_wan_capture_under_gradient_checkpointing(assets):
+    transformer = WAN.load_transformer(assets["wan"]).train()
+    latents, prompt, _ = _batch(batch=1)
+    grads = []
+    for checkpointing in (False, True):
+        transformer.zero_grad()
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        with BlockFeatureCapture(transformer, 2) as capture:
+            transformer(hidden_states=latents.permute(0, 2, 1, 3, 4), encoder_hidden_states=prompt,
+                        timestep=torch.tensor([400.0]), return_dict=False)
+        capture.features.square().mean().backward()
+        grads.append(transformer.blocks[0].attn1.to_q.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0

@@ -5,6 +5,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from diffusers.configuration_utils import FrozenDict
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from tsa.models.base import noise_level_alphas_cumprod
@@ -172,7 +173,7 @@ class LaMoTrainer:
         config["betas"] = tuple(config["betas"])
         state = torch.load(directory / TRAINER_STATE_NAME, map_location=device or "cpu", weights_only=True)
         saved_schedule = SimpleNamespace(alphas_cumprod=state["alphas_cumprod"],
-                                         config=SimpleNamespace(num_train_timesteps=state["num_train_timesteps"]))
+                                         config=FrozenDict(num_train_timesteps=state["num_train_timesteps"]))
         trainer = cls(predictor, **config, noise_scheduler=None if state["alphas_cumprod"] is None else saved_schedule)
         state["predictor"] = predictor.state_dict()
         trainer.load_state_dict(state)

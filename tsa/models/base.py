@@ -145,9 +145,12 @@ class ModelFamily:
     def load_scheduler(self, model_path):
         """The pipeline folder's own scheduler (its class from scheduler_config.json)."""
         import diffusers
-        from diffusers import SchedulerMixin  # noqa: F401  (diffusers must be importable)
 
-        config = json.loads((Path(model_path) / "scheduler" / "scheduler_config.json").read_text())
+        path = Path(model_path) / "scheduler" / "scheduler_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{model_path} has no scheduler/scheduler_config.json (a diffusers pipeline "
+                                    "folder is expected)")
+        config = json.loads(path.read_text())
         return getattr(diffusers, config["_class_name"]).from_pretrained(model_path, subfolder="scheduler")
 
     def load_pipeline(self, model_path, dtype=torch.float32):
