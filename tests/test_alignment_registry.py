@@ -70,7 +70,7 @@ def test_objective_rejects_bad_option_values():
         AlignmentObjective(tiny_transformer(), cogvideox_scheduler(), align="tsa", backend="cuda")
 
 
-def test_a_registered_method_joins_the_command_line(monkeypatch):
+def test_a_registered_method_joins_the_command_line_and_the_objective(monkeypatch, tmp_path):
     monkeypatch.setattr("tsa.alignment.ALIGNMENT_METHODS", dict(ALIGNMENT_METHODS))
     import tsa.alignment
 
@@ -82,3 +82,18 @@ def test_a_registered_method_joins_the_command_line(monkeypatch):
     assert (args.align, args.cosine_scale) == ("scaled-repa", 2.0)
     with pytest.raises(ValueError, match="exists already"):
         register_alignment(dataclasses.replace(method))
+
+    from tsa.models.cogvideox import cogvideox_scheduler
+    from tsa.objective import AlignmentObjective
+    from tsa.teachers import load_teacher
+    from tsa.tiny import tiny_transformer, tiny_videomae
+
+    built = []
+    monkeypatch.setitem(tsa.alignment.ALIGNMENT_METHODS, "scaled-repa", dataclasses.replace(
+        method, build=lambda cosine_scale: built.append(cosine_scale) or REPALoss()))
+    teacher = load_teacher("videomae", tiny_videomae(tmp_path / "videomae"))
+    AlignmentObjective(tiny_transformer(), cogvideox_scheduler(), teacher, align="scaled-repa", block_index=1,
+                       projector_hidden_dim=8, projector=None, cosine_scale=3.0)
+    assert built == [3.0]
+    with pytest.raises(TypeError, match="unknown options \\['cosine_scal'\\]"):
+        AlignmentObjective(tiny_transformer(), cogvideox_scheduler(), align="none", cosine_scal=3.0)

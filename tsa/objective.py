@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tsa.alignment import ALIGNMENT_METHODS, alignment_losses
+from tsa import alignment
 from tsa.features import BlockFeatureCapture, resample_features
 from tsa.models import family_of
 from tsa.projector import AlignmentProjector
@@ -30,7 +30,9 @@ class AlignmentObjective(nn.Module):
     The model family (tsa.models; found from the transformer's class unless `family` is given) owns the diffusion
     objective (CogVideoX: v-prediction, Wan: rectified flow), the blocks and the token grid. `scheduler` is the
     model's own training schedule and is required (e.g. `family.load_scheduler(model_path)`). `block_index`
-    None takes the family's default (CogVideoX: 18, Wan: the block at 60% depth).
+    None takes the family's default (CogVideoX: 18, Wan: the block at 60% depth). The alignment method's options
+    (tau ... backend, or those of a method added with tsa.alignment.register_alignment, as keywords) go to its
+    loss.
 
     The teacher is kept outside the module tree: `parameters()`, `state_dict()`, DDP and optimizers
     only see the transformer and the projector; it follows the transformer's device on first use.
@@ -55,13 +57,18 @@ class AlignmentObjective(nn.Module):
         trd_variant: str = "full",
         backend: str = "auto",
         family=None,
+        **method_options,
     ):
         super().__init__()
-        if align not in alignment_losses():
-            raise ValueError(f"align must be one of {alignment_losses()}, got {align!r}")
-        method = ALIGNMENT_METHODS.get(align)
+        if align not in alignment.alignment_losses():
+            raise ValueError(f"align must be one of {alignment.alignment_losses()}, got {align!r}")
+        method = alignment.ALIGNMENT_METHODS.get(align)
+        unknown = sorted(set(method_options) - set(alignment.alignment_options()))
+        if unknown:
+            raise TypeError(f"AlignmentObjective got unknown options {unknown} (no registered alignment method takes "
+                            "them)")
         options = dict(tau=tau, tau_teacher=tau_teacher, top_k=top_k, trd_margin=trd_margin, trd_variant=trd_variant,
-                       backend=backend)
+                       backend=backend, **method_options)
         if method is not None:
             method.check(options)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
@@ -93,7 +100,8 @@ class AlignmentObjective(nn.Module):
             )
         self.projector = projector
         self.method = method
-        self.alignment_loss = method.build(**{name: options[name] for name in method.option_names})
+        self.alignment_loss = method.build(**{option.name: options.get(option.name, option.default)
+                                              for option in method.options})
         self._teacher = (teacher,)
 
     @property
