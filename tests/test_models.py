@@ -306,3 +306,15 @@ def test_wan_capture_under_gradient_checkpointing(assets):
         grads.append(transformer.blocks[0].attn1.to_q.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
     assert grads[0].abs().sum() > 0
+
+
+def test_wan_native_grid_alignment(assets):
+    """native grid: the DiT grid (frame 0 dropped) is kept and the teacher's features are resampled up to it."""
+    family = detect_family(assets["wan"])
+    objective = AlignmentObjective(family.load_transformer(assets["wan"]), family.load_scheduler(assets["wan"]),
+                                   load_teacher("videomae", assets["videomae"]), align="mtsa", grid="native",
+                                   block_index=1, projector_hidden_dim=8, top_k=0.25)
+    latents, prompt, pixels = _batch(batch=1)
+    out = objective(latents, prompt, pixels)
+    assert torch.isfinite(out["loss"]) and out["align"] > 0
+    assert objective.projector.output_grid((3, 6, 5)) == (2, 6, 5)
