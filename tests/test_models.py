@@ -277,12 +277,13 @@ def test_unipc_flow_scheduler_as_wan_folders_ship_it():
     (["--model-family", "cogvideox", "--flow-shift", "2"], "apply to flow-matching families"),
     (["--model-family", "wan", "--logit-std", "0"], "logit_std must be > 0"),
     (["--model-family", "cogvideox", "--expert", "transformer_2"], "cogvideox pipelines have the denoisers"),
+    (["--model-path", "{ti2v}", "--height", "48"], "must be multiples of 32 for .* \\(VAE x patch size\\)"),
 ])
 def test_family_options_on_the_command_line(assets, tmp_path, argv, message, capsys):
     from tsa.config import parse_args
 
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "LTXPipeline"}))
-    paths = {"{wan}": str(assets["wan"]), "{unsupported}": str(tmp_path)}
+    paths = {"{wan}": str(assets["wan"]), "{ti2v}": str(assets["ti2v"]), "{unsupported}": str(tmp_path)}
     common = ["--preset", "tiny", "--data", "d", "--teacher-path", "t"]
     with pytest.raises(SystemExit):
         parse_args(common + [paths.get(arg, arg) for arg in argv])

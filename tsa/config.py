@@ -238,7 +238,10 @@ def _finalise(args, parser):
         cls = family_class(args.model_family)
         try:  # the expert and the objective options, checked against the model folder when there is one
             if args.model_path is not None and model_index(args.model_path):
-                cls.from_model_path(args.model_path, args.expert, **options)
+                multiple = cls.from_model_path(args.model_path, args.expert, **options).spatial_multiple
+                if args.height % multiple or args.width % multiple:
+                    raise ValueError(f"--height and --width must be multiples of {multiple} for {args.model_path} "
+                                     f"(VAE x patch size), got {args.height}x{args.width}")
             elif args.expert not in cls.experts:
                 raise ValueError(f"{cls.name} pipelines have the denoisers {cls.experts}, got expert={args.expert!r}")
             else:

@@ -198,9 +198,8 @@ class WanFamily(ModelFamily):
             lo, hi = cdf(u_low), cdf(u_high)
             q = (lo + (hi - lo) * p).clamp(1e-12, 1 - 1e-12)
             u = torch.sigmoid(self.logit_mean + self.logit_std * torch.special.ndtri(q))
-        sigma = shift_sigmas(u, shift).clamp(low / steps, high / steps)
-        timesteps = (sigma * steps).float().to(device)
-        return timesteps.clamp(max=steps * (1 - 1e-6)) if high >= steps else timesteps
+        sigma = shift_sigmas(u, shift).clamp(low / steps, high / steps * (1 - 1e-6))  # t in [low, high)
+        return (sigma * steps).float().to(device)
 
     def transformer_timesteps(self, timesteps, transformer, grid) -> torch.Tensor:
         """(B,) timesteps as the transformer takes them: (B, tokens) per-token copies with expand_timesteps."""
