@@ -244,6 +244,9 @@ def _finalise(args, parser):
                                      f"(VAE x patch size), got {args.height}x{args.width}")
             elif args.expert not in cls.experts:
                 raise ValueError(f"{cls.name} pipelines have the denoisers {cls.experts}, got expert={args.expert!r}")
+            elif args.expert != "transformer" and args.model_path is None:
+                raise ValueError(f"--expert {args.expert} needs a two-expert model folder (--model-path); the tiny "
+                                 "models have one denoiser")
             else:
                 cls._with_options(**options)
         except ValueError as error:
