@@ -69,8 +69,9 @@ def build_parser(prog="tsa-train"):
     model.add_argument("--finetune", choices=("full", "lora"), default="full")
     model.add_argument("--lora-rank", type=_positive_int, default=128)
     model.add_argument("--lora-alpha", type=float, default=64.0)
-    model.add_argument("--lora-target-modules", default=LORA_TARGET_MODULES,
-                       help="Comma-separated module names that get LoRA adapters.")
+    model.add_argument("--lora-target-modules", default=None,
+                       help="Comma-separated module names that get LoRA adapters (default: the family's, "
+                            f"{LORA_TARGET_MODULES} for CogVideoX and Wan).")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, default=None,
@@ -219,6 +220,8 @@ def _finalise(args, parser):
         if args.align in ("tsa", "mtsa", "trd", "repa") and args.teacher_path is None:
             parser.error(f"--teacher-path is required with --align {args.align}")
     modules = args.lora_target_modules
+    if modules is None:
+        modules = list(family.default_lora_target_modules)
     if isinstance(modules, str):
         modules = modules.split(",")
     args.lora_target_modules = [name.strip() for name in modules if name.strip()]
