@@ -16,7 +16,8 @@ def test_choices_and_flags_are_derived_from_the_registry():
     flags = {option for action in build_parser()._actions for option in action.option_strings}
     assert {"--tau", "--tau-teacher", "--top-k", "--backend", "--trd-margin", "--trd-variant"} <= flags
     assert {option.name for method in ALIGNMENT_METHODS.values() for option in method.options} == set(
-        alignment_options())
+        alignment_options()
+    )
     assert [name for name, method in ALIGNMENT_METHODS.items() if method.motion_mask] == ["mtsa"]
 
 
@@ -37,22 +38,49 @@ def test_command_line_options_reach_the_objective(tmp_path):
 
     family = get_family("cogvideox")
     family.load_scheduler = lambda path: cogvideox_scheduler()
-    args = parse_args(["--align", "trd", "--trd-margin", "0.3", "--trd-variant", "spatial", "--align-layer", "1",
-                       "--teacher-path", str(tiny_videomae(tmp_path / "videomae"))])
+    args = parse_args(
+        [
+            "--align",
+            "trd",
+            "--trd-margin",
+            "0.3",
+            "--trd-variant",
+            "spatial",
+            "--align-layer",
+            "1",
+            "--teacher-path",
+            str(tiny_videomae(tmp_path / "videomae")),
+        ]
+    )
     objective = build_objective(args, tiny_transformer(), torch.float32, family)
     assert (objective.alignment_loss.margin, objective.alignment_loss.variant) == (0.3, "spatial")
-    args = parse_args(["--tau", "0.2", "--tau-teacher", "0.07", "--backend", "reference", "--align-layer", "1",
-                       "--teacher-path", str(tmp_path / "videomae")])
+    args = parse_args(
+        [
+            "--tau",
+            "0.2",
+            "--tau-teacher",
+            "0.07",
+            "--backend",
+            "reference",
+            "--align-layer",
+            "1",
+            "--teacher-path",
+            str(tmp_path / "videomae"),
+        ]
+    )
     loss = build_objective(args, tiny_transformer(), torch.float32, family).alignment_loss
     assert (loss.tau, loss.tau_teacher, loss.backend, loss.masked) == (0.2, 0.07, "reference", True)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tau-teacher", "0"], "--tau-teacher must be > 0"),
-    (["--trd-margin", "-0.1"], "--trd-margin must be >= 0"),
-    (["--backend", "cuda"], "invalid choice"),
-    (["--top-k", "1.5"], "--top-k must be in"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tau-teacher", "0"], "--tau-teacher must be > 0"),
+        (["--trd-margin", "-0.1"], "--trd-margin must be >= 0"),
+        (["--backend", "cuda"], "invalid choice"),
+        (["--top-k", "1.5"], "--top-k must be in"),
+    ],
+)
 def test_bad_option_values_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
@@ -89,11 +117,22 @@ def test_a_registered_method_joins_the_command_line_and_the_objective(monkeypatc
     from tsa.tiny import tiny_transformer, tiny_videomae
 
     built = []
-    monkeypatch.setitem(tsa.alignment.ALIGNMENT_METHODS, "scaled-repa", dataclasses.replace(
-        method, build=lambda cosine_scale: built.append(cosine_scale) or REPALoss()))
+    monkeypatch.setitem(
+        tsa.alignment.ALIGNMENT_METHODS,
+        "scaled-repa",
+        dataclasses.replace(method, build=lambda cosine_scale: built.append(cosine_scale) or REPALoss()),
+    )
     teacher = load_teacher("videomae", tiny_videomae(tmp_path / "videomae"))
-    AlignmentObjective(tiny_transformer(), cogvideox_scheduler(), teacher, align="scaled-repa", block_index=1,
-                       projector_hidden_dim=8, projector=None, cosine_scale=3.0)
+    AlignmentObjective(
+        tiny_transformer(),
+        cogvideox_scheduler(),
+        teacher,
+        align="scaled-repa",
+        block_index=1,
+        projector_hidden_dim=8,
+        projector=None,
+        cosine_scale=3.0,
+    )
     assert built == [3.0]
     with pytest.raises(TypeError, match="unknown options \\['cosine_scal'\\]"):
         AlignmentObjective(tiny_transformer(), cogvideox_scheduler(), align="none", cosine_scal=3.0)

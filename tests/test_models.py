@@ -50,8 +50,11 @@ def test_family_detection_and_unsupported_pipelines(assets, tmp_path):
     assert detect_family(assets["ti2v"]).expand_timesteps and detect_family(assets["ti2v"]).spatial_multiple == 32
     assert detect_family(assets["wan"]).timestep_range is None
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
-    with pytest.raises(ValueError, match="unsupported pipeline 'HunyuanVideoPipeline'; supported model families: "
-                                         "cogvideox \\(CogVideoXPipeline\\), wan \\(WanPipeline\\)"):
+    with pytest.raises(
+        ValueError,
+        match="unsupported pipeline 'HunyuanVideoPipeline'; supported model families: "
+        "cogvideox \\(CogVideoXPipeline\\), wan \\(WanPipeline\\)",
+    ):
         detect_family(tmp_path)
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         detect_family(tmp_path / "missing")
@@ -75,8 +78,11 @@ def test_objectives_need_the_models_scheduler(assets):
     with pytest.raises(ValueError, match="Wan trains with rectified flow"):
         AlignmentObjective(wan, cogvideox_scheduler(), align="none")
     with pytest.raises(ValueError, match="v-prediction"):
-        AlignmentObjective(get_family("cogvideox").load_transformer(assets["cogvideox"]),
-                           WAN.load_scheduler(assets["wan"]), align="none")
+        AlignmentObjective(
+            get_family("cogvideox").load_transformer(assets["cogvideox"]),
+            WAN.load_scheduler(assets["wan"]),
+            align="none",
+        )
     with pytest.raises(ValueError, match="a noise scheduler is required"):
         noise_level_alphas_cumprod(None)
 
@@ -86,8 +92,9 @@ def test_flow_noise_levels_for_lamo(assets):
     alphas = noise_level_alphas_cumprod(scheduler)
     sigma = 3 * (torch.arange(1000) / 1000) / (1 + 2 * (torch.arange(1000) / 1000))
     torch.testing.assert_close(alphas, (1 - sigma.square()).float())
-    torch.testing.assert_close(noise_level_alphas_cumprod(cogvideox_scheduler()),
-                               cogvideox_scheduler().alphas_cumprod.float())
+    torch.testing.assert_close(
+        noise_level_alphas_cumprod(cogvideox_scheduler()), cogvideox_scheduler().alphas_cumprod.float()
+    )
 
 
 # ------------------------------------------------------------------------------------------------ Wan
@@ -99,8 +106,12 @@ def test_wan_block_capture_equals_the_hooked_block_output(assets):
     hooked = []
     handle = transformer.blocks[1].register_forward_hook(lambda module, args, output: hooked.append(output))
     with BlockFeatureCapture(transformer, 2) as capture:
-        transformer(hidden_states=latents.permute(0, 2, 1, 3, 4), encoder_hidden_states=prompt,
-                    timestep=torch.tensor([10.0, 700.0]), return_dict=False)
+        transformer(
+            hidden_states=latents.permute(0, 2, 1, 3, 4),
+            encoder_hidden_states=prompt,
+            timestep=torch.tensor([10.0, 700.0]),
+            return_dict=False,
+        )
     handle.remove()
     features = capture.features
     assert features.shape == (2, 3, 6, 5, 32)  # (B, F, h/2, w/2, 2 heads x 16)
@@ -108,8 +119,12 @@ def test_wan_block_capture_equals_the_hooked_block_output(assets):
     # the tokens are the patch embedding's (f, h, w) order: block 1's input is the embedded latents
     inputs = []
     handle = transformer.blocks[0].register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
-    transformer(hidden_states=latents.permute(0, 2, 1, 3, 4), encoder_hidden_states=prompt,
-                timestep=torch.tensor([10.0, 700.0]), return_dict=False)
+    transformer(
+        hidden_states=latents.permute(0, 2, 1, 3, 4),
+        encoder_hidden_states=prompt,
+        timestep=torch.tensor([10.0, 700.0]),
+        return_dict=False,
+    )
     handle.remove()
     embedded = transformer.patch_embedding(latents.permute(0, 2, 1, 3, 4))  # (B, C, F, H, W)
     torch.testing.assert_close(WAN.video_tokens(inputs[0], (3, 6, 5)), embedded.permute(0, 2, 3, 4, 1))
@@ -129,8 +144,12 @@ def test_wan_objective_is_rectified_flow(assets):
         out = objective(latents, prompt, timesteps=timesteps, noise=noise)
         sigma = (timesteps / 1000).view(2, 1, 1, 1, 1)
         noisy = (1 - sigma) * latents + sigma * noise
-        velocity = transformer(hidden_states=noisy.permute(0, 2, 1, 3, 4), encoder_hidden_states=prompt,
-                               timestep=timesteps, return_dict=False)[0].permute(0, 2, 1, 3, 4)
+        velocity = transformer(
+            hidden_states=noisy.permute(0, 2, 1, 3, 4),
+            encoder_hidden_states=prompt,
+            timestep=timesteps,
+            return_dict=False,
+        )[0].permute(0, 2, 1, 3, 4)
     per_sample = (velocity - (noise - latents)).pow(2).flatten(1).mean(1)
     torch.testing.assert_close(out["diffusion"], per_sample.mean())
     torch.testing.assert_close(out["x0_pred"], noisy - sigma * velocity)
@@ -157,6 +176,7 @@ def test_wan_timestep_sampling(assets):
     low_noise = get_family("wan", timestep_range=(0, 875))
     restricted = low_noise.sample_timesteps(scheduler, 20000, "cpu", torch.Generator().manual_seed(0))
     assert restricted.max() < 875 and restricted.min() > 0
+
     # the truncated density: P(t < 500 | t < 875) of the shifted logit-normal
     def cdf(t):
         u = (t / 1000) / (3 - 2 * t / 1000)  # the unshifted u of sigma = t / 1000
@@ -171,8 +191,13 @@ def test_wan_timestep_sampling(assets):
 def test_wan_alignment_objective_trains_the_block(assets, align):
     family = detect_family(assets["wan"])
     transformer = family.load_transformer(assets["wan"])
-    objective = AlignmentObjective(transformer, family.load_scheduler(assets["wan"]),
-                                   load_teacher("videomae", assets["videomae"]), align=align, projector_hidden_dim=16)
+    objective = AlignmentObjective(
+        transformer,
+        family.load_scheduler(assets["wan"]),
+        load_teacher("videomae", assets["videomae"]),
+        align=align,
+        projector_hidden_dim=16,
+    )
     assert objective.block_index == 2  # 60% of 3 blocks
     latents, prompt, pixels = _batch()
     out = objective(latents, prompt, pixels)
@@ -216,7 +241,8 @@ def test_wan_cached_latents_are_normalised(assets):
     latents = WAN.latents_from_distribution(entry["latent_dist"][None], config)
     torch.manual_seed(0)
     raw = entry["latent_dist"][None, :4] + (entry["latent_dist"][None, 4:].clamp(-30, 20) / 2).exp() * torch.randn(
-        1, 4, 3, 6, 8)
+        1, 4, 3, 6, 8
+    )
     torch.testing.assert_close(latents, (raw.permute(0, 2, 1, 3, 4) - mean) / std)
 
 
@@ -257,8 +283,9 @@ def test_wan_guided_step_lowers_the_guidance_loss(assets):
 
 def test_unipc_flow_scheduler_as_wan_folders_ship_it():
     """Wan2.1's diffusers folders ship UniPCMultistepScheduler(flow_prediction, use_flow_sigmas, flow_shift)."""
-    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                  flow_shift=5.0)
+    scheduler = diffusers.UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0
+    )
     WAN.check_scheduler(scheduler)
     u = torch.arange(1000) / 1000
     torch.testing.assert_close(noise_level_alphas_cumprod(scheduler), (1 - (5 * u / (1 + 4 * u)).square()).float())
@@ -270,15 +297,18 @@ def test_unipc_flow_scheduler_as_wan_folders_ship_it():
     torch.testing.assert_close(x0, (sample - scheduler.sigmas[3] * velocity).permute(0, 2, 1, 3, 4))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model-family", "cogvideox", "--model-path", "{wan}"], "does not match .* a wan pipeline"),
-    (["--model-path", "{unsupported}"], "unsupported pipeline 'LTXPipeline'"),
-    (["--model-path", "{wan}", "--expert", "transformer_2"], "has no second expert"),
-    (["--model-family", "cogvideox", "--flow-shift", "2"], "apply to flow-matching families"),
-    (["--model-family", "wan", "--logit-std", "0"], "logit_std must be > 0"),
-    (["--model-family", "cogvideox", "--expert", "transformer_2"], "cogvideox pipelines have the denoisers"),
-    (["--model-path", "{ti2v}", "--height", "48"], "must be multiples of 32 for .* \\(VAE x patch size\\)"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model-family", "cogvideox", "--model-path", "{wan}"], "does not match .* a wan pipeline"),
+        (["--model-path", "{unsupported}"], "unsupported pipeline 'LTXPipeline'"),
+        (["--model-path", "{wan}", "--expert", "transformer_2"], "has no second expert"),
+        (["--model-family", "cogvideox", "--flow-shift", "2"], "apply to flow-matching families"),
+        (["--model-family", "wan", "--logit-std", "0"], "logit_std must be > 0"),
+        (["--model-family", "cogvideox", "--expert", "transformer_2"], "cogvideox pipelines have the denoisers"),
+        (["--model-path", "{ti2v}", "--height", "48"], "must be multiples of 32 for .* \\(VAE x patch size\\)"),
+    ],
+)
 def test_family_options_on_the_command_line(assets, tmp_path, argv, message, capsys):
     from tsa.config import parse_args
 
@@ -301,8 +331,12 @@ def test_wan_capture_under_gradient_checkpointing(assets):
         if checkpointing:
             transformer.enable_gradient_checkpointing()
         with BlockFeatureCapture(transformer, 2) as capture:
-            transformer(hidden_states=latents.permute(0, 2, 1, 3, 4), encoder_hidden_states=prompt,
-                        timestep=torch.tensor([400.0]), return_dict=False)
+            transformer(
+                hidden_states=latents.permute(0, 2, 1, 3, 4),
+                encoder_hidden_states=prompt,
+                timestep=torch.tensor([400.0]),
+                return_dict=False,
+            )
         capture.features.square().mean().backward()
         grads.append(transformer.blocks[0].attn1.to_q.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
@@ -312,9 +346,16 @@ def test_wan_capture_under_gradient_checkpointing(assets):
 def test_wan_native_grid_alignment(assets):
     """native grid: the DiT grid (frame 0 dropped) is kept and the teacher's features are resampled up to it."""
     family = detect_family(assets["wan"])
-    objective = AlignmentObjective(family.load_transformer(assets["wan"]), family.load_scheduler(assets["wan"]),
-                                   load_teacher("videomae", assets["videomae"]), align="mtsa", grid="native",
-                                   block_index=1, projector_hidden_dim=8, top_k=0.25)
+    objective = AlignmentObjective(
+        family.load_transformer(assets["wan"]),
+        family.load_scheduler(assets["wan"]),
+        load_teacher("videomae", assets["videomae"]),
+        align="mtsa",
+        grid="native",
+        block_index=1,
+        projector_hidden_dim=8,
+        top_k=0.25,
+    )
     latents, prompt, pixels = _batch(batch=1)
     out = objective(latents, prompt, pixels)
     assert torch.isfinite(out["loss"]) and out["align"] > 0

@@ -27,16 +27,49 @@ def fresh_accelerate_state():
 def wan_run(tmp_path_factory):
     """`tsa-train --preset tiny --model-family wan --align mtsa --finetune lora`, 4 steps."""
     output = tmp_path_factory.mktemp("wan")
-    history = train(parse_args(["--output-dir", str(output), "--model-family", "wan", "--finetune", "lora",
-                                "--lora-rank", "4", "--lora-alpha", "8", "--max-steps", "4", "--checkpointing-steps",
-                                "2", "--num-videos", "4", "--lr-warmup-steps", "0", *QUIET]))
+    history = train(
+        parse_args(
+            [
+                "--output-dir",
+                str(output),
+                "--model-family",
+                "wan",
+                "--finetune",
+                "lora",
+                "--lora-rank",
+                "4",
+                "--lora-alpha",
+                "8",
+                "--max-steps",
+                "4",
+                "--checkpointing-steps",
+                "2",
+                "--num-videos",
+                "4",
+                "--lr-warmup-steps",
+                "0",
+                *QUIET,
+            ]
+        )
+    )
     return output, history
 
 
 def reuse(run):
     tiny = run / "tiny"
-    return ["--preset", "tiny", "--model-path", str(tiny / "wan"), "--teacher-path", str(tiny / "videomae"),
-            "--data", str(tiny / "data"), "--cache-dir", str(run / "cache"), *QUIET]
+    return [
+        "--preset",
+        "tiny",
+        "--model-path",
+        str(tiny / "wan"),
+        "--teacher-path",
+        str(tiny / "videomae"),
+        "--data",
+        str(tiny / "data"),
+        "--cache-dir",
+        str(run / "cache"),
+        *QUIET,
+    ]
 
 
 def test_wan_lora_run_loads_into_wan_pipeline(wan_run):
@@ -66,9 +99,12 @@ def test_wan_lora_run_loads_into_wan_pipeline(wan_run):
     assert lora_state and any(value.abs().sum() > 0 for key, value in lora_state.items() if "lora_B" in key)
     assert not reference.load_state_dict(lora_state, strict=False).unexpected_keys
     generator = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 4, 3, 12, 18, generator=generator),
-                  encoder_hidden_states=torch.randn(1, 512, 32, generator=generator),
-                  timestep=torch.tensor([500.0]), return_dict=False)
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, 3, 12, 18, generator=generator),
+        encoder_hidden_states=torch.randn(1, 512, 32, generator=generator),
+        timestep=torch.tensor([500.0]),
+        return_dict=False,
+    )
     with torch.no_grad():
         outputs = [model(**inputs)[0] for model in (pipe.transformer, plain.transformer, reference, base)]
     torch.testing.assert_close(outputs[0], outputs[2], rtol=1e-5, atol=1e-6)
@@ -97,8 +133,19 @@ def test_wan_lamo_and_sampling_with_and_without_motion_guidance(wan_run, tmp_pat
     handles, enable = [], tsa.lamo.enable_motion_guidance
     monkeypatch.setattr(tsa.lamo, "enable_motion_guidance", lambda *a, **k: handles.append(enable(*a, **k)))
     for guidance in ("0", "15"):
-        sample_main([str(output), "--prompt", "a ball rolls", "--num-inference-steps", "3", "--motion-guidance",
-                     guidance, "--output-dir", str(tmp_path / f"samples-{guidance}")])
+        sample_main(
+            [
+                str(output),
+                "--prompt",
+                "a ball rolls",
+                "--num-inference-steps",
+                "3",
+                "--motion-guidance",
+                guidance,
+                "--output-dir",
+                str(tmp_path / f"samples-{guidance}"),
+            ]
+        )
         (video,) = (tmp_path / f"samples-{guidance}").glob("*.mp4")
         assert read_video(video, 9, 96, 144).shape == (9, 3, 96, 144)
     (guidance,) = handles
@@ -108,18 +155,32 @@ def test_wan_lamo_and_sampling_with_and_without_motion_guidance(wan_run, tmp_pat
 def test_wan_resume_matches_an_uninterrupted_run(wan_run, tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     run = wan_run[0]
-    common = [*reuse(run), "--train-batch-size", "1", "--checkpointing-steps", "2", "--motion-drift-weight", "0.4",
-              "--lr-scheduler", "cosine", "--lr-warmup-steps", "1"]
+    common = [
+        *reuse(run),
+        "--train-batch-size",
+        "1",
+        "--checkpointing-steps",
+        "2",
+        "--motion-drift-weight",
+        "0.4",
+        "--lr-scheduler",
+        "cosine",
+        "--lr-warmup-steps",
+        "1",
+    ]
     straight = train(parse_args([*common, "--output-dir", str(tmp_path / "straight"), "--max-steps", "3"]))
     # the state the run left at step 2, resumed in a fresh output dir
-    shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-2",
-                    tmp_path / "resumed" / "checkpoints" / "checkpoint-2")
-    resumed = train(parse_args([*common, "--output-dir", str(tmp_path / "resumed"), "--max-steps", "3",
-                                "--resume", "latest"]))
+    shutil.copytree(
+        tmp_path / "straight" / "checkpoints" / "checkpoint-2", tmp_path / "resumed" / "checkpoints" / "checkpoint-2"
+    )
+    resumed = train(
+        parse_args([*common, "--output-dir", str(tmp_path / "resumed"), "--max-steps", "3", "--resume", "latest"])
+    )
     assert [row["step"] for row in resumed] == [1, 2, 3]
     for name in ("loss", "diffusion", "align", "drift", "predictor", "lr"):
-        np.testing.assert_allclose([row[name] for row in resumed], [row[name] for row in straight],
-                                   rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(
+            [row[name] for row in resumed], [row[name] for row in straight], rtol=1e-5, atol=1e-7, err_msg=name
+        )
 
 
 def test_wan22_a14b_trains_the_chosen_expert_on_its_timesteps(wan_run, tmp_path, monkeypatch):
@@ -132,9 +193,13 @@ def test_wan22_a14b_trains_the_chosen_expert_on_its_timesteps(wan_run, tmp_path,
     run = wan_run[0]
     model = save_tiny_pipeline(tmp_path / "a14b", family="wan", two_experts=True)
     listing = tmp_path / "two.csv"
-    listing.write_text("video,caption\n" + "".join(
-        f"{run / 'tiny' / 'data' / line.strip()},a clip\n"
-        for line in (run / "tiny" / "data" / "videos.txt").read_text().splitlines()[:2]))
+    listing.write_text(
+        "video,caption\n"
+        + "".join(
+            f"{run / 'tiny' / 'data' / line.strip()},a clip\n"
+            for line in (run / "tiny" / "data" / "videos.txt").read_text().splitlines()[:2]
+        )
+    )
     seen, denoise = [], WanFamily.denoise_and_loss
 
     def recording(self, *args, **kwargs):
@@ -143,11 +208,39 @@ def test_wan22_a14b_trains_the_chosen_expert_on_its_timesteps(wan_run, tmp_path,
         return out
 
     monkeypatch.setattr(WanFamily, "denoise_and_loss", recording)
-    common = ["--preset", "tiny", "--model-path", str(model), "--teacher-path", str(run / "tiny" / "videomae"),
-              "--data", str(listing), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "2", *QUIET]
+    common = [
+        "--preset",
+        "tiny",
+        "--model-path",
+        str(model),
+        "--teacher-path",
+        str(run / "tiny" / "videomae"),
+        "--data",
+        str(listing),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--max-steps",
+        "2",
+        *QUIET,
+    ]
     output = tmp_path / "low-noise"
-    train(parse_args([*common, "--output-dir", str(output), "--expert", "transformer_2", "--finetune", "lora",
-                      "--lora-rank", "4", "--lora-alpha", "4"]))
+    train(
+        parse_args(
+            [
+                *common,
+                "--output-dir",
+                str(output),
+                "--expert",
+                "transformer_2",
+                "--finetune",
+                "lora",
+                "--lora-rank",
+                "4",
+                "--lora-alpha",
+                "4",
+            ]
+        )
+    )
     assert seen and all(float(t.max()) < 875 for t in seen)
     pipe = load_pipeline(output, model, torch.float32, expert="transformer_2")
     assert isinstance(pipe, WanPipeline) and pipe.config.boundary_ratio == 0.875

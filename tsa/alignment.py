@@ -85,18 +85,28 @@ class AlignmentMethod:
                 raise ValueError(message.replace(option.flag, option.name))
 
 
-TAU = AlignmentOption("tau", float, 0.1, "Temperature of the student's similarity softmax (and the teacher's "
-                      "unless --tau-teacher).", check=_positive("tau"))
-TAU_TEACHER = AlignmentOption("tau_teacher", float, None, "Temperature of the teacher's softmax (default: --tau).",
-                              check=_positive("tau_teacher"))
-TOP_K = AlignmentOption("top_k", float, 0.2, "M-TSA: fraction of moving tokens per frame kept as queries.",
-                        check=_fraction)
-BACKEND = AlignmentOption("backend", str, "auto", "stss_kernels backend of the tempered KL (auto: Triton on GPU).",
-                          choices=KERNEL_BACKENDS)
-TRD_MARGIN = AlignmentOption("trd_margin", float, 0.1, "TRD: margin delta of relu(|S - T| - delta).",
-                             check=_non_negative("trd_margin"))
-TRD_VARIANT = AlignmentOption("trd_variant", str, "full", "TRD: full, spatial-only or temporal-only relations.",
-                              choices=TRD_VARIANTS)
+TAU = AlignmentOption(
+    "tau",
+    float,
+    0.1,
+    "Temperature of the student's similarity softmax (and the teacher's unless --tau-teacher).",
+    check=_positive("tau"),
+)
+TAU_TEACHER = AlignmentOption(
+    "tau_teacher", float, None, "Temperature of the teacher's softmax (default: --tau).", check=_positive("tau_teacher")
+)
+TOP_K = AlignmentOption(
+    "top_k", float, 0.2, "M-TSA: fraction of moving tokens per frame kept as queries.", check=_fraction
+)
+BACKEND = AlignmentOption(
+    "backend", str, "auto", "stss_kernels backend of the tempered KL (auto: Triton on GPU).", choices=KERNEL_BACKENDS
+)
+TRD_MARGIN = AlignmentOption(
+    "trd_margin", float, 0.1, "TRD: margin delta of relu(|S - T| - delta).", check=_non_negative("trd_margin")
+)
+TRD_VARIANT = AlignmentOption(
+    "trd_variant", str, "full", "TRD: full, spatial-only or temporal-only relations.", choices=TRD_VARIANTS
+)
 
 
 def _tsa(masked):
@@ -131,14 +141,22 @@ def register_alignment(method: AlignmentMethod) -> AlignmentMethod:
     return method
 
 
-register_alignment(AlignmentMethod("tsa", "Tempered self-similarity KL, all queries.", (TAU, TAU_TEACHER, BACKEND),
-                                   _tsa(False)))
-register_alignment(AlignmentMethod("mtsa", "TSA on the moving tokens' queries (motion mask from the pixels).",
-                                   (TAU, TAU_TEACHER, TOP_K, BACKEND), _tsa(True), motion_mask=True))
-register_alignment(AlignmentMethod("trd", "VideoREPA's token relation distillation.", (TRD_MARGIN, TRD_VARIANT),
-                                   _trd))
-register_alignment(AlignmentMethod("repa", "REPA: negative token-wise cosine similarity.", (), _repa,
-                                   teacher_channels=True))
+register_alignment(
+    AlignmentMethod("tsa", "Tempered self-similarity KL, all queries.", (TAU, TAU_TEACHER, BACKEND), _tsa(False))
+)
+register_alignment(
+    AlignmentMethod(
+        "mtsa",
+        "TSA on the moving tokens' queries (motion mask from the pixels).",
+        (TAU, TAU_TEACHER, TOP_K, BACKEND),
+        _tsa(True),
+        motion_mask=True,
+    )
+)
+register_alignment(AlignmentMethod("trd", "VideoREPA's token relation distillation.", (TRD_MARGIN, TRD_VARIANT), _trd))
+register_alignment(
+    AlignmentMethod("repa", "REPA: negative token-wise cosine similarity.", (), _repa, teacher_channels=True)
+)
 
 
 def alignment_losses() -> tuple[str, ...]:

@@ -19,8 +19,17 @@ FAMILIES = {"cogvideox": "tsa.models.cogvideox:CogVideoXFamily", "wan": "tsa.mod
 assert tuple(FAMILIES) == MODEL_FAMILIES
 
 __all__ = [
-    "FAMILIES", "ModelFamily", "detect_family", "detect_family_name", "family_class", "family_for_pipeline",
-    "family_of", "get_family", "model_index", "noise_level_alphas_cumprod", "unwrap_transformer",
+    "FAMILIES",
+    "ModelFamily",
+    "detect_family",
+    "detect_family_name",
+    "family_class",
+    "family_for_pipeline",
+    "family_of",
+    "get_family",
+    "model_index",
+    "noise_level_alphas_cumprod",
+    "unwrap_transformer",
 ]
 
 
@@ -73,8 +82,10 @@ def family_of(model) -> ModelFamily:
                 return cls()
         elif unwrap_module(model, lambda module, cls=cls: type(module).__name__ in cls.transformer_class_names):
             return cls()
-    raise TypeError(f"transformer must be a diffusers video transformer of a supported family "
-                    f"({', '.join(_transformer_names())}), got {name or type(model).__name__}")
+    raise TypeError(
+        f"transformer must be a diffusers video transformer of a supported family "
+        f"({', '.join(_transformer_names())}), got {name or type(model).__name__}"
+    )
 
 
 def unwrap_transformer(model):

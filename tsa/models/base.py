@@ -45,8 +45,10 @@ def noise_level_alphas_cumprod(scheduler) -> torch.Tensor:
     sigma * eps, the noise level is sigma_t = shift(t / T) and the equivalent alphabar is 1 - sigma_t^2.
     """
     if scheduler is None:
-        raise ValueError("a noise scheduler is required (load the model's own, e.g. "
-                         "tsa.models.detect_family(model_path).load_scheduler(model_path))")
+        raise ValueError(
+            "a noise scheduler is required (load the model's own, e.g. "
+            "tsa.models.detect_family(model_path).load_scheduler(model_path))"
+        )
     if getattr(scheduler, "alphas_cumprod", None) is not None and not is_flow_scheduler(scheduler):
         return torch.as_tensor(scheduler.alphas_cumprod).detach().float().cpu()
     shift = flow_shift(scheduler)
@@ -59,21 +61,27 @@ def is_flow_scheduler(scheduler) -> bool:
     """Whether a scheduler samples rectified flow: FlowMatch* (no alphas_cumprod) or UniPC / DPM-Solver with
     flow sigmas (Wan's own scheduler folders)."""
     config = getattr(scheduler, "config", {})
-    return bool(config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction"
-                or getattr(scheduler, "alphas_cumprod", None) is None)
+    return bool(
+        config.get("use_flow_sigmas")
+        or config.get("prediction_type") == "flow_prediction"
+        or getattr(scheduler, "alphas_cumprod", None) is None
+    )
 
 
 def flow_shift(scheduler) -> float:
     """The timestep shift of a flow-matching scheduler's config (`shift`, or UniPC's `flow_shift`)."""
     config = getattr(scheduler, "config", {})
     if config.get("use_dynamic_shifting"):
-        raise ValueError(f"{type(scheduler).__name__} uses dynamic (resolution-dependent) shifting; pass the shift "
-                         "explicitly")
+        raise ValueError(
+            f"{type(scheduler).__name__} uses dynamic (resolution-dependent) shifting; pass the shift explicitly"
+        )
     for key in ("shift", "flow_shift"):
         if config.get(key) is not None:
             return float(config[key])
-    raise ValueError(f"{type(scheduler).__name__} is not a flow-matching scheduler (its config has no shift); "
-                     "pass the model's own scheduler")
+    raise ValueError(
+        f"{type(scheduler).__name__} is not a flow-matching scheduler (its config has no shift); "
+        "pass the model's own scheduler"
+    )
 
 
 def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -104,8 +112,9 @@ class ModelFamily:
         if timestep_range is not None:
             low, high = (float(value) for value in timestep_range)
             if not 0 <= low < high <= 1000:
-                raise ValueError(f"timestep_range must be (low, high) with 0 <= low < high <= 1000, got "
-                                 f"{timestep_range}")
+                raise ValueError(
+                    f"timestep_range must be (low, high) with 0 <= low < high <= 1000, got {timestep_range}"
+                )
             timestep_range = (low, high)
         self.timestep_range = timestep_range
 
@@ -148,8 +157,9 @@ class ModelFamily:
 
         path = Path(model_path) / "scheduler" / "scheduler_config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{model_path} has no scheduler/scheduler_config.json (a diffusers pipeline "
-                                    "folder is expected)")
+            raise FileNotFoundError(
+                f"{model_path} has no scheduler/scheduler_config.json (a diffusers pipeline folder is expected)"
+            )
         config = json.loads(path.read_text())
         return getattr(diffusers, config["_class_name"]).from_pretrained(model_path, subfolder="scheduler")
 
@@ -183,8 +193,10 @@ class ModelFamily:
     def unwrap(self, model: nn.Module) -> nn.Module:
         module = unwrap_module(model, self.is_transformer)
         if module is None:
-            raise TypeError(f"transformer must be one of {self.transformer_class_names} (a {self.name} diffusers "
-                            f"transformer), got {type(model).__name__}")
+            raise TypeError(
+                f"transformer must be one of {self.transformer_class_names} (a {self.name} diffusers "
+                f"transformer), got {type(model).__name__}"
+            )
         return module
 
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
@@ -234,8 +246,9 @@ class ModelFamily:
     def sample_timesteps(self, scheduler, batch_size: int, device, generator=None) -> torch.Tensor:
         raise NotImplementedError
 
-    def denoise_and_loss(self, transformer, scheduler, latents, prompt_embeds, *, timesteps=None, noise=None,
-                         generator=None) -> dict[str, torch.Tensor]:
+    def denoise_and_loss(
+        self, transformer, scheduler, latents, prompt_embeds, *, timesteps=None, noise=None, generator=None
+    ) -> dict[str, torch.Tensor]:
         """One training forward on clean latents (B, F, C, h, w) and prompt_embeds (B, L, D).
         Returns {"loss", "x0_pred" (B, F, C, h, w), "timesteps" (B,), "noisy_latents"}."""
         raise NotImplementedError
@@ -248,8 +261,9 @@ class ModelFamily:
     # ------------------------------------------------------------------------------------------- weights
     def save_lora_weights(self, output_dir, lora_layers: dict, metadata: dict, expert: str = "transformer"):
         """Write `lora_layers` (peft state dict of `expert`) as the pipeline's load_lora_weights expects."""
-        self.pipeline_class().save_lora_weights(output_dir, transformer_lora_layers=lora_layers,
-                                                transformer_lora_adapter_metadata=metadata)
+        self.pipeline_class().save_lora_weights(
+            output_dir, transformer_lora_layers=lora_layers, transformer_lora_adapter_metadata=metadata
+        )
 
     def load_run_weights(self, pipe, run_dir, expert: str = "transformer", dtype=torch.float32):
         """Put a finished tsa-train run's weights (full `expert/` folder or LoRA file) into `pipe`."""
@@ -259,8 +273,10 @@ class ModelFamily:
         elif (run_dir / "pytorch_lora_weights.safetensors").is_file():
             self.load_lora_into(pipe, run_dir, expert)
         else:
-            raise FileNotFoundError(f"{run_dir} holds neither {expert}/ nor pytorch_lora_weights.safetensors "
-                                    "(the final weights of a finished tsa-train run)")
+            raise FileNotFoundError(
+                f"{run_dir} holds neither {expert}/ nor pytorch_lora_weights.safetensors "
+                "(the final weights of a finished tsa-train run)"
+            )
         return pipe
 
     def load_lora_into(self, pipe, run_dir, expert: str = "transformer"):

@@ -25,9 +25,16 @@ def cogvideox_scheduler(snr_shift_scale: float = 3.0):
     from diffusers import CogVideoXDPMScheduler
 
     return CogVideoXDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
-        set_alpha_to_one=True, clip_sample=False, snr_shift_scale=snr_shift_scale,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=False,
+        snr_shift_scale=snr_shift_scale,
     )
 
 
@@ -47,8 +54,13 @@ def rotary_embeddings(transformer, latents: torch.Tensor) -> tuple[torch.Tensor,
     return CogVideoXPipeline._prepare_rotary_positional_embeddings(helper, height, width, frames, latents.device)
 
 
-def sample_timesteps(scheduler, batch_size: int, device, generator: torch.Generator | None = None,
-                     timestep_range: tuple[float, float] | None = None) -> torch.Tensor:
+def sample_timesteps(
+    scheduler,
+    batch_size: int,
+    device,
+    generator: torch.Generator | None = None,
+    timestep_range: tuple[float, float] | None = None,
+) -> torch.Tensor:
     """Uniform integer timesteps in [0, num_train_timesteps) (or in `timestep_range`), shape (B,)."""
     low, high = timestep_range or (0, scheduler.config.num_train_timesteps)
     gen_device = generator.device if generator is not None else device
@@ -72,17 +84,45 @@ class CogVideoXFamily(ModelFamily):
     presets = {
         # TSA / M-TSA on CogVideoX-2B, full fine-tune (8 GPUs x 4 = global batch 32).
         "cogvideox-2b-mtsa": dict(
-            height=480, width=720, num_frames=49, align="mtsa", align_layer=18, align_weight=0.5, tau=0.1,
-            top_k=0.2, finetune="full", learning_rate=2e-6, lr_warmup_steps=100, train_batch_size=4,
-            max_steps=4000, checkpointing_steps=500, mixed_precision="bf16", gradient_checkpointing=True,
+            height=480,
+            width=720,
+            num_frames=49,
+            align="mtsa",
+            align_layer=18,
+            align_weight=0.5,
+            tau=0.1,
+            top_k=0.2,
+            finetune="full",
+            learning_rate=2e-6,
+            lr_warmup_steps=100,
+            train_batch_size=4,
+            max_steps=4000,
+            checkpointing_steps=500,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
             vae_tiling=True,
         ),
         # CogVideoX-5B with LoRA r128 / alpha 64 on the attention projections.
         "cogvideox-5b-lora": dict(
-            height=480, width=720, num_frames=49, align="mtsa", align_layer=18, align_weight=0.5, tau=0.1,
-            top_k=0.2, finetune="lora", lora_rank=128, lora_alpha=64, learning_rate=1e-4,
-            lr_warmup_steps=100, train_batch_size=1, max_steps=2000, checkpointing_steps=250,
-            mixed_precision="bf16", gradient_checkpointing=True, vae_tiling=True,
+            height=480,
+            width=720,
+            num_frames=49,
+            align="mtsa",
+            align_layer=18,
+            align_weight=0.5,
+            tau=0.1,
+            top_k=0.2,
+            finetune="lora",
+            lora_rank=128,
+            lora_alpha=64,
+            learning_rate=1e-4,
+            lr_warmup_steps=100,
+            train_batch_size=1,
+            max_steps=2000,
+            checkpointing_steps=250,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            vae_tiling=True,
         ),
     }
 
@@ -106,9 +146,12 @@ class CogVideoXFamily(ModelFamily):
             vae.enable_tiling()
         return CogVideoXPipeline(
             tokenizer=AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer"),
-            text_encoder=T5EncoderModel.from_pretrained(model_path, subfolder="text_encoder",
-                                                        torch_dtype=dtype).to(device),
-            vae=vae, transformer=None, scheduler=None,
+            text_encoder=T5EncoderModel.from_pretrained(model_path, subfolder="text_encoder", torch_dtype=dtype).to(
+                device
+            ),
+            vae=vae,
+            transformer=None,
+            scheduler=None,
         )
 
     def max_sequence_length(self, model_path) -> int:
@@ -148,19 +191,26 @@ class CogVideoXFamily(ModelFamily):
     # ------------------------------------------------------------------------------------------- objective
     def check_scheduler(self, scheduler):
         if scheduler is None:
-            raise ValueError("a noise scheduler is required: pass the model's own (CogVideoXFamily().load_scheduler("
-                             "model_path)); CogVideoX-2B and -5B use different schedules")
-        if getattr(scheduler, "alphas_cumprod", None) is None or \
-                scheduler.config.get("prediction_type") != "v_prediction":
-            raise ValueError(f"CogVideoX needs a v-prediction DDPM-style scheduler (CogVideoXDPMScheduler), got "
-                             f"{type(scheduler).__name__} with prediction_type="
-                             f"{scheduler.config.get('prediction_type')!r}")
+            raise ValueError(
+                "a noise scheduler is required: pass the model's own (CogVideoXFamily().load_scheduler("
+                "model_path)); CogVideoX-2B and -5B use different schedules"
+            )
+        if (
+            getattr(scheduler, "alphas_cumprod", None) is None
+            or scheduler.config.get("prediction_type") != "v_prediction"
+        ):
+            raise ValueError(
+                f"CogVideoX needs a v-prediction DDPM-style scheduler (CogVideoXDPMScheduler), got "
+                f"{type(scheduler).__name__} with prediction_type="
+                f"{scheduler.config.get('prediction_type')!r}"
+            )
 
     def sample_timesteps(self, scheduler, batch_size, device, generator=None):
         return sample_timesteps(scheduler, batch_size, device, generator, self.timestep_range)
 
-    def denoise_and_loss(self, transformer, scheduler, latents, prompt_embeds, *, timesteps=None, noise=None,
-                         generator=None):
+    def denoise_and_loss(
+        self, transformer, scheduler, latents, prompt_embeds, *, timesteps=None, noise=None, generator=None
+    ):
         """x_t = scheduler.add_noise(x0, eps, t); v_hat = transformer(x_t, prompt, t);
         x0_hat = scheduler.get_velocity(v_hat, x_t, t) = sqrt(ab) x_t - sqrt(1 - ab) v_hat."""
         batch = latents.shape[0]
@@ -172,8 +222,11 @@ class CogVideoXFamily(ModelFamily):
             noise = torch.randn(latents.shape, generator=generator, device=gen_device, dtype=latents.dtype)
         noisy_latents = scheduler.add_noise(latents, noise.to(latents), timesteps)
         velocity = transformer(
-            hidden_states=noisy_latents, encoder_hidden_states=prompt_embeds, timestep=timesteps,
-            image_rotary_emb=rotary_embeddings(transformer, latents), return_dict=False,
+            hidden_states=noisy_latents,
+            encoder_hidden_states=prompt_embeds,
+            timestep=timesteps,
+            image_rotary_emb=rotary_embeddings(transformer, latents),
+            return_dict=False,
         )[0]
         x0_pred = scheduler.get_velocity(velocity, noisy_latents, timesteps)
         return {
@@ -217,9 +270,19 @@ def tiny_transformer(num_layers: int = 2, latent_channels: int = 4, rotary: bool
 
     torch.manual_seed(seed)
     return CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=latent_channels, out_channels=latent_channels,
-        time_embed_dim=16, text_embed_dim=TINY_TEXT_DIM, num_layers=num_layers, sample_width=8, sample_height=8,
-        sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TINY_TEXT_LENGTH,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        time_embed_dim=16,
+        text_embed_dim=TINY_TEXT_DIM,
+        num_layers=num_layers,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=TINY_TEXT_LENGTH,
         use_rotary_positional_embeddings=rotary,
     )
 
@@ -230,10 +293,17 @@ def tiny_vae(latent_channels: int = 4, seed: int = 0):
 
     torch.manual_seed(seed)
     return AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
-        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
-        latent_channels=latent_channels, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
-        sample_height=64, sample_width=64,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+        sample_height=64,
+        sample_width=64,
     ).eval()
 
 
@@ -245,7 +315,13 @@ def tiny_t5(vocab_size: int, seed: int = 0):
 
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=vocab_size, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, dropout_rate=0.0,
+        vocab_size=vocab_size,
+        d_model=TINY_TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
     )
     return T5EncoderModel(config).eval()

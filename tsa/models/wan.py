@@ -40,23 +40,61 @@ class WanFamily(ModelFamily):
     presets = {
         # M-TSA on Wan2.1 T2V-1.3B, full fine-tune, 81 x 480 x 832 (21 x 30 x 52 video tokens; block 18 of 30).
         "wan2.1-1.3b-mtsa": dict(
-            model_family="wan", height=480, width=832, num_frames=81, align="mtsa", align_layer=18,
-            align_weight=0.5, tau=0.1, top_k=0.2, finetune="full", learning_rate=2e-6, lr_warmup_steps=100,
-            train_batch_size=2, max_steps=4000, checkpointing_steps=500, mixed_precision="bf16",
-            gradient_checkpointing=True, vae_tiling=True,
+            model_family="wan",
+            height=480,
+            width=832,
+            num_frames=81,
+            align="mtsa",
+            align_layer=18,
+            align_weight=0.5,
+            tau=0.1,
+            top_k=0.2,
+            finetune="full",
+            learning_rate=2e-6,
+            lr_warmup_steps=100,
+            train_batch_size=2,
+            max_steps=4000,
+            checkpointing_steps=500,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            vae_tiling=True,
         ),
         # Wan2.1 T2V-14B with LoRA r128 / alpha 64, 81 x 720 x 1280 (21 x 45 x 80 tokens; block 24 of 40).
         "wan2.1-14b-lora": dict(
-            model_family="wan", height=720, width=1280, num_frames=81, align="mtsa", align_layer=24,
-            align_weight=0.5, tau=0.1, top_k=0.2, finetune="lora", lora_rank=128, lora_alpha=64,
-            learning_rate=1e-4, lr_warmup_steps=100, train_batch_size=1, max_steps=2000, checkpointing_steps=250,
-            mixed_precision="bf16", gradient_checkpointing=True, vae_tiling=True,
+            model_family="wan",
+            height=720,
+            width=1280,
+            num_frames=81,
+            align="mtsa",
+            align_layer=24,
+            align_weight=0.5,
+            tau=0.1,
+            top_k=0.2,
+            finetune="lora",
+            lora_rank=128,
+            lora_alpha=64,
+            learning_rate=1e-4,
+            lr_warmup_steps=100,
+            train_batch_size=1,
+            max_steps=2000,
+            checkpointing_steps=250,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            vae_tiling=True,
         ),
     }
 
-    def __init__(self, timestep_range=None, *, timestep_sampling: str = "logit-normal", logit_mean: float = 0.0,
-                 logit_std: float = 1.0, shift: float | None = None, expand_timesteps: bool = False,
-                 spatial_multiple: int = 16):
+    def __init__(
+        self,
+        timestep_range=None,
+        *,
+        timestep_sampling: str = "logit-normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        shift: float | None = None,
+        expand_timesteps: bool = False,
+        spatial_multiple: int = 16,
+    ):
         super().__init__(timestep_range)
         if timestep_sampling not in TIMESTEP_SAMPLING:
             raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
@@ -68,9 +106,11 @@ class WanFamily(ModelFamily):
         self.shift, self.expand_timesteps, self.spatial_multiple = shift, bool(expand_timesteps), spatial_multiple
 
     def __repr__(self) -> str:
-        return (f"WanFamily(timestep_range={self.timestep_range}, timestep_sampling={self.timestep_sampling!r}, "
-                f"logit_mean={self.logit_mean}, logit_std={self.logit_std}, shift={self.shift}, "
-                f"expand_timesteps={self.expand_timesteps})")
+        return (
+            f"WanFamily(timestep_range={self.timestep_range}, timestep_sampling={self.timestep_sampling!r}, "
+            f"logit_mean={self.logit_mean}, logit_std={self.logit_std}, shift={self.shift}, "
+            f"expand_timesteps={self.expand_timesteps})"
+        )
 
     @classmethod
     def from_model_path(cls, model_path, expert: str = "transformer", **options) -> WanFamily:
@@ -114,9 +154,12 @@ class WanFamily(ModelFamily):
             vae.enable_tiling()
         return WanPipeline(
             tokenizer=AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer"),
-            text_encoder=UMT5EncoderModel.from_pretrained(model_path, subfolder="text_encoder",
-                                                          torch_dtype=dtype).to(device),
-            vae=vae, transformer=None, scheduler=None,
+            text_encoder=UMT5EncoderModel.from_pretrained(model_path, subfolder="text_encoder", torch_dtype=dtype).to(
+                device
+            ),
+            vae=vae,
+            transformer=None,
+            scheduler=None,
         )
 
     def max_sequence_length(self, model_path) -> int:
@@ -150,21 +193,27 @@ class WanFamily(ModelFamily):
     def check_latents(self, config, latents):
         patch_t, patch_h, patch_w = config.patch_size
         if latents.shape[1] % patch_t or latents.shape[3] % patch_h or latents.shape[4] % patch_w:
-            raise ValueError(f"latents (B, F, C, h, w) = {tuple(latents.shape)} must divide by the patch size "
-                             f"{tuple(config.patch_size)} (F, h, w)")
+            raise ValueError(
+                f"latents (B, F, C, h, w) = {tuple(latents.shape)} must divide by the patch size "
+                f"{tuple(config.patch_size)} (F, h, w)"
+            )
         if latents.shape[2] != config.in_channels:
             raise ValueError(f"latents have {latents.shape[2]} channels, the transformer takes {config.in_channels}")
 
     # ------------------------------------------------------------------------------------------- objective
     def check_scheduler(self, scheduler):
         if scheduler is None:
-            raise ValueError("a noise scheduler is required: pass the model's own (WanFamily().load_scheduler("
-                             "model_path)), its shift sets the training timesteps")
+            raise ValueError(
+                "a noise scheduler is required: pass the model's own (WanFamily().load_scheduler("
+                "model_path)), its shift sets the training timesteps"
+            )
         prediction = scheduler.config.get("prediction_type")
         if not is_flow_scheduler(scheduler):
-            raise ValueError(f"Wan trains with rectified flow: pass a flow-matching scheduler "
-                             f"(FlowMatchEulerDiscreteScheduler, or UniPC with use_flow_sigmas), got "
-                             f"{type(scheduler).__name__}")
+            raise ValueError(
+                f"Wan trains with rectified flow: pass a flow-matching scheduler "
+                f"(FlowMatchEulerDiscreteScheduler, or UniPC with use_flow_sigmas), got "
+                f"{type(scheduler).__name__}"
+            )
         if prediction not in (None, "flow_prediction"):
             raise ValueError(f"Wan needs a flow-prediction scheduler, got prediction_type={prediction!r}")
         if self.shift is None:
@@ -189,11 +238,13 @@ class WanFamily(ModelFamily):
         if self.timestep_sampling == "uniform":
             u = u_low + (u_high - u_low) * p
         else:
+
             def cdf(value):  # normal CDF of the logit of u
                 if value <= 0 or value >= 1:
                     return 0.0 if value <= 0 else 1.0
-                return 0.5 * (1 + math.erf((math.log(value / (1 - value)) - self.logit_mean) /
-                                           (self.logit_std * math.sqrt(2))))
+                return 0.5 * (
+                    1 + math.erf((math.log(value / (1 - value)) - self.logit_mean) / (self.logit_std * math.sqrt(2)))
+                )
 
             lo, hi = cdf(u_low), cdf(u_high)
             q = (lo + (hi - lo) * p).clamp(1e-12, 1 - 1e-12)
@@ -207,8 +258,9 @@ class WanFamily(ModelFamily):
             return timesteps
         return timesteps[:, None].expand(-1, math.prod(grid))
 
-    def denoise_and_loss(self, transformer, scheduler, latents, prompt_embeds, *, timesteps=None, noise=None,
-                         generator=None):
+    def denoise_and_loss(
+        self, transformer, scheduler, latents, prompt_embeds, *, timesteps=None, noise=None, generator=None
+    ):
         """x_t = (1 - sigma) x0 + sigma eps; v_hat = transformer(x_t, prompt, t); x0_hat = x_t - sigma v_hat."""
         self.check_scheduler(scheduler)
         batch = latents.shape[0]
@@ -224,14 +276,20 @@ class WanFamily(ModelFamily):
         module = self.unwrap(transformer)
         grid = self.token_grid(module.config, tuple(latents.shape))
         velocity = transformer(
-            hidden_states=noisy_latents.permute(0, 2, 1, 3, 4), encoder_hidden_states=prompt_embeds,
-            timestep=self.transformer_timesteps(timesteps, module, grid), return_dict=False,
+            hidden_states=noisy_latents.permute(0, 2, 1, 3, 4),
+            encoder_hidden_states=prompt_embeds,
+            timestep=self.transformer_timesteps(timesteps, module, grid),
+            return_dict=False,
         )[0].permute(0, 2, 1, 3, 4)
         target = noise.float() - latents.float()
         loss = (velocity.float() - target).pow(2).flatten(1).mean(1).mean()
         x0_pred = noisy_latents.float() - sigma * velocity.float()
-        return {"loss": loss, "x0_pred": x0_pred.to(latents.dtype), "timesteps": timesteps,
-                "noisy_latents": noisy_latents}
+        return {
+            "loss": loss,
+            "x0_pred": x0_pred.to(latents.dtype),
+            "timesteps": timesteps,
+            "noisy_latents": noisy_latents,
+        }
 
     def x0_from_output(self, scheduler, model_output, sample, timestep):
         index = int((scheduler.timesteps.to(sample.device) - timestep).abs().argmin())
@@ -243,8 +301,9 @@ class WanFamily(ModelFamily):
         pipe.load_lora_weights(run_dir, load_into_transformer_2=expert == "transformer_2")
 
     # ------------------------------------------------------------------------------------------- tiny models
-    def tiny_components(self, num_layers: int = 2, two_experts: bool = False, ti2v: bool = False,
-                        seed: int = 0) -> dict:
+    def tiny_components(
+        self, num_layers: int = 2, two_experts: bool = False, ti2v: bool = False, seed: int = 0
+    ) -> dict:
         """The components of a WanPipeline, tiny and random: Wan2.1 by default, Wan2.2 A14B-style with
         `two_experts` (transformer + transformer_2, boundary_ratio 0.875), TI2V-5B-style with `ti2v`
         (expand_timesteps, a residual VAE with 16x spatial compression)."""
@@ -262,14 +321,16 @@ class WanFamily(ModelFamily):
             "transformer": tiny_wan_transformer(num_layers, channels, seed=seed),
         }
         if two_experts:
-            components.update(transformer_2=tiny_wan_transformer(num_layers, channels, seed=seed + 1),
-                              boundary_ratio=0.875)
+            components.update(
+                transformer_2=tiny_wan_transformer(num_layers, channels, seed=seed + 1), boundary_ratio=0.875
+            )
         if ti2v:
             components["expand_timesteps"] = True
         return components
 
-    def save_tiny_pipeline(self, path, num_layers: int = 2, two_experts: bool = False, ti2v: bool = False,
-                           seed: int = 0) -> Path:
+    def save_tiny_pipeline(
+        self, path, num_layers: int = 2, two_experts: bool = False, ti2v: bool = False, seed: int = 0
+    ) -> Path:
         from diffusers import WanPipeline
 
         path = Path(path)
@@ -285,8 +346,15 @@ def tiny_wan_transformer(num_layers: int = 2, latent_channels: int = 4, seed: in
 
     torch.manual_seed(seed)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=latent_channels,
-        out_channels=latent_channels, text_dim=TINY_TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=num_layers,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        text_dim=TINY_TEXT_DIM,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=num_layers,
         rope_max_seq_len=64,
     )
 
@@ -300,11 +368,20 @@ def tiny_wan_vae(latent_channels: int = 4, residual: bool = False, seed: int = 0
     generator = torch.Generator().manual_seed(seed)
     mean = (torch.randn(latent_channels, generator=generator) * 0.5).tolist()
     std = (torch.rand(latent_channels, generator=generator) * 1.5 + 0.5).tolist()
-    options = dict(is_residual=True, patch_size=2, scale_factor_spatial=16, in_channels=12, out_channels=12) \
-        if residual else {}
+    options = (
+        dict(is_residual=True, patch_size=2, scale_factor_spatial=16, in_channels=12, out_channels=12)
+        if residual
+        else {}
+    )
     return AutoencoderKLWan(
-        base_dim=8, z_dim=latent_channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-        temperal_downsample=[False, True, True], latents_mean=mean, latents_std=std, **options,
+        base_dim=8,
+        z_dim=latent_channels,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=mean,
+        latents_std=std,
+        **options,
     ).eval()
 
 
@@ -315,6 +392,14 @@ def tiny_umt5(vocab_size: int, seed: int = 0):
     from tsa.tiny import TINY_TEXT_DIM
 
     torch.manual_seed(seed)
-    config = UMT5Config(vocab_size=vocab_size, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                        relative_attention_num_buckets=8, dropout_rate=0.0)
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=TINY_TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+    )
     return UMT5EncoderModel(config).eval()
