@@ -141,11 +141,13 @@ def tiny_models(tmp_path_factory):
 
 
 def _objective(tiny_models, align, projector=None, grid="teacher-grid"):
+    from tsa.models.cogvideox import cogvideox_scheduler
     from tsa.objective import AlignmentObjective
 
     transformer, teacher = tiny_models
     return AlignmentObjective(
         transformer,
+        cogvideox_scheduler(),
         teacher=teacher,
         align=align,
         block_index=2,
@@ -439,3 +441,4 @@ def test_lora_run_shows_the_base_model_with_its_adapters_disabled(tiny_run, tmp_
     torch.testing.assert_close(
         clip_alignment(run.objective, batch["latents"], prompt, pixels).student, base.student, rtol=1e-5, atol=1e-6
     )
+
