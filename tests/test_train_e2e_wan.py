@@ -149,7 +149,7 @@ def test_wan_lamo_and_sampling_with_and_without_motion_guidance(wan_run, tmp_pat
         (video,) = (tmp_path / f"samples-{guidance}").glob("*.mp4")
         assert read_video(video, 9, 96, 144).shape == (9, 3, 96, 144)
     (guidance,) = handles
-    assert [index for index, _ in guidance.history] == [1, 2]  # rho 0.8 of 3 steps: index >= 0.6
+    assert [index for index, _ in guidance.history] == [0, 1, 2]  # rho 0.8 of 3 steps: from int(0.2 * 3) = 0
 
 
 def test_wan_resume_matches_an_uninterrupted_run(wan_run, tmp_path, monkeypatch):
