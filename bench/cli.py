@@ -1,4 +1,5 @@
-"""`python -m bench`: time and memory of the tempered KL across providers, workloads and modes."""
+"""`python -m bench`: time and memory of an op (the tempered KL, the relation distance) across providers, workloads
+and modes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from . import report
 from .dit import DIT_MODELS, format_dit, run_dit
 from .measure import DTYPES, Case, base_result, matmul_tflops, run_case
-from .providers import PROVIDERS
+from .providers import OPS, PROVIDERS
 from .workloads import PRESETS, build_workloads, flop_count
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -26,8 +27,11 @@ RUNS_DIR = PROJECT_ROOT / "bench" / "runs"  # one folder per run otherwise (git-
 
 # Options passed to every Case under the same name.
 CASE_SETTINGS = (
+    "op",
     "dtype",
     "tau",
+    "margin",
+    "variant",
     "mask_ratio",
     "normalize",
     "teacher_grad",
@@ -67,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    parser.add_argument("--op", choices=OPS, default="tempered_kl", help="the op to measure")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tsa-grid")
     for field in ("batch", "frames", "hw", "cs", "ct"):
         parser.add_argument(f"--{field}", type=int, help=f"override the preset's {field}")
@@ -77,7 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher-grad", action="store_true", help="fwd+bwd also computes teacher gradients")
     parser.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="None: bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--tau", type=float, default=0.1, help="student and teacher temperature")
+    parser.add_argument("--tau", type=float, default=0.1, help="tempered_kl: student and teacher temperature")
+    parser.add_argument("--margin", type=float, default=0.1, help="relation_distance: margin")
+    parser.add_argument(
+        "--variant", choices=("full", "spatial", "temporal"), default="full", help="relation_distance: pairs"
+    )
     parser.add_argument("--mask-ratio", type=_mask_ratio, default=1.0, help="fraction of queries kept")
     parser.add_argument("--no-normalize", dest="normalize", action="store_false", help="raw dot products")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU: torch threads")
@@ -117,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     if args.tau <= 0:
         parser.error(f"--tau must be > 0, got {args.tau}")
+    if not args.margin >= 0:
+        parser.error(f"--margin must be >= 0, got {args.margin}")
     if args.update_results and args.out is not None:
         parser.error("--update-results writes to bench/results/; leave out --out")
     if args.out is None:
@@ -182,8 +193,11 @@ def run_isolated(case: Case) -> dict:
 
 
 def default_tag(args: argparse.Namespace) -> str:
-    """PRESET-DEVICE-DTYPE, with -maskRATIO and -teacher-grad when those are set."""
+    """PRESET-DEVICE-DTYPE, with -maskRATIO and -teacher-grad when those are set; prefixed by the op (and its
+    variant unless "full") for ops other than tempered_kl."""
     tag = f"{args.preset}-{args.device.type}-{args.dtype}"
+    if args.op != "tempered_kl":
+        tag = f"{args.op}-" + ("" if args.variant == "full" else f"{args.variant}-") + tag
     if args.mask_ratio < 1.0:
         tag += f"-mask{args.mask_ratio:g}"
     return tag + ("-teacher-grad" if args.teacher_grad else "")
@@ -234,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     json_path = args.out / f"{tag}.json"
     report.write_json(json_path, meta, results)
     print(
-        f"{meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, {args.dtype}, "
+        f"{args.op}: {meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, {args.dtype}, "
         f"matmul {meta['matmul_tflops']:.3g} TFLOP/s"
     )
     print(report.format_table(results))

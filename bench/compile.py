@@ -5,11 +5,11 @@
 
 Each kernel variant an op's `triton_backend.aot_kernels()` declares is compiled by `triton.compile` for a
 `GPUTarget` with the argument specialisation the launcher would get at the preset's sizes (16-byte divisibility,
-scalars equal to 1), for every config of its `@triton.autotune` list, bf16 / fp16 / fp32, with and without a
-query mask. Registers and spills come from Triton's bundled ptxas (`-v`), shared memory from the compiled
-kernel's metadata, tensor-core instructions are counted in the SASS (cuobjdump): HGMMA (wgmma, sm_90a) and
-HMMA (mma.sync). Exit status 1 when a 16-bit config spills registers, a config needs more shared memory than
-a block may have, or a compile fails.
+scalars equal to 1), for every config of its launch-config list (sm_90a only for a `hopper_only` one),
+bf16 / fp16 / fp32, with and without a query mask. Registers and spills come from Triton's bundled ptxas
+(`-v`), shared memory from the compiled kernel's metadata, tensor-core instructions are counted in the SASS
+(cuobjdump): HGMMA (wgmma, sm_90a) and HMMA (mma.sync). Exit status 1 when a 16-bit config spills registers,
+a config needs more shared memory than a block may have, or a compile fails.
 """
 
 from __future__ import annotations
@@ -249,21 +249,20 @@ def build_tasks(kernels: list, args: argparse.Namespace, problem) -> list[tuple]
         label = f"{spec.op}.{spec.name}[{spec.variant}]"
         if args.kernel and not any(text in label for text in args.kernel):
             continue
-        config_indices = range(len(spec.configs))
-        if args.subset:  # the first and the last config of each list: the default-ish and a small-tile one
-            config_indices = sorted({0, len(spec.configs) - 1})
+        # --subset: each variant's first config (the default the launcher runs untuned), bf16, both archs, masked on
+        # sm_90a only; fp16 and fp32 for the first kernel.
+        config_indices = [0] if args.subset else range(len(spec.configs))
         for config_index in config_indices:
+            # A config marked for some archs only (stss_kernels._core.tuning.hopper_only) never runs elsewhere.
+            archs = [arch for arch in args.arch if arch in getattr(spec.configs[config_index], "archs", ARCHS)]
             for dtype in args.dtype:
-                # --subset: bf16 everywhere; fp16 / fp32 on the first config of the first kernel only
-                if args.subset and dtype != "bf16" and (kernel_index or config_index):
+                if args.subset and dtype != "bf16" and kernel_index:
                     continue
                 for masked in spec.masks:
-                    if args.subset and masked and config_index:
-                        continue
-                    for arch in args.arch:
-                        # a config marked for other GPUs (`archs`, see stss_kernels._core.tuning) never runs here
-                        if arch in getattr(spec.configs[config_index], "archs", (arch,)):
-                            tasks.append((kernel_index, config_index, dtype, masked, arch, problem))
+                    for arch in archs:
+                        if args.subset and masked and arch != "sm_90a" and kernel_index:
+                            continue
+                        tasks.append((kernel_index, config_index, dtype, masked, arch, problem))
     return tasks
 
 
@@ -308,7 +307,9 @@ def run_report(args: argparse.Namespace) -> dict:
 
 
 def _config_text(row: dict) -> str:
-    return "x".join(str(v) for v in row["blocks"].values()) + f" w{row['num_warps']} s{row['num_stages']}"
+    """E.g. 'M128 N64 K64 w8 s3': block sizes without their BLOCK_ prefix, warps, pipeline stages."""
+    blocks = " ".join(f"{name.removeprefix('BLOCK_')}{value}" for name, value in row["blocks"].items())
+    return f"{blocks} w{row['num_warps']} s{row['num_stages']}"
 
 
 COLUMNS = (
@@ -429,10 +430,10 @@ def _kernels_interpreted() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # The kernels are built when their modules are imported: under TRITON_INTERPRET=1 they are interpreter
-    # functions with a single config. Compile in a fresh process without it if they were already imported so.
-    os.environ.pop("TRITON_INTERPRET", None)
-    if _kernels_interpreted():
+    # Kernels are built when their modules are imported: under TRITON_INTERPRET=1 they are interpreter functions
+    # with a single config. Then compile in a fresh process without it (this process's environment is left alone).
+    interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    if interpret or _kernels_interpreted():
         argv = sys.argv[1:] if argv is None else argv
         env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "bench.compile", *argv], env=env).returncode

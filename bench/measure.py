@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from .providers import make_loss, naive_peak_bytes, naive_tempered_kl_loss, unavailable_reason
+from .providers import NAIVE_LOSSES, make_loss, naive_peak_bytes, op_arguments, unavailable_reason
 from .workloads import Workload, flop_count
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -45,9 +45,12 @@ class Case:
     workload: Workload
     provider: str
     mode: str  # "fwd" or "fwd+bwd"
+    op: str = "tempered_kl"  # or "relation_distance"
     dtype: str = "float32"
     device: str = "cpu"
-    tau: float = 0.1
+    tau: float = 0.1  # tempered_kl: student and teacher temperature
+    margin: float = 0.1  # relation_distance
+    variant: str = "full"  # relation_distance
     mask_ratio: float = 1.0
     normalize: bool = True
     teacher_grad: bool = False
@@ -110,9 +113,8 @@ class LossCall:
     def __call__(self) -> torch.Tensor:
         self.zero_grad()
         case = self.case
-        loss = self.loss_fn(
-            self.student, self.teacher, case.workload.frames, case.tau, case.tau, self.mask, case.normalize
-        )
+        arguments = op_arguments(case.op, case.tau, case.margin, case.variant)
+        loss = self.loss_fn(self.student, self.teacher, case.workload.frames, *arguments, self.mask, case.normalize)
         if self.backward:
             loss.backward()
         return loss.detach()
@@ -223,9 +225,9 @@ def check_case(case: Case, loss_fn, device: torch.device) -> dict:
     dtype = DTYPES[case.dtype]
     workload = case.workload
     budget = memory_budget_bytes(device) // 4  # leaves room for the estimate's error and the case's inputs
-    if naive_peak_bytes(workload, "fwd+bwd", torch.float64) > budget:
+    if naive_peak_bytes(workload, "fwd+bwd", torch.float64, case.op) > budget:
         workload = workload.replace(batch=1, frames=min(workload.frames, 2))
-    if naive_peak_bytes(workload, "fwd+bwd", torch.float64) > budget:
+    if naive_peak_bytes(workload, "fwd+bwd", torch.float64, case.op) > budget:
         return {"passed": None, "note": "skipped: the fp64 reference does not fit even on a 2-frame slice"}
     check = dataclasses.replace(case, workload=workload)
     student, teacher, mask = make_inputs(workload, dtype, device, mask_ratio=case.mask_ratio, seed=case.seed + 1)
@@ -233,8 +235,8 @@ def check_case(case: Case, loss_fn, device: torch.device) -> dict:
     def outputs(fn, cast: torch.dtype) -> list[torch.Tensor]:
         return LossCall(fn, student.detach().to(cast), teacher.detach().to(cast), mask, check).outputs()
 
-    truth = outputs(naive_tempered_kl_loss, torch.float64)
-    same_dtype_reference = outputs(naive_tempered_kl_loss, dtype)
+    truth = outputs(NAIVE_LOSSES[case.op], torch.float64)
+    same_dtype_reference = outputs(NAIVE_LOSSES[case.op], dtype)
     provider = same_dtype_reference if case.provider == "reference" else outputs(loss_fn, dtype)
     error = max(relative_error(v, t) for v, t in zip(provider, truth))
     reference_error = max(relative_error(v, t) for v, t in zip(same_dtype_reference, truth))
@@ -255,14 +257,21 @@ def base_result(case: Case, status: str = "ok", note: str = "") -> dict:
     return {
         "workload": dataclasses.asdict(workload),
         "tokens": workload.tokens,
+        "op": case.op,
         "provider": case.provider,
         "mode": case.mode,
         "dtype": case.dtype,
-        "tau": case.tau,
+        **({"tau": case.tau} if case.op == "tempered_kl" else {"margin": case.margin, "variant": case.variant}),
         "mask_ratio": case.mask_ratio,
         "kept_fraction": fraction,
         "teacher_grad": case.teacher_grad,
-        "flops": flop_count(workload, case.mode, kept_fraction=fraction, teacher_grad=case.teacher_grad),
+        "flops": flop_count(
+            workload,
+            case.mode,
+            kept_fraction=fraction,
+            teacher_grad=case.teacher_grad,
+            symmetric_grad=case.op == "relation_distance" and fraction == 1.0,
+        ),
         "status": status,
         "note": note,
     }
@@ -274,16 +283,16 @@ def run_case(case: Case) -> dict:
     if case.threads:
         torch.set_num_threads(case.threads)
     result = base_result(case)
-    reason = unavailable_reason(case.provider, workload, device)
+    reason = unavailable_reason(case.provider, workload, device, case.op)
     if reason is not None:
         return {**result, "status": "unavailable", "note": reason}
     if case.provider in ("reference", "compiled") and device.type == "cpu":
-        needed, budget = naive_peak_bytes(workload, case.mode, dtype), memory_budget_bytes(device)
+        needed, budget = naive_peak_bytes(workload, case.mode, dtype, case.op), memory_budget_bytes(device)
         if needed > budget:
             note = f"would need ~{needed / 2**30:.1f} GB, {budget / 2**30:.1f} GB available"
             return {**result, "status": "skipped", "note": note}
     try:
-        loss_fn = make_loss(case.provider)
+        loss_fn = make_loss(case.provider, case.op)
         if case.check:
             result["check"] = check_case(case, loss_fn, device)
             if result["check"]["passed"] is False:

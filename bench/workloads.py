@@ -11,7 +11,7 @@ SWEEP_TOKENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """One tempered-KL problem: student (batch, frames * hw, cs), teacher (batch, frames * hw, ct)."""
+    """One problem: student (batch, frames * hw, cs), teacher (batch, frames * hw, ct)."""
 
     name: str
     batch: int
@@ -78,16 +78,24 @@ def build_workloads(
     return workloads
 
 
-def flop_count(workload: Workload, mode: str, *, kept_fraction: float = 1.0, teacher_grad: bool = False) -> float:
+def flop_count(
+    workload: Workload,
+    mode: str,
+    *,
+    kept_fraction: float = 1.0,
+    teacher_grad: bool = False,
+    symmetric_grad: bool = False,
+) -> float:
     """Model FLOPs of one call (the same count for every provider, so TFLOP/s ranks like 1 / time).
 
     forward:  2 * B * q*N * N * (Cs + Ct)   (the two Gram matrices; q = kept query fraction)
     backward: the forward again (recompute), plus 2 * 2 * B * q*N * N * C for each input needing a
-              gradient (dS @ s and dS^T @ s for the student, the same for the teacher).
+              gradient (dS @ s and dS^T @ s for the student, the same for the teacher); half that when
+              dS is symmetric (relation_distance without a mask: (dS + dS^T) s = 2 dS s).
     """
     rows = kept_fraction * workload.batch * workload.tokens * workload.tokens
     forward = 2 * rows * (workload.cs + workload.ct)
     if mode == "fwd":
         return forward
     grad_channels = workload.cs + (workload.ct if teacher_grad else 0)
-    return 2 * forward + 4 * rows * grad_channels
+    return 2 * forward + (2 if symmetric_grad else 4) * rows * grad_channels

@@ -25,8 +25,8 @@ def test_methods_build_their_losses_with_the_options():
     mtsa = ALIGNMENT_METHODS["mtsa"].build(tau=0.2, tau_teacher=0.05, top_k=0.3, backend="torch")
     assert isinstance(mtsa, TSALoss) and mtsa.masked and (mtsa.tau, mtsa.tau_teacher, mtsa.top_k) == (0.2, 0.05, 0.3)
     assert mtsa.backend == "torch"
-    trd = ALIGNMENT_METHODS["trd"].build(trd_margin=0.25, trd_variant="temporal")
-    assert isinstance(trd, TRDLoss) and (trd.margin, trd.variant) == (0.25, "temporal")
+    trd = ALIGNMENT_METHODS["trd"].build(trd_margin=0.25, trd_variant="temporal", backend="torch")
+    assert isinstance(trd, TRDLoss) and (trd.margin, trd.variant, trd.backend) == (0.25, "temporal", "torch")
     assert isinstance(ALIGNMENT_METHODS["repa"].build(), REPALoss)
 
 

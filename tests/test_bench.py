@@ -103,15 +103,15 @@ def _raising(error: BaseException):
 
 
 def test_out_of_memory_is_a_result(monkeypatch):
-    monkeypatch.setattr(bench.measure, "make_loss", lambda provider: _raising(torch.cuda.OutOfMemoryError("boom")))
+    monkeypatch.setattr(bench.measure, "make_loss", lambda *_: _raising(torch.cuda.OutOfMemoryError("boom")))
     result = run_case(tiny_case("torch", check=False))
     assert result["status"] == "OOM" and "time_ms" not in result and "OutOfMemoryError" in result["note"]
     cpu_oom = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
-    monkeypatch.setattr(bench.measure, "make_loss", lambda provider: _raising(cpu_oom))
+    monkeypatch.setattr(bench.measure, "make_loss", lambda *_: _raising(cpu_oom))
     assert run_case(tiny_case("reference", check=False))["status"] == "OOM"
     wrapped = RuntimeError("backend compiler failed")
     wrapped.__cause__ = torch.cuda.OutOfMemoryError("CUDA error")
-    monkeypatch.setattr(bench.measure, "make_loss", lambda provider: _raising(wrapped))
+    monkeypatch.setattr(bench.measure, "make_loss", lambda *_: _raising(wrapped))
     assert run_case(tiny_case("compiled", check=False))["status"] == "OOM"
     assert "OOM" in report.format_table([result])
 
@@ -125,11 +125,11 @@ def test_reference_too_big_for_host_memory_is_skipped(monkeypatch):
 
 
 def test_errors_and_wrong_results_are_reported(monkeypatch):
-    monkeypatch.setattr(bench.measure, "make_loss", lambda provider: _raising(ValueError("unsupported")))
+    monkeypatch.setattr(bench.measure, "make_loss", lambda *_: _raising(ValueError("unsupported")))
     failed = run_case(tiny_case("compiled"))
     assert failed["status"] == "error" and "ValueError: unsupported" in failed["note"] and failed["traceback"]
 
-    monkeypatch.setattr(bench.measure, "make_loss", lambda provider: lambda *args: 1.01 * naive_tempered_kl_loss(*args))
+    monkeypatch.setattr(bench.measure, "make_loss", lambda *_: lambda *args: 1.01 * naive_tempered_kl_loss(*args))
     wrong = run_case(tiny_case("torch"))
     assert wrong["status"] == "mismatch" and wrong["check"]["passed"] is False
     assert wrong["check"]["error"] == pytest.approx(0.01, rel=1e-3)
@@ -162,3 +162,24 @@ def test_results_go_to_a_run_folder_unless_told_to_update(monkeypatch, tmp_path,
     with pytest.raises(SystemExit):
         cli.parse_args(["--help"])
     assert "(default: 0.1)" in capsys.readouterr().out  # --help shows the defaults
+
+
+def test_relation_distance_op(tmp_path, capsys):
+    """`--op relation_distance`: the same harness, table and JSON; every provider checked against its fp64 truth."""
+    argv = "--op relation_distance --variant temporal --margin 0.05 --batch 2 --frames 3 --hw 10 --cs 12 --ct 7"
+    argv += " --providers reference,torch,triton --modes fwd+bwd --mask-ratio 0.5 --min-runs 2 --min-time 0"
+    argv += f" --isolate none --out {tmp_path} --no-plot"
+    run = cli.main(argv.split())
+    assert "relation_distance:" in capsys.readouterr().out
+    data = json.loads((tmp_path / "relation_distance-temporal-tsa-grid-cpu-float32-mask0.5.json").read_text())
+    assert data["results"] == json.loads(json.dumps(run["results"]))
+    assert [r["provider"] for r in data["results"]] == ["reference", "torch", "triton"]
+    for result in data["results"]:
+        assert result["op"] == "relation_distance" and (result["margin"], result["variant"]) == (0.05, "temporal")
+        assert result["status"] == "ok" and result["check"]["passed"] is True, result
+        assert result["check"]["error"] < 1e-4 and "tau" not in result
+    unmasked = Case(TINY, "torch", "fwd+bwd", op="relation_distance", min_runs=1, min_time_s=0.0)
+    assert run_case(unmasked)["flops"] == flop_count(TINY, "fwd+bwd", symmetric_grad=True)
+    assert flop_count(TINY, "fwd+bwd", symmetric_grad=True) == 4 * 2 * 30 * 30 * 19 + 2 * 2 * 30 * 30 * 12
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--op", "relation_distance", "--margin", "-1"])

@@ -42,8 +42,8 @@ def test_tsa_equals_hand_computation(tau_teacher):
     loss = TSALoss(tau=0.1, tau_teacher=tau_teacher)(student, teacher)
     expected = _tsa_by_hand(student, teacher, 0.1, 0.1 if tau_teacher is None else tau_teacher)
     torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-12)
-    grad, = torch.autograd.grad(loss, student)
-    expected_grad, = torch.autograd.grad(expected, student)
+    (grad,) = torch.autograd.grad(loss, student)
+    (expected_grad,) = torch.autograd.grad(expected, student)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-7, atol=1e-10)
 
 
@@ -87,18 +87,46 @@ def _trd_by_hand(student, teacher, margin, variant):
     return {"full": excess.mean(), "spatial": excess[:, same].mean(), "temporal": excess[:, ~same].mean()}[variant]
 
 
+def _trd_gram_before_relation_distance(student, teacher, margin, variant, chunk_size=4):
+    """TRDLoss as it was before it ran on stss_kernels.relation_distance: full Gram row blocks in PyTorch."""
+    batch, frames, height, width = student.shape[:4]
+    s = torch.nn.functional.normalize(student, dim=-1)
+    t = torch.nn.functional.normalize(teacher.to(student.dtype), dim=-1)
+    per_frame = height * width
+    if variant == "spatial":
+        s, t = s.reshape(batch * frames, per_frame, -1), t.reshape(batch * frames, per_frame, -1)
+        pairs = batch * frames * per_frame**2
+    else:
+        s, t = s.reshape(batch, frames * per_frame, -1), t.reshape(batch, frames * per_frame, -1)
+        pairs = batch * (frames * per_frame) ** 2 - (batch * frames * per_frame**2 if variant == "temporal" else 0)
+    total = s.new_zeros(())
+    for start in range(0, s.shape[1], chunk_size):
+        rows = slice(start, start + chunk_size)
+        excess = ((s[:, rows] @ s.transpose(1, 2) - t[:, rows] @ t.transpose(1, 2)).abs() - margin).relu()
+        if variant == "temporal":
+            row_frame = torch.arange(s.shape[1])[rows] // per_frame
+            excess = excess * (row_frame[:, None] != torch.arange(s.shape[1])[None, :] // per_frame)
+        total = total + excess.sum()
+    return total / max(pairs, 1)
+
+
 @pytest.mark.parametrize("variant", ["full", "spatial", "temporal"])
-@pytest.mark.parametrize("chunk_size", [4, 1024])
-def test_trd_values_and_gradients(variant, chunk_size):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_trd_values_and_gradients(variant, dtype):
     student, teacher = _features()
-    teacher.requires_grad_()
-    loss = TRDLoss(margin=0.1, variant=variant, chunk_size=chunk_size)(student, teacher)
-    expected = _trd_by_hand(student, teacher, 0.1, variant)
-    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
-    grads = torch.autograd.grad(loss, (student, teacher))
-    expected_grads = torch.autograd.grad(expected, (student, teacher))
-    for grad, expected_grad in zip(grads, expected_grads):
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
+    student, teacher = student.detach().to(dtype).requires_grad_(), teacher.to(dtype).requires_grad_()
+    loss = TRDLoss(margin=0.1, variant=variant)(student, teacher)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-7)
+    for expected in (
+        _trd_by_hand(student, teacher, 0.1, variant),
+        _trd_gram_before_relation_distance(student, teacher, 0.1, variant),
+    ):
+        assert loss.dtype == expected.dtype
+        torch.testing.assert_close(loss, expected, **tol)
+        grads = torch.autograd.grad(loss, (student, teacher), retain_graph=True)
+        expected_grads = torch.autograd.grad(expected, (student, teacher))
+        for grad, expected_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, expected_grad, **tol)
 
 
 def test_trd_degenerate_cases():
@@ -110,8 +138,8 @@ def test_trd_degenerate_cases():
     assert TRDLoss()(student, student.detach() * 3).item() == 0.0  # identical relations
     with pytest.raises(ValueError, match="variant must be one of"):
         TRDLoss(variant="cross")
-    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
-        TRDLoss(chunk_size=0)
+    with pytest.raises(ValueError, match="backend"):
+        TRDLoss(backend="cuda")(student, student.detach())
 
 
 def test_repa():

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TRD_VARIANTS = ("full", "spatial", "temporal")
-KERNEL_BACKENDS = ("auto", "triton", "torch", "reference")  # stss_kernels.tempered_kl(backend=...)
+KERNEL_BACKENDS = ("auto", "triton", "torch", "reference")  # stss_kernels.tempered_kl / relation_distance
 
 
 def _positive(name):
@@ -99,7 +99,11 @@ TOP_K = AlignmentOption(
     "top_k", float, 0.2, "M-TSA: fraction of moving tokens per frame kept as queries.", check=_fraction
 )
 BACKEND = AlignmentOption(
-    "backend", str, "auto", "stss_kernels backend of the tempered KL (auto: Triton on GPU).", choices=KERNEL_BACKENDS
+    "backend",
+    str,
+    "auto",
+    "stss_kernels backend of the loss's op (tempered KL, relation distance; auto: Triton on GPU).",
+    choices=KERNEL_BACKENDS,
 )
 TRD_MARGIN = AlignmentOption(
     "trd_margin", float, 0.1, "TRD: margin delta of relu(|S - T| - delta).", check=_non_negative("trd_margin")
@@ -118,10 +122,10 @@ def _tsa(masked):
     return build
 
 
-def _trd(trd_margin=0.1, trd_variant="full"):
+def _trd(trd_margin=0.1, trd_variant="full", backend="auto"):
     from tsa.losses import TRDLoss
 
-    return TRDLoss(trd_margin, trd_variant)
+    return TRDLoss(trd_margin, trd_variant, backend)
 
 
 def _repa():
@@ -153,7 +157,9 @@ register_alignment(
         motion_mask=True,
     )
 )
-register_alignment(AlignmentMethod("trd", "VideoREPA's token relation distillation.", (TRD_MARGIN, TRD_VARIANT), _trd))
+register_alignment(
+    AlignmentMethod("trd", "VideoREPA's token relation distillation.", (TRD_MARGIN, TRD_VARIANT, BACKEND), _trd)
+)
 register_alignment(
     AlignmentMethod("repa", "REPA: negative token-wise cosine similarity.", (), _repa, teacher_channels=True)
 )

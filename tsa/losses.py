@@ -79,84 +79,24 @@ class TRDLoss(nn.Module):
 
     S, T are cosine Gram matrices of the student / teacher tokens. variant "full": all N x N pairs per
     video; "spatial": per-frame HW x HW Gram matrices; "temporal": cross-frame pairs only (0 for a
-    single frame). Plain PyTorch, `chunk_size` query rows at a time in the forward and in the
-    analytic backward (dX = 2 G x, G = sign(S - T) [|S - T| > margin] is symmetric), so at most one
-    (B, chunk, N) block is alive.
+    single frame). Runs on `stss_kernels.relation_distance` (fused Triton kernels on GPU, a chunked
+    torch backend elsewhere), so no N x N matrix is ever materialised: it fits the DiT's native grid.
     """
 
-    def __init__(self, margin: float = 0.1, variant: str = "full", chunk_size: int = 1024):
+    def __init__(self, margin: float = 0.1, variant: str = "full", backend: str = "auto"):
         super().__init__()
         if variant not in TRD_VARIANTS:
             raise ValueError(f"variant must be one of {TRD_VARIANTS}, got {variant!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-        self.margin, self.variant, self.chunk_size = margin, variant, chunk_size
+        self.margin, self.variant, self.backend = margin, variant, backend
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         check_feature_pair(student, teacher)
-        batch, frames, height, width = student.shape[:4]
-        dtype = accumulation_dtype(student.dtype)
-        s = F.normalize(student.to(dtype), dim=-1)
-        t = F.normalize(teacher.to(dtype), dim=-1)
-        per_frame = height * width
-        if self.variant == "spatial":
-            s, t = s.reshape(batch * frames, per_frame, -1), t.reshape(batch * frames, per_frame, -1)
-            pairs = batch * frames * per_frame**2
-        else:
-            s, t = s.reshape(batch, frames * per_frame, -1), t.reshape(batch, frames * per_frame, -1)
-            pairs = batch * (frames * per_frame) ** 2
-            if self.variant == "temporal":
-                pairs -= batch * frames * per_frame**2
-        cross_frame = per_frame if self.variant == "temporal" else 0
-        total = _RelationExcess.apply(s, t, self.margin, self.chunk_size, cross_frame)
-        return total / max(pairs, 1)
+        return stss_kernels.relation_distance(
+            student, teacher.to(student.dtype), margin=self.margin, variant=self.variant, backend=self.backend
+        )
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, variant={self.variant!r}, chunk_size={self.chunk_size}"
-
-
-def _relation_gap(s, t, start: int, stop: int, cross_frame: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """S - T for rows [start, stop) (B, rows, N), and the same-frame mask when cross_frame = HW > 0."""
-    gap = s[:, start:stop] @ s.transpose(1, 2) - t[:, start:stop] @ t.transpose(1, 2)
-    if not cross_frame:
-        return gap, None
-    rows = torch.arange(start, stop, device=s.device) // cross_frame
-    cols = torch.arange(s.shape[1], device=s.device) // cross_frame
-    return gap, rows[:, None] == cols[None, :]
-
-
-class _RelationExcess(torch.autograd.Function):
-    """sum over (b, i, j) of relu(|S_ij - T_ij| - margin), S = s s^T, T = t t^T, row chunk by row chunk."""
-
-    @staticmethod
-    def forward(ctx, s, t, margin: float, chunk_size: int, cross_frame: int):
-        ctx.save_for_backward(s, t)
-        ctx.margin, ctx.chunk_size, ctx.cross_frame = margin, chunk_size, cross_frame
-        total = s.new_zeros(())
-        for start in range(0, s.shape[1], chunk_size):
-            gap, same_frame = _relation_gap(s, t, start, min(start + chunk_size, s.shape[1]), cross_frame)
-            excess = (gap.abs() - margin).clamp_min_(0)
-            if same_frame is not None:
-                excess.masked_fill_(same_frame, 0)
-            total += excess.sum()
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        s, t = ctx.saved_tensors
-        grad_s = torch.zeros_like(s) if ctx.needs_input_grad[0] else None
-        grad_t = torch.zeros_like(t) if ctx.needs_input_grad[1] else None
-        for start in range(0, s.shape[1], ctx.chunk_size):
-            stop = min(start + ctx.chunk_size, s.shape[1])
-            gap, same_frame = _relation_gap(s, t, start, stop, ctx.cross_frame)
-            sign = torch.where(gap.abs() > ctx.margin, gap.sign(), 0) * (2 * grad_total)
-            if same_frame is not None:
-                sign.masked_fill_(same_frame, 0)
-            if grad_s is not None:
-                grad_s[:, start:stop] = sign @ s
-            if grad_t is not None:
-                grad_t[:, start:stop] = -(sign @ t)
-        return grad_s, grad_t, None, None, None
+        return f"margin={self.margin}, variant={self.variant!r}, backend={self.backend!r}"
 
 
 class REPALoss(nn.Module):

@@ -12,6 +12,7 @@ from torch.autograd.function import once_differentiable
 
 from stss_kernels._core.backends import accumulation_dtype
 from stss_kernels._core.chunking import query_chunks, rows_per_chunk
+from stss_kernels._core.gradients import add_symmetric_grad
 
 # How many (chunk x N) buffers are alive at once (logits of both sides, probabilities, gradient tile).
 _LIVE_TILES = 5
@@ -77,24 +78,15 @@ class TemperedKLTorchFunction(torch.autograd.Function):
             if need_student:
                 # dL/dS = g (P_s - P_t) / tau_s
                 tile = log_p_s.exp().sub_(p_t).mul_(g / tau_student).view(len(chunk), -1)
-                _add_symmetric_grad(grad_s[b], tile, s, chunk)
+                add_symmetric_grad(grad_s[b], tile, s, chunk)
             if need_teacher:
                 # dL/dT = g P_t (log P_t - log P_s - KL) / tau_t
                 log_ratio = log_p_t.sub_(log_p_s).sub_(kl_frames[b, chunk].unsqueeze(-1))
                 tile = log_ratio.mul_(p_t).mul_(g / tau_teacher).view(len(chunk), -1)
-                _add_symmetric_grad(grad_t[b], tile, t, chunk)
+                add_symmetric_grad(grad_t[b], tile, t, chunk)
         grad_s = grad_s.to(student.dtype) if need_student else None
         grad_t = grad_t.to(teacher.dtype) if need_teacher else None
         return grad_s, grad_t, None, None, None, None, None
-
-
-def _add_symmetric_grad(grad: torch.Tensor, tile: torch.Tensor, features: torch.Tensor, chunk: torch.Tensor):
-    """grad += (G + G^T) x for the rows `chunk` of G = dL/d(x x^T), given as `tile` (c, N)."""
-    if len(chunk) == len(features):  # the chunk is the whole video: one product instead of two
-        grad.addmm_(tile + tile.T, features)
-        return
-    grad.index_add_(0, chunk, tile @ features)
-    grad.addmm_(tile.T, features[chunk])
 
 
 def tempered_kl_torch(

@@ -13,6 +13,7 @@ from stss_kernels._core.aot import AotKernel, LaunchModel, Pointer, Problem, cdi
 from stss_kernels._core.chunking import rows_per_chunk
 from stss_kernels._core.tiles import DOT_PRECISION, LOG2E
 from stss_kernels.ops.tempered_kl.triton_backend import aot_v2, backward, forward, similarity_grad
+from stss_kernels.ops.tempered_kl.triton_backend.tiles import NUM_STATS
 
 OP = "tempered_kl"
 # Bytes per row of the fp32 statistics one similarity-grad tile reads (4 of the 5), the row gradient and index.
@@ -55,7 +56,7 @@ def forward_model(problem: Problem, dtype: torch.dtype, masked: bool, blocks: di
     kept = problem.kept(masked)
     query_tiles, key_tiles = cdiv(kept, bm), cdiv(hw, bn)
     row_bytes = (problem.cs + problem.ct) * dtype.itemsize
-    per_frame = (kept * key_tiles + query_tiles * hw) * row_bytes + kept * (5 * 4 + (4 if masked else 0))
+    per_frame = (kept * key_tiles + query_tiles * hw) * row_bytes + kept * (NUM_STATS.value * 4 + (4 if masked else 0))
     return LaunchModel(
         programs=cdiv(n, bm) * frames * batch,
         flops=batch * _gram_flops(kept, n, problem),
@@ -115,14 +116,16 @@ def feature_grad_model(column_pass: bool, for_teacher: bool):
 def similarity_grad_arguments(for_teacher: bool):
     def arguments(problem: Problem, dtype: torch.dtype, masked: bool) -> dict:
         n = problem.tokens
-        # The launcher passes per-video slices (student[b] ...): aligned when every video's offset is.
+        # The launcher passes per-video slices (student[b] ...): aligned when every video's offset is
+        # (row_bytes per token; the statistics hold frames * NUM_STATS fp32 per token).
         video_aligned = lambda row_bytes: problem.batch == 1 or (n * row_bytes) % 16 == 0  # noqa: E731
         row_grad = Pointer(torch.float32, video_aligned(4))
         rows = min(_chunk_rows(n, dtype), problem.kept(masked))
         return dict(
             student_ptr=Pointer(dtype, video_aligned(problem.cs * dtype.itemsize)),
             teacher_ptr=Pointer(dtype, video_aligned(problem.ct * dtype.itemsize)),
-            stats_ptr=Pointer(torch.float32, video_aligned(4)), row_grad_ptr=row_grad,
+            stats_ptr=Pointer(torch.float32, video_aligned(4 * problem.frames * NUM_STATS.value)),
+            row_grad_ptr=row_grad,
             index_ptr=Pointer(torch.int32, video_aligned(4)) if masked else row_grad, out_ptr=Pointer(dtype),
             **_sizes(problem), **_SCALES, chunk_start=0, chunk_rows=rows,
             FOR_TEACHER=for_teacher, HAS_INDEX=masked, UPCAST=False, PRECISION=DOT_PRECISION,
@@ -167,7 +170,8 @@ def _autotuned(kernel) -> tuple[object, list]:
 
 
 def aot_kernels() -> list[AotKernel]:
-    """Every tempered-KL kernel variant: forward, fused backward (4 passes), wide-feature backward (2 sides)."""
+    """Every tempered-KL kernel variant: generation 1 (forward, fused backward in 4 passes, wide-feature backward
+    for 2 sides), then generation 2 (aot_v2.py)."""
     kernels = []
     fn, configs = _autotuned(forward._tempered_kl_forward_kernel)
     kernels.append(AotKernel(OP, "forward", "-", fn, configs, forward_arguments, forward_model))

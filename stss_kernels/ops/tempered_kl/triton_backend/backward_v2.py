@@ -53,8 +53,8 @@ COLUMN_CONFIGS = hopper_only_configs(
 ROW_CONFIGS = hopper_only_configs(
     autotune_configs(
         [
-            (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_TAIL=16), 4, 2),
             (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_TAIL=16), 4, 3),
+            (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_TAIL=16), 4, 2),
             (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_TAIL=16), 4, 4),
             (dict(BLOCK_M=128, BLOCK_N=32, BLOCK_TAIL=16), 8, 3),
             (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_TAIL=32), 4, 2),
@@ -62,7 +62,7 @@ ROW_CONFIGS = hopper_only_configs(
         ],
         dict(BLOCK_M=16, BLOCK_N=16, BLOCK_TAIL=8),
     ),
-    (2, 3, 4, 5),
+    (1, 2, 3, 4, 5),
 )
 SIMILARITY_GRAD_CONFIGS = autotune_configs(
     [
@@ -73,7 +73,7 @@ SIMILARITY_GRAD_CONFIGS = autotune_configs(
     ],
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32),
 )
-hopper_only_configs(SIMILARITY_GRAD_CONFIGS, (1,))  # 128 x 128 spills on sm_80 (mma.sync)
+hopper_only_configs(SIMILARITY_GRAD_CONFIGS, (1, 2))  # 128 x 128 and 64 x 128 spill on sm_80 (mma.sync)
 PRODUCT_CONFIGS = autotune_configs(
     [
         (dict(BLOCK_M=128, BLOCK_D=128, BLOCK_K=64), 8, 3),
