@@ -103,6 +103,13 @@ def _real(folders, output):
         ("--seed", "-1"),
         ("--checkpointing-steps", "0"),
         ("--lr-scheduler", "warmup_cosine"),
+        ("--tau-teacher", "0"),
+        ("--tau-teacher", "inf"),
+        ("--trd-margin", "-0.1"),
+        ("--trd-margin", "nan"),
+        ("--backend", "cuda"),
+        ("--expert", "transformer_3"),
+        ("--timestep-sampling", "gaussian"),
     ],
 )
 @pytest.mark.parametrize("main", [tsa.train.main, tsa.cache.main], ids=["tsa-train", "tsa-cache"])
@@ -163,6 +170,34 @@ def test_bad_paths_are_refused_before_anything_is_built(case, option, folders, c
     if case == "missing video":
         assert "1 of the 2 listed videos are missing" in err and "b.mp4" in err
     assert not output.exists() or case == "output is a file"
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--logit-std", "0", "--logit-std must be a finite number > 0, got 0.0"),
+        ("--logit-mean", "inf", "--logit-mean must be a finite number, got inf"),
+        ("--flow-shift", "-3", "--flow-shift must be a finite number > 0, got -3.0"),
+        ("--tau-teacher", "nan", "--tau-teacher must be a finite number > 0, got nan"),
+        ("--trd-margin", "-1", "--trd-margin must be a finite number >= 0, got -1.0"),
+    ],
+)
+def test_registry_and_flow_options_get_the_range_checks(option, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--preset", "tiny", "--model-family", "wan", option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+
+
+def test_unsupported_pipelines_are_named_from_the_model_families(folders, capsys, nothing_is_built):
+    from tsa.models import FAMILIES, family_class
+
+    (folders["model"] / "model_index.json").write_text(json.dumps({"_class_name": "LTXPipeline"}))
+    err = _refused(tsa.train.main, _real(folders, folders["root"] / "out"), capsys, "--model-path")
+    assert "'LTXPipeline'" in err
+    for name in FAMILIES:
+        assert all(pipeline in err for pipeline in family_class(name).pipeline_class_names), err
 
 
 def test_valid_options_reach_training(folders, monkeypatch):

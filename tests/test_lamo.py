@@ -5,7 +5,6 @@ import torch
 from diffusers import CogVideoXPipeline
 from torch import nn
 
-from tsa.diffusion import cogvideox_scheduler
 from tsa.lamo import (
     LaMoTrainer,
     MotionDriftLoss,
@@ -15,6 +14,7 @@ from tsa.lamo import (
     motion_guidance_loss,
     predictor_loss,
 )
+from tsa.models.cogvideox import cogvideox_scheduler
 from tsa.tiny import TINY_LATENT_CHANNELS, TINY_TEXT_DIM, tiny_cogvideox_components
 
 C, TEXT = TINY_LATENT_CHANNELS, TINY_TEXT_DIM
@@ -72,7 +72,8 @@ def test_drift_loss_denominator_floor_defaults_to_lamo_code():
     x0 = torch.zeros(1, 4, C, 4, 4)
     x0[:, 2:, 0] = 1e-3  # mu* = (1e-3, 0, ...) for the pairs (0, 2) and (1, 3)
     x0_pred = x0 + 1e-3 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    assert MotionDriftLoss().eps == 1e-8 and LaMoTrainer(tiny_predictor(), total_steps=1).drift.eps == 1e-8
+    assert MotionDriftLoss().eps == 1e-8
+    assert LaMoTrainer(tiny_predictor(), total_steps=1, noise_prob=0).drift.eps == 1e-8
     expected = drift_loss_fp64(x0_pred, x0, 2, 1e-8)
     torch.testing.assert_close(MotionDriftLoss()(x0_pred, x0).double(), expected, rtol=1e-4, atol=0)
     floored = MotionDriftLoss(eps=1e-4)(x0_pred, x0).double()  # the earlier default, still an option
@@ -106,7 +107,7 @@ def test_drift_loss_gradient_reaches_only_the_denoiser():
     x0 = clean_source.transpose(1, 2)
     noisy = x0.detach() + torch.randn_like(x0)  # only the target path leads back to clean_source
     x0_pred = denoiser(noisy.transpose(1, 2)).transpose(1, 2)
-    trainer = LaMoTrainer(tiny_predictor(), total_steps=10)
+    trainer = LaMoTrainer(tiny_predictor(), total_steps=10, noise_scheduler=cogvideox_scheduler())
     loss = trainer.drift_loss(x0_pred, x0, torch.tensor([100, 300]))
     loss.backward()
     assert denoiser.weight.grad is not None and denoiser.weight.grad.abs().sum() > 0
@@ -120,7 +121,7 @@ def test_drift_timestep_weight():
     assert drift_timestep_weight(t).item() == pytest.approx(expected, rel=1e-6)
     x0 = torch.randn(2, 4, C, 6, 6)
     x0_pred = x0 + torch.randn_like(x0)
-    trainer = LaMoTrainer(tiny_predictor(), total_steps=10)
+    trainer = LaMoTrainer(tiny_predictor(), total_steps=10, noise_scheduler=cogvideox_scheduler())
     t = torch.tensor([250, 750])
     expected = drift_timestep_weight(t) * MotionDriftLoss(lag=2)(x0_pred, x0)
     torch.testing.assert_close(trainer.drift_loss(x0_pred, x0, t), expected)
@@ -213,7 +214,8 @@ def test_predictor_save_pretrained_round_trip(tmp_path):
 def test_predictor_loss_of_zero_prediction_and_detached_inputs():
     predictor = tiny_predictor()
     latents = torch.randn(2, 4, C, 6, 6, requires_grad=True)
-    loss = predictor_loss(predictor, latents, alpha=0.3, noise_prob=1.0)
+    loss = predictor_loss(predictor, latents, alpha=0.3, noise_prob=1.0,
+                          alphas_cumprod=cogvideox_scheduler().alphas_cumprod)
     dz = latents[:, 1:] - latents[:, :-1]
     # a fresh predictor outputs 0 even on noised input: MSE = mean dz^2, cos = 0
     torch.testing.assert_close(loss, dz.detach().square().mean() + 0.3)
@@ -222,12 +224,16 @@ def test_predictor_loss_of_zero_prediction_and_detached_inputs():
     assert predictor.head.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="lag"):
         predictor_loss(predictor, torch.randn(2, 1, C, 6, 6))
+    with pytest.raises(ValueError, match="needs the model's noise schedule"):
+        predictor_loss(predictor, latents)  # noise augmentation without a schedule
+    with pytest.raises(ValueError, match="needs the model's noise_scheduler"):
+        LaMoTrainer(predictor, total_steps=3)
 
 
 def test_predictor_learns_a_constant_translation():
     gen = torch.Generator().manual_seed(0)
     predictor = tiny_predictor()
-    trainer = LaMoTrainer(predictor, lr=1e-2, total_steps=40)
+    trainer = LaMoTrainer(predictor, lr=1e-2, total_steps=40, noise_scheduler=cogvideox_scheduler())
     held_out, held_out_prompts = translating_clips(16, gen=gen), torch.randn(16, 5, TEXT, generator=gen)
 
     def held_out_loss():
@@ -287,7 +293,7 @@ def test_trainer_step_updates_only_the_predictor():
     denoiser = nn.Linear(TEXT, TEXT)
     prompts = denoiser(torch.randn(2, 5, TEXT))
     latents = torch.randn(2, 3, C, 6, 6, requires_grad=True)
-    trainer = LaMoTrainer(tiny_predictor(), total_steps=3)
+    trainer = LaMoTrainer(tiny_predictor(), total_steps=3, noise_scheduler=cogvideox_scheduler())
     before = trainer.predictor.head.weight.clone()
     loss = trainer.step(latents, prompts)
     assert isinstance(loss, float) and loss > 0

@@ -3,13 +3,15 @@
 import pytest
 import torch
 
-from tsa.diffusion import cogvideox_scheduler, denoise_and_loss, diffusion_loss, rotary_embeddings, sample_timesteps
+from tsa.diffusion import denoise_and_loss
+from tsa.models.cogvideox import cogvideox_scheduler, diffusion_loss, rotary_embeddings, sample_timesteps
 from tsa.objective import AlignmentObjective
 from tsa.projector import AlignmentProjector
 from tsa.teachers import load_teacher
 from tsa.tiny import TINY_TEXT_DIM, TINY_TEXT_LENGTH, tiny_dinov2, tiny_transformer, tiny_videomae, tiny_vjepa2
 
 diffusers = pytest.importorskip("diffusers")
+SCHEDULER = cogvideox_scheduler()
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def test_rotary_embeddings_for_any_grid():
 @pytest.mark.parametrize("align", ["none", "tsa", "mtsa", "trd", "repa"])
 def test_objective_outputs_and_gradients(assets, align):
     teacher = load_teacher("videomae", assets["videomae"])
-    objective = AlignmentObjective(_transformer(assets), teacher=teacher, align=align, block_index=1,
+    objective = AlignmentObjective(_transformer(assets), SCHEDULER, teacher=teacher, align=align, block_index=1,
                                    projector_hidden_dim=32)
     latents, prompt, pixels = _batch()
     out = objective(latents, prompt, pixels)
@@ -111,8 +113,8 @@ def test_objective_outputs_and_gradients(assets, align):
 @pytest.mark.parametrize("kind", ["dinov2", "vjepa2"])
 @pytest.mark.parametrize("grid", ["teacher-grid", "native"])
 def test_objective_teachers_and_grids(assets, kind, grid):
-    objective = AlignmentObjective(_transformer(assets), teacher=load_teacher(kind, assets[kind]), align="mtsa",
-                                   block_index=2, grid=grid, projector_hidden_dim=16, top_k=0.25)
+    objective = AlignmentObjective(_transformer(assets), SCHEDULER, teacher=load_teacher(kind, assets[kind]),
+                                   align="mtsa", block_index=2, grid=grid, projector_hidden_dim=16, top_k=0.25)
     latents, prompt, pixels = _batch(batch=1)
     out = objective(latents, prompt, pixels)
     assert torch.isfinite(out["loss"]) and out["align"] > 0
@@ -128,8 +130,8 @@ def test_training_steps_lower_the_loss_with_lora_and_checkpointing(assets):
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     transformer.enable_gradient_checkpointing()
-    objective = AlignmentObjective(transformer, teacher=load_teacher("videomae", assets["videomae"]), align="mtsa",
-                                   block_index=2, projector_hidden_dim=32).train()
+    objective = AlignmentObjective(transformer, SCHEDULER, teacher=load_teacher("videomae", assets["videomae"]),
+                                   align="mtsa", block_index=2, projector_hidden_dim=32).train()
     latents, prompt, pixels = _batch()
     fixed = dict(timesteps=torch.tensor([300, 600]), noise=torch.randn(latents.shape,
                                                                         generator=torch.Generator().manual_seed(1)))
@@ -150,13 +152,14 @@ def test_training_steps_lower_the_loss_with_lora_and_checkpointing(assets):
 
 
 def test_projector_save_and_teacher_device_follow(assets, tmp_path):
-    objective = AlignmentObjective(_transformer(assets), teacher=load_teacher("videomae", assets["videomae"]),
-                                   align="tsa", block_index=2, projector_hidden_dim=8)
+    teacher = load_teacher("videomae", assets["videomae"])
+    objective = AlignmentObjective(_transformer(assets), SCHEDULER, teacher=teacher, align="tsa", block_index=2,
+                                   projector_hidden_dim=8)
     objective.save_projector(tmp_path / "projector")
     loaded = AlignmentProjector.from_pretrained(tmp_path / "projector")
     assert loaded.config.in_dim == 32 and loaded.config.out_dim == 24 and loaded.config.hidden_dim == 8
     with pytest.raises(ValueError, match="no projector to save"):
-        AlignmentObjective(_transformer(assets), align="none").save_projector(tmp_path / "none")
+        AlignmentObjective(_transformer(assets), SCHEDULER, align="none").save_projector(tmp_path / "none")
 
 
 def test_objective_bad_inputs(assets):
@@ -164,19 +167,20 @@ def test_objective_bad_inputs(assets):
     teacher = load_teacher("videomae", assets["videomae"])
     latents, prompt, pixels = _batch(batch=1)
     with pytest.raises(ValueError, match="align must be one of"):
-        AlignmentObjective(transformer, teacher=teacher, align="vjepa")
+        AlignmentObjective(transformer, SCHEDULER, teacher=teacher, align="vjepa")
     with pytest.raises(ValueError, match="needs a frozen teacher"):
-        AlignmentObjective(transformer, align="mtsa", block_index=1)
+        AlignmentObjective(transformer, SCHEDULER, align="mtsa", block_index=1)
     with pytest.raises(ValueError, match=r"block_index must be an int in \[1, 2\]"):
-        AlignmentObjective(transformer, teacher=teacher, align="tsa")  # default block 18 on a 2-block model
+        AlignmentObjective(transformer, SCHEDULER, teacher=teacher, align="tsa")  # default block 18 on a 2-block model
     with pytest.raises(ValueError, match="weight must be a non-negative number"):
-        AlignmentObjective(transformer, teacher=teacher, align="tsa", block_index=1, weight=-1)
+        AlignmentObjective(transformer, SCHEDULER, teacher=teacher, align="tsa", block_index=1, weight=-1)
     with pytest.raises(ValueError, match="projector.in_dim=8 must equal the transformer width 32"):
-        AlignmentObjective(transformer, teacher=teacher, block_index=1, projector=AlignmentProjector(8, 24, 8))
+        AlignmentObjective(transformer, SCHEDULER, teacher=teacher, block_index=1,
+                           projector=AlignmentProjector(8, 24, 8))
     with pytest.raises(ValueError, match="projector.out_dim=12 must equal the teacher's hidden size 24"):
-        AlignmentObjective(transformer, teacher=teacher, align="repa", block_index=1,
+        AlignmentObjective(transformer, SCHEDULER, teacher=teacher, align="repa", block_index=1,
                            projector=AlignmentProjector(32, 12, 8))
-    objective = AlignmentObjective(transformer, teacher=teacher, block_index=1, projector_hidden_dim=8)
+    objective = AlignmentObjective(transformer, SCHEDULER, teacher=teacher, block_index=1, projector_hidden_dim=8)
     with pytest.raises(ValueError, match="needs the pixel video"):
         objective(latents, prompt)
     with pytest.raises(ValueError, match=r"latents must be \(B, F, C, h, w\)"):

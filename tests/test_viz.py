@@ -141,11 +141,13 @@ def tiny_models(tmp_path_factory):
 
 
 def _objective(tiny_models, align, projector=None, grid="teacher-grid"):
+    from tsa.models.cogvideox import cogvideox_scheduler
     from tsa.objective import AlignmentObjective
 
     transformer, teacher = tiny_models
     return AlignmentObjective(
         transformer,
+        cogvideox_scheduler(),
         teacher=teacher,
         align=align,
         block_index=2,
@@ -439,3 +441,30 @@ def test_lora_run_shows_the_base_model_with_its_adapters_disabled(tiny_run, tmp_
     torch.testing.assert_close(
         clip_alignment(run.objective, batch["latents"], prompt, pixels).student, base.student, rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.slow
+def test_a_wan_run_gets_its_pictures_through_the_wan_family(tmp_path, capsys):
+    """--viz-steps and tsa-viz on a tiny Wan run (LoRA): the objective, the clip encoding and the base row
+    come through the Wan family."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from tsa.config import parse_args
+    from tsa.train import train
+    from tsa.viz import load_run, main
+
+    output = tmp_path / "wan"
+    argv = ["--preset", "tiny", "--model-family", "wan", "--finetune", "lora", "--lora-rank", "4"]
+    argv += ["--output-dir", str(output), "--max-steps", "1", "--num-videos", "2", "--viz-steps", "1", "--no-progress"]
+    try:
+        train(parse_args(argv))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert (output / "viz" / "step-000001.png").stat().st_size > 20_000
+    run = load_run(output)
+    assert run.family.name == "wan" and run.lora and run.base is run.objective
+    assert type(run.objective.family).__name__ == "WanFamily" and run.encoder.max_sequence_length == 512
+    picture = main([str(output), "--video", str(output / "tiny" / "data" / "videos" / "clip_001.mp4")])
+    assert picture == output / "viz" / "clip_001.png" and picture.stat().st_size > 20_000
+    assert " | base " in capsys.readouterr().out

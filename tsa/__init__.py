@@ -1,4 +1,4 @@
-"""TSA / M-TSA / TRD / REPA / LaMo alignment layer over diffusers CogVideoX.
+"""TSA / M-TSA / TRD / REPA / LaMo alignment layer over diffusers video DiTs (CogVideoX, Wan2.1 / Wan2.2).
 
 `import tsa` loads torch and stss_kernels only; the names backed by diffusers / transformers
 (projector, teachers, diffusion objective) are imported on first access.
@@ -14,10 +14,13 @@ _LAZY = {
     "Teacher": "tsa.teachers",
     "load_teacher": "tsa.teachers",
     "convert_videomae_v2_checkpoint": "tsa.teachers",
-    "cogvideox_scheduler": "tsa.diffusion",
+    "cogvideox_scheduler": "tsa.models.cogvideox",
     "denoise_and_loss": "tsa.diffusion",
-    "diffusion_loss": "tsa.diffusion",
-    "rotary_embeddings": "tsa.diffusion",
+    "diffusion_loss": "tsa.models.cogvideox",
+    "rotary_embeddings": "tsa.models.cogvideox",
+    "detect_family": "tsa.models",
+    "family_of": "tsa.models",
+    "get_family": "tsa.models",
 }
 
 __all__ = [

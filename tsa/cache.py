@@ -1,4 +1,4 @@
-"""The latent cache: VAE latent distributions and T5 prompt embeddings written once as safetensors.
+"""The latent cache: VAE latent distributions and text-encoder prompt embeddings written once as safetensors.
 
 An entry's file name carries the video (name plus a digest of its path, size and modification time), the
 resolution and frame count, a fingerprint of the VAE / text encoder / tokenizer files, the encode dtype and
@@ -7,7 +7,6 @@ VAE tiling, and a hash of the prompt, so changing any of them makes a new entry 
 """
 
 import hashlib
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -68,28 +67,25 @@ class CacheLayout:
 
 def cache_layout(args, dtype):
     """The CacheLayout of parsed tsa-train / tsa-cache options, encoding in `dtype`."""
-    config = json.loads((Path(args.model_path) / "transformer" / "config.json").read_text())
+    from tsa.models import detect_family
+
     return CacheLayout(Path(args.cache_dir), args.height, args.width, args.num_frames,
-                       model_fingerprint(args.model_path), int(config.get("max_text_seq_length", 226)),
-                       str(dtype).removeprefix("torch."), args.vae_tiling)
+                       model_fingerprint(args.model_path), detect_family(args.model_path).max_sequence_length(
+                           args.model_path), str(dtype).removeprefix("torch."), args.vae_tiling)
 
 
 class LatentEncoder:
-    """The frozen VAE and T5 of a CogVideoX pipeline folder, turning a clip and caption into a cache entry."""
+    """The frozen VAE and text encoder of a pipeline folder (any supported family), turning a clip and caption
+    into a cache entry. `max_sequence_length` None takes the family's (CogVideoX 226, Wan 512)."""
 
-    def __init__(self, model_path, device="cpu", dtype=torch.float32, max_sequence_length=226, tiling=False):
-        from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline
-        from transformers import AutoTokenizer, T5EncoderModel
+    def __init__(self, model_path, device="cpu", dtype=torch.float32, max_sequence_length=None, tiling=False,
+                 family=None):
+        from tsa.models import detect_family
 
-        load = dict(torch_dtype=dtype)
-        vae = AutoencoderKLCogVideoX.from_pretrained(model_path, subfolder="vae", **load).to(device).eval()
-        if tiling:
-            vae.enable_tiling()
-        self.pipe = CogVideoXPipeline(
-            tokenizer=AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer"),
-            text_encoder=T5EncoderModel.from_pretrained(model_path, subfolder="text_encoder", **load).to(device),
-            vae=vae, transformer=None, scheduler=None,
-        )
+        family = detect_family(model_path) if family is None else family
+        self.pipe = family.load_encoders(model_path, device, dtype, tiling)
+        if max_sequence_length is None:
+            max_sequence_length = family.max_sequence_length(model_path)
         self.device, self.dtype, self.max_sequence_length = torch.device(device), dtype, max_sequence_length
 
     @torch.no_grad()
@@ -196,7 +192,10 @@ def build_cache(args, accelerator):
     )
     accelerator.free_memory()  # the VAE and T5 are not needed any more
     accelerator.wait_for_everyone()
-    dataset = CachedLatentDataset(videos, layout, with_pixels=args.align not in ("none", "lamo"))
+    from tsa.alignment import ALIGNMENT_METHODS
+
+    method = ALIGNMENT_METHODS.get(args.align)
+    dataset = CachedLatentDataset(videos, layout, with_pixels=method is not None and method.needs_pixels)
     if accelerator.is_main_process:
         skipped = len(videos) - len(dataset)
         print(f"latent cache {layout.directory}: {len(dataset)} of {len(videos)} videos cached "

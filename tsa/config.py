@@ -6,34 +6,36 @@ keys are the option names with dashes or underscores.
 """
 
 import argparse
+import math
 from pathlib import Path
 
-from tsa.choices import GRID_MODES, TEACHER_KINDS, TRAINING_METHODS, TRD_VARIANTS
-from tsa.validation import TRAINING_RANGES, OneLineArgumentParser, UsageError, check_ranges
+from tsa import alignment
+from tsa.choices import EXPERTS, GRID_MODES, MODEL_FAMILIES, TEACHER_KINDS, TIMESTEP_SAMPLING
+from tsa.validation import TRAINING_RANGES, OneLineArgumentParser, UsageError, check_ranges, pipeline_family
 
 LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
 
+
+def _family_presets():
+    from tsa.models import FAMILIES, family_class
+
+    presets = {}
+    for name in FAMILIES:
+        for preset, values in family_class(name).presets.items():
+            presets[preset] = {"model_family": name, **values}
+    return presets
+
+
 PRESETS = {
-    # Tiny random models and a synthetic mp4 dataset built in the output dir; CPU, about two minutes.
+    # Tiny random models and a synthetic mp4 dataset built in the output dir; CPU, about two minutes. With
+    # --model-family wan the tiny models are Wan's (OUTPUT_DIR/tiny/wan), else CogVideoX's.
     "tiny": dict(
         height=96, width=144, num_frames=9, align="mtsa", align_layer=2, projector_hidden_dim=64,
         finetune="full", learning_rate=1e-3, lr_warmup_steps=5, train_batch_size=2, max_steps=100,
         checkpointing_steps=50, num_videos=8, predictor_channels=16, predictor_blocks=2,
     ),
-    # TSA / M-TSA on CogVideoX-2B, full fine-tune (8 GPUs x 4 = global batch 32).
-    "cogvideox-2b-mtsa": dict(
-        height=480, width=720, num_frames=49, align="mtsa", align_layer=18, align_weight=0.5, tau=0.1,
-        top_k=0.2, finetune="full", learning_rate=2e-6, lr_warmup_steps=100, train_batch_size=4,
-        max_steps=4000, checkpointing_steps=500, mixed_precision="bf16", gradient_checkpointing=True,
-        vae_tiling=True,
-    ),
-    # VideoREPA / LaMo: CogVideoX-5B with LoRA r128 / alpha 64 on the attention projections.
-    "cogvideox-5b-lora": dict(
-        height=480, width=720, num_frames=49, align="mtsa", align_layer=18, align_weight=0.5, tau=0.1,
-        top_k=0.2, finetune="lora", lora_rank=128, lora_alpha=64, learning_rate=1e-4,
-        lr_warmup_steps=100, train_batch_size=1, max_steps=2000, checkpointing_steps=250,
-        mixed_precision="bf16", gradient_checkpointing=True, vae_tiling=True,
-    ),
+    # Each model family's presets (tsa.models): cogvideox-2b-mtsa, cogvideox-5b-lora, wan2.1-1.3b-mtsa, ...
+    **_family_presets(),
 }
 
 
@@ -48,7 +50,8 @@ def build_parser(prog="tsa-train"):
     """The options shared by tsa-train and tsa-cache (tsa-cache ignores the training ones)."""
     parser = OneLineArgumentParser(
         prog=prog,
-        description="Fine-tune CogVideoX with a TSA / M-TSA / TRD / REPA / LaMo alignment loss.",
+        description="Fine-tune a video DiT (CogVideoX, Wan2.1 / Wan2.2) with a TSA / M-TSA / TRD / REPA / LaMo "
+                    "alignment loss.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -58,13 +61,19 @@ def build_parser(prog="tsa-train"):
 
     model = parser.add_argument_group("model")
     model.add_argument("--model-path", type=Path, default=None,
-                       help="Local diffusers CogVideoX pipeline folder (built in the output dir for tiny).")
+                       help="Local diffusers pipeline folder (built in the output dir for tiny).")
+    model.add_argument("--model-family", choices=MODEL_FAMILIES, default=None,
+                       help="Default: from the model folder's model_index.json (tiny: cogvideox).")
+    model.add_argument("--expert", choices=EXPERTS, default="transformer",
+                       help="Two-expert pipelines (Wan2.2 A14B): the denoiser this run trains, on its own timestep "
+                            "range (transformer: high noise, t >= boundary_ratio * 1000; transformer_2: low noise).")
     model.add_argument("--output-dir", type=Path, default=Path("tsa-output"))
     model.add_argument("--finetune", choices=("full", "lora"), default="full")
     model.add_argument("--lora-rank", type=_positive_int, default=128)
     model.add_argument("--lora-alpha", type=float, default=64.0)
-    model.add_argument("--lora-target-modules", default=LORA_TARGET_MODULES,
-                       help="Comma-separated module names that get LoRA adapters.")
+    model.add_argument("--lora-target-modules", default=None,
+                       help="Comma-separated module names that get LoRA adapters (default: the family's, "
+                            f"{LORA_TARGET_MODULES} for CogVideoX and Wan).")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, default=None,
@@ -85,16 +94,21 @@ def build_parser(prog="tsa-train"):
                       help="Size of the synthetic dataset the tiny preset writes.")
 
     align = parser.add_argument_group("alignment")
-    align.add_argument("--align", choices=TRAINING_METHODS, default="mtsa")
-    align.add_argument("--align-layer", type=_positive_int, default=18, help="Transformer block, 1-based.")
+    methods = alignment.ALIGNMENT_METHODS.values()
+    align.add_argument("--align", choices=alignment.training_methods(), default="mtsa",
+                       help="; ".join(f"{method.name}: {method.description.rstrip('.')}" for method in methods)
+                       + "; lamo: no alignment loss, LaMo's motion drift loss; none: diffusion loss only.")
+    align.add_argument("--align-layer", type=_positive_int, default=None,
+                       help="Transformer block, 1-based (default: CogVideoX 18, Wan the block at 60%% depth).")
     align.add_argument("--align-weight", type=float, default=0.5)
-    align.add_argument("--tau", type=float, default=0.1, help="Temperature of both similarity softmaxes.")
-    align.add_argument("--top-k", type=float, default=0.2, help="M-TSA: fraction of moving tokens per frame.")
     align.add_argument("--grid", choices=GRID_MODES, default="teacher-grid",
                        help="teacher-grid: project the DiT tokens down to the teacher's grid (VideoREPA / TSA); "
                             "native: keep the DiT grid and upsample the teacher's features.")
     align.add_argument("--projector-hidden-dim", type=_positive_int, default=2048)
-    align.add_argument("--trd-variant", choices=TRD_VARIANTS, default="full")
+    for option in alignment.alignment_options().values():  # every option of every registered method
+        users = ", ".join(method.name for method in methods if option.name in method.option_names)
+        align.add_argument(option.flag, type=option.type, default=option.default, choices=option.choices,
+                           help=f"[{users}] {option.help}")
     align.add_argument("--teacher", choices=TEACHER_KINDS, default="videomae")
     align.add_argument("--teacher-path", type=Path, default=None)
     align.add_argument("--teacher-precision", choices=("fp32", "fp16", "bf16"), default="fp32",
@@ -127,6 +141,13 @@ def build_parser(prog="tsa-train"):
                        help="Default: the accelerate config's (no without one).")
     optim.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--timestep-sampling", choices=TIMESTEP_SAMPLING, default=None,
+                       help="Flow-matching families (Wan): training timestep density (default logit-normal, shifted "
+                            "by the scheduler's shift).")
+    optim.add_argument("--logit-mean", type=float, default=None, help="Logit-normal mean (flow families; 0).")
+    optim.add_argument("--logit-std", type=float, default=None, help="Logit-normal std (flow families; 1).")
+    optim.add_argument("--flow-shift", type=float, default=None,
+                       help="Flow families: timestep shift (default: the model scheduler's).")
 
     ckpt = parser.add_argument_group("checkpoints and logging")
     ckpt.add_argument("--checkpointing-steps", type=_positive_int, default=500)
@@ -182,14 +203,15 @@ def parse_args(argv=None, prog="tsa-train"):
 
 
 def _finalise(args, parser):
-    if (args.num_frames - 1) % 4:
-        parser.error(f"--num-frames must be 4k+1 (the VAE compresses time by 4), got {args.num_frames}")
+    _resolve_family(args, parser)
+    from tsa.models import get_family
+
+    family = get_family(args.model_family or "cogvideox")
+    message = family.check_frames(args.num_frames)
+    if message:
+        parser.error(message)
     if args.height % 16 or args.width % 16:
         parser.error(f"--height and --width must be multiples of 16, got {args.height}x{args.width}")
-    if not 0 < args.top_k <= 1:
-        parser.error(f"--top-k must be in (0, 1], got {args.top_k}")
-    if args.tau <= 0:
-        parser.error(f"--tau must be positive, got {args.tau}")
     if args.motion_drift_weight is None:
         args.motion_drift_weight = 0.4 if args.align == "lamo" else 0.0
     if args.motion_drift_weight < 0:
@@ -199,8 +221,9 @@ def _finalise(args, parser):
                      f"latent frame 0 and the drift loss compares frames 2 apart), got {args.num_frames}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints-total-limit must be >= 1 (or left out), got {args.checkpoints_total_limit}")
-    if args.viz_steps and args.align not in ("tsa", "mtsa", "trd", "repa"):
-        parser.error(f"--viz-steps needs a teacher alignment (--align tsa, mtsa, trd or repa), not {args.align}")
+    if args.viz_steps and args.align not in alignment.ALIGNMENT_METHODS:
+        parser.error(f"--viz-steps needs a teacher alignment (--align {', '.join(alignment.ALIGNMENT_METHODS)}), "
+                     f"not {args.align}")
     for option in ("lr_warmup_steps", "dataloader_num_workers", "viz_steps"):
         if getattr(args, option) < 0:
             parser.error(f"--{option.replace('_', '-')} must be >= 0, got {getattr(args, option)}")
@@ -209,9 +232,11 @@ def _finalise(args, parser):
             if getattr(args, option) is None:
                 parser.error(f"--{option.replace('_', '-')} is required with --preset {args.preset}"
                              if args.preset else f"--{option.replace('_', '-')} is required without --preset tiny")
-        if args.align in ("tsa", "mtsa", "trd", "repa") and args.teacher_path is None:
+        if args.align in alignment.ALIGNMENT_METHODS and args.teacher_path is None:
             parser.error(f"--teacher-path is required with --align {args.align}")
     modules = args.lora_target_modules
+    if modules is None:
+        modules = list(family.default_lora_target_modules)
     if isinstance(modules, str):
         modules = modules.split(",")
     args.lora_target_modules = [name.strip() for name in modules if name.strip()]
@@ -221,4 +246,53 @@ def _finalise(args, parser):
         check_ranges(args, TRAINING_RANGES)
     except UsageError as error:
         parser.error(str(error))
+    for option in alignment.alignment_options().values():  # also the options of methods registered at run time
+        value = getattr(args, option.name)
+        if option.type is float and value is not None and not math.isfinite(value):
+            parser.error(f"{option.flag} must be a finite number, got {value}")
+        message = option.check(value) if option.check is not None and value is not None else None
+        if message:
+            parser.error(message)
+    if args.align_layer is None and args.model_family != "wan":
+        args.align_layer = family.default_align_layer(0)  # CogVideoX: 18; Wan: 60% depth, at load time
+    if args.model_family not in (None, "wan") and any(
+            getattr(args, name) is not None for name in ("timestep_sampling", "logit_mean", "logit_std", "flow_shift")):
+        parser.error(f"--timestep-sampling, --logit-mean, --logit-std and --flow-shift apply to flow-matching "
+                     f"families (wan), not {args.model_family}")
+    if args.model_family is not None:
+        from tsa.models import family_class, model_index
+
+        options = dict(timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean,
+                       logit_std=args.logit_std, shift=args.flow_shift)
+        cls = family_class(args.model_family)
+        try:  # the expert and the objective options, checked against the model folder when there is one
+            if args.model_path is not None and model_index(args.model_path):
+                multiple = cls.from_model_path(args.model_path, args.expert, **options).spatial_multiple
+                if args.height % multiple or args.width % multiple:
+                    raise ValueError(f"--height and --width must be multiples of {multiple} for {args.model_path} "
+                                     f"(VAE x patch size), got {args.height}x{args.width}")
+            elif args.expert not in cls.experts:
+                raise ValueError(f"{cls.name} pipelines have the denoisers {cls.experts}, got expert={args.expert!r}")
+            elif args.expert != "transformer" and args.model_path is None:
+                raise ValueError(f"--expert {args.expert} needs a two-expert model folder (--model-path); the tiny "
+                                 "models have one denoiser")
+            else:
+                cls._with_options(**options)
+        except ValueError as error:
+            parser.error(str(error))
     return args
+
+
+def _resolve_family(args, parser):
+    """--model-family from the model folder's model_index.json when not given (tiny: cogvideox); a folder of
+    another family, or an unsupported pipeline, is an error."""
+    if args.model_path is not None and (Path(args.model_path) / "model_index.json").is_file():
+        try:  # the one list of supported pipelines is tsa.models'
+            detected = pipeline_family(args.model_path)
+        except UsageError as error:
+            parser.error(str(error))
+        if args.model_family not in (None, detected):
+            parser.error(f"--model-family {args.model_family} does not match {args.model_path}, a {detected} pipeline")
+        args.model_family = detected
+    elif args.model_family is None and args.preset == "tiny" and args.model_path is None:
+        args.model_family = "cogvideox"

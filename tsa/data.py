@@ -221,9 +221,11 @@ def prepare_tiny_assets(args):
 
     assets = args.output_dir / "tiny"
     if args.model_path is None:
-        args.model_path = assets / "cogvideox"
+        family = getattr(args, "model_family", None) or "cogvideox"
+        args.model_family = family
+        args.model_path = assets / family
         if not (args.model_path / "model_index.json").is_file():
-            tiny.save_tiny_pipeline(args.model_path)
+            tiny.save_tiny_pipeline(args.model_path, family=family)
     if args.teacher_path is None:
         args.teacher_path = assets / args.teacher
         if not (args.teacher_path / "config.json").is_file():

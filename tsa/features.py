@@ -1,4 +1,4 @@
-"""Student features: the video tokens of one CogVideoX transformer block, taken with forward hooks."""
+"""Student features: the video tokens of one transformer block of any supported family, taken with forward hooks."""
 
 from __future__ import annotations
 
@@ -7,55 +7,51 @@ import torch.nn.functional as F
 
 
 def unwrap_transformer(model: torch.nn.Module) -> torch.nn.Module:
-    """The CogVideoX transformer inside DDP / peft / torch.compile wrappers (the module with transformer_blocks)."""
-    seen = model
-    while not hasattr(model, "transformer_blocks"):
-        if hasattr(model, "get_base_model"):  # peft.PeftModel
-            model = model.get_base_model()
-        elif hasattr(model, "module"):  # DistributedDataParallel, accelerate wrappers
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        else:
-            raise TypeError(
-                "transformer must be a diffusers CogVideoXTransformer3DModel (a module with `transformer_blocks`), "
-                f"got {type(seen).__name__}"
-            )
-    return model
+    """The diffusers video transformer inside DDP / peft / torch.compile wrappers."""
+    from tsa.models import unwrap_transformer as unwrap
+
+    return unwrap(model)
 
 
 def token_grid(config, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """(F, H, W) token grid of a CogVideoX transformer for latents of shape (B, F, C, h, w)."""
-    _, frames, _, height, width = latent_shape
-    patch, patch_t = config.patch_size, getattr(config, "patch_size_t", None)
-    if patch_t is not None:
-        frames = -(-frames // patch_t)
-    return frames, height // patch, width // patch
+    """(F, H, W) token grid of a transformer (its config) for latents of shape (B, F, C, h, w): the family's
+    (from the config's `_class_name`); a config without one is read as CogVideoX's (int patch_size,
+    optional patch_size_t)."""
+    from tsa.models import family_of, get_family
+
+    known = isinstance(config, dict) or hasattr(config, "get")
+    family = family_of(config) if known and "_class_name" in config else get_family("cogvideox")
+    return family.token_grid(config, latent_shape)
 
 
 class BlockFeatureCapture:
-    """Captures the video-token output of block `block_index` (1-based) of a CogVideoX transformer.
+    """Captures the video-token output of block `block_index` (1-based) of a video transformer.
 
     Use as a context manager around the transformer call; afterwards `.features` is (B, F, H, W, C) on
-    the transformer's token grid and still attached to the autograd graph. Works with diffusers'
-    gradient checkpointing (the default, non-reentrant one) and with peft LoRA adapters: only forward
-    hooks are used, the model's forward is untouched.
+    the transformer's token grid and still attached to the autograd graph. The model family (tsa.models, found
+    from the transformer's class unless given) says which modules are the blocks and how their outputs map to
+    the grid. Works with diffusers' gradient checkpointing (the default, non-reentrant one) and with peft LoRA
+    adapters: only forward hooks are used, the model's forward is untouched.
 
         with BlockFeatureCapture(transformer, 18) as capture:
             out = transformer(hidden_states=latents, encoder_hidden_states=prompt_embeds, timestep=t)
         feats = capture.features
     """
 
-    def __init__(self, transformer: torch.nn.Module, block_index: int = 18):
-        self.model = unwrap_transformer(transformer)
-        num_blocks = len(self.model.transformer_blocks)
+    def __init__(self, transformer: torch.nn.Module, block_index: int = 18, family=None):
+        from tsa.models import family_of
+
+        self.family = family_of(transformer) if family is None else family
+        self.model = self.family.unwrap(transformer)
+        blocks = self.family.blocks(self.model)
+        num_blocks = len(blocks)
         if isinstance(block_index, bool) or not isinstance(block_index, int) or not 1 <= block_index <= num_blocks:
             raise ValueError(
                 f"block_index must be an int in [1, {num_blocks}] (the transformer has {num_blocks} blocks; "
                 f"the index is 1-based), got {block_index!r}"
             )
         self.block_index = block_index
-        self._block = self.model.transformer_blocks[block_index - 1]
+        self._block = blocks[block_index - 1]
         self._handles: list = []
         self._grid: tuple[int, int, int] | None = None
         self._grad_enabled = False
@@ -85,7 +81,7 @@ class BlockFeatureCapture:
 
     def _on_transformer_call(self, module, args, kwargs) -> None:
         latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self._grid = token_grid(module.config, tuple(latents.shape))
+        self._grid = self.family.transformer_input_grid(module.config, tuple(latents.shape))
         self._grad_enabled = torch.is_grad_enabled()
 
     def _on_block_output(self, module, args, output) -> None:
@@ -97,14 +93,10 @@ class BlockFeatureCapture:
                 "block output computed without autograd: reentrant gradient checkpointing is not supported; use "
                 "diffusers' default `transformer.enable_gradient_checkpointing()` (non-reentrant)"
             )
-        hidden_states = output[0] if isinstance(output, tuple) else output
-        batch, num_tokens, channels = hidden_states.shape
-        frames, height, width = self._grid
-        if num_tokens != frames * height * width:
-            raise RuntimeError(
-                f"block {self.block_index} returned {num_tokens} video tokens, expected {frames}x{height}x{width}"
-            )
-        self._features = hidden_states.view(batch, frames, height, width, channels)
+        try:
+            self._features = self.family.video_tokens(output, self._grid)
+        except RuntimeError as error:
+            raise RuntimeError(f"block {self.block_index}: {error}") from None
         self._grid = None
 
 

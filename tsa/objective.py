@@ -1,14 +1,13 @@
-"""The training objective: CogVideoX diffusion loss + weight * alignment loss (TSA, M-TSA, TRD or REPA)."""
+"""The training objective: the model family's diffusion loss + weight * alignment loss (TSA, M-TSA, TRD or REPA)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from tsa.choices import ALIGNMENT_LOSSES
-from tsa.diffusion import cogvideox_scheduler, denoise_and_loss
-from tsa.features import BlockFeatureCapture, resample_features, unwrap_transformer
-from tsa.losses import REPALoss, TRDLoss, TSALoss
+from tsa import alignment
+from tsa.features import BlockFeatureCapture, resample_features
+from tsa.models import family_of
 from tsa.projector import AlignmentProjector
 from tsa.teachers.base import Teacher, resize_video
 
@@ -16,7 +15,8 @@ from tsa.teachers.base import Teacher, resize_video
 class AlignmentObjective(nn.Module):
     """Holds the transformer and the projector (trainable) and a frozen teacher; returns every loss term.
 
-    forward(latents (B, F, C, h, w) scaled clean latents, prompt_embeds (B, L, D), pixels (B, T, 3, H, W)
+    forward(latents (B, F, C, h, w) clean latents, normalised as the family's pipeline does (CogVideoX: times
+    the VAE scaling factor; Wan: (z - latents_mean) / latents_std), prompt_embeds (B, L, D), pixels (B, T, 3, H, W)
     in [-1, 1] or None (only for align="none"), timesteps=None, noise=None, generator=None) -> dict:
     "loss" = "diffusion" + weight * "align" ("align" is a zero tensor for align="none"), "x0_pred"
     (B, F, C, h, w), "x0" (the clean latents), "timesteps" (B,).
@@ -26,6 +26,13 @@ class AlignmentObjective(nn.Module):
     input to produce it, then its features are resampled to the projector's output grid (a no-op in
     "teacher-grid" mode, an upsampling in "native" mode). M-TSA's motion mask is computed on the pixel
     video (frame 0 dropped) resized to that grid times the teacher's patch size.
+
+    The model family (tsa.models; found from the transformer's class unless `family` is given) owns the diffusion
+    objective (CogVideoX: v-prediction, Wan: rectified flow), the blocks and the token grid. `scheduler` is the
+    model's own training schedule and is required (e.g. `family.load_scheduler(model_path)`). `block_index`
+    None takes the family's default (CogVideoX: 18, Wan: the block at 60% depth). The alignment method's options
+    (tau ... backend, or those of a method added with tsa.alignment.register_alignment, as keywords) go to its
+    loss.
 
     The teacher is kept outside the module tree: `parameters()`, `state_dict()`, DDP and optimizers
     only see the transformer and the projector; it follows the transformer's device on first use.
@@ -39,7 +46,7 @@ class AlignmentObjective(nn.Module):
         *,
         align: str = "mtsa",
         weight: float = 0.5,
-        block_index: int = 18,
+        block_index: int | None = None,
         grid: str = "teacher-grid",
         projector: AlignmentProjector | None = None,
         projector_hidden_dim: int = 2048,
@@ -49,40 +56,52 @@ class AlignmentObjective(nn.Module):
         trd_margin: float = 0.1,
         trd_variant: str = "full",
         backend: str = "auto",
+        family=None,
+        **method_options,
     ):
         super().__init__()
-        if align not in ALIGNMENT_LOSSES:
-            raise ValueError(f"align must be one of {ALIGNMENT_LOSSES}, got {align!r}")
+        if align not in alignment.alignment_losses():
+            raise ValueError(f"align must be one of {alignment.alignment_losses()}, got {align!r}")
+        method = alignment.ALIGNMENT_METHODS.get(align)
+        unknown = sorted(set(method_options) - set(alignment.alignment_options()))
+        if unknown:
+            raise TypeError(f"AlignmentObjective got unknown options {unknown} (no registered alignment method takes "
+                            "them)")
+        options = dict(tau=tau, tau_teacher=tau_teacher, top_k=top_k, trd_margin=trd_margin, trd_variant=trd_variant,
+                       backend=backend, **method_options)
+        if method is not None:
+            method.check(options)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(f"weight must be a non-negative number, got {weight!r}")
+        self.family = family_of(transformer) if family is None else family
+        module = self.family.unwrap(transformer)
+        self.family.check_scheduler(scheduler)
+        if block_index is None:
+            block_index = self.family.default_align_layer(len(self.family.blocks(module)))
         self.transformer = transformer
-        self.scheduler = cogvideox_scheduler() if scheduler is None else scheduler
+        self.scheduler = scheduler
         self.align, self.weight, self.block_index = align, float(weight), block_index
-        self.projector = self.alignment_loss = None
+        self.projector = self.alignment_loss = self.method = None
         self._teacher = (None,)  # a tuple hides the frozen teacher from the module tree
         if align == "none":
             return
         if not isinstance(teacher, Teacher):
             raise ValueError(f"align={align!r} needs a frozen teacher (tsa.teachers.load_teacher), got {teacher!r}")
-        BlockFeatureCapture(transformer, block_index)  # validates the block index now
-        config = unwrap_transformer(transformer).config
-        width = config.num_attention_heads * config.attention_head_dim
+        BlockFeatureCapture(transformer, block_index, self.family)  # validates the block index now
+        width = self.family.width(module.config)
         if projector is None:
             projector = AlignmentProjector(width, teacher.hidden_size, projector_hidden_dim, grid)
         if projector.in_dim != width:
             raise ValueError(f"projector.in_dim={projector.in_dim} must equal the transformer width {width}")
-        if align == "repa" and projector.out_dim != teacher.hidden_size:
+        if method.teacher_channels and projector.out_dim != teacher.hidden_size:
             raise ValueError(
-                f"REPA compares tokens channel by channel: projector.out_dim={projector.out_dim} must equal the "
+                f"{align} compares tokens channel by channel: projector.out_dim={projector.out_dim} must equal the "
                 f"teacher's hidden size {teacher.hidden_size}"
             )
         self.projector = projector
-        if align in ("tsa", "mtsa"):
-            self.alignment_loss = TSALoss(tau, tau_teacher, masked=align == "mtsa", top_k=top_k, backend=backend)
-        elif align == "trd":
-            self.alignment_loss = TRDLoss(trd_margin, trd_variant)
-        else:
-            self.alignment_loss = REPALoss()
+        self.method = method
+        self.alignment_loss = method.build(**{option.name: options.get(option.name, option.default)
+                                              for option in method.options})
         self._teacher = (teacher,)
 
     @property
@@ -108,11 +127,11 @@ class AlignmentObjective(nn.Module):
         self._check_inputs(latents, prompt_embeds, pixels)
         step = dict(timesteps=timesteps, noise=noise, generator=generator)
         if self.align == "none":
-            out = denoise_and_loss(self.transformer, self.scheduler, latents, prompt_embeds, **step)
+            out = self.family.denoise_and_loss(self.transformer, self.scheduler, latents, prompt_embeds, **step)
             align = out["loss"].new_zeros(())
         else:
-            with BlockFeatureCapture(self.transformer, self.block_index) as capture:
-                out = denoise_and_loss(self.transformer, self.scheduler, latents, prompt_embeds, **step)
+            with BlockFeatureCapture(self.transformer, self.block_index, self.family) as capture:
+                out = self.family.denoise_and_loss(self.transformer, self.scheduler, latents, prompt_embeds, **step)
             align = self._alignment(capture.features, pixels)
         return {
             "loss": out["loss"] + self.weight * align,
@@ -131,7 +150,7 @@ class AlignmentObjective(nn.Module):
         student = self.projector(features)
         grid = tuple(student.shape[1:4])
         target = resample_features(teacher(pixels, grid=self.projector.teacher_grid(dit_grid)), grid)
-        if self.align != "mtsa":
+        if not self.method.motion_mask:
             return self.alignment_loss(student, target)
         size = [cells * patch for cells, patch in zip(grid, teacher.patch_size)]
         video = resize_video(pixels[:, int(teacher.drop_first_frame):], *size)
@@ -146,9 +165,7 @@ class AlignmentObjective(nn.Module):
                 f"prompt_embeds must be (B={latents.shape[0]}, L, D), got "
                 f"{getattr(prompt_embeds, 'shape', type(prompt_embeds))}"
             )
-        patch_t = getattr(unwrap_transformer(self.transformer).config, "patch_size_t", None)
-        if patch_t is not None and latents.shape[1] % patch_t:
-            raise ValueError(f"latent frames ({latents.shape[1]}) must be a multiple of patch_size_t={patch_t}")
+        self.family.check_latents(self.family.unwrap(self.transformer).config, latents)
         if self.align == "none":
             return
         if pixels is None:

@@ -1,7 +1,8 @@
 """Tiny random instances of the real model classes, for tests and `tsa-train --preset tiny`.
 
 Every builder returns a genuine diffusers / transformers model (random weights, a few thousand
-parameters) so the whole pipeline, from_pretrained included, runs on a CPU with no downloads.
+parameters) so the whole pipeline, from_pretrained included, runs on a CPU with no downloads. The video
+models' builders live with their family (tsa.models); the teachers' and the shared tokenizer are here.
 """
 
 from __future__ import annotations
@@ -33,66 +34,44 @@ def tiny_tokenizer():
 
 
 def tiny_text_encoder(vocab_size: int, seed: int = 0):
-    """A 2-layer T5 encoder with d_model = TINY_TEXT_DIM."""
-    from transformers import T5Config, T5EncoderModel
+    """A 2-layer T5 encoder with d_model = TINY_TEXT_DIM (CogVideoX's text encoder class)."""
+    from tsa.models.cogvideox import tiny_t5
 
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=vocab_size, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, dropout_rate=0.0,
-    )
-    return T5EncoderModel(config).eval()
+    return tiny_t5(vocab_size, seed)
 
 
 def tiny_transformer(
     num_layers: int = 2, latent_channels: int = TINY_LATENT_CHANNELS, rotary: bool = False, seed: int = 0
 ):
-    """CogVideoXTransformer3DModel: 2 heads x 16 dims; `rotary=True` mimics the 5B (3D RoPE) layout."""
-    from diffusers import CogVideoXTransformer3DModel
+    """A tiny CogVideoX transformer (2 heads x 16 dims); `rotary=True` mimics the 5B (3D RoPE) layout."""
+    from tsa.models.cogvideox import tiny_transformer as build
 
-    torch.manual_seed(seed)
-    return CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=latent_channels, out_channels=latent_channels,
-        time_embed_dim=16, text_embed_dim=TINY_TEXT_DIM, num_layers=num_layers, sample_width=8, sample_height=8,
-        sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TINY_TEXT_LENGTH,
-        use_rotary_positional_embeddings=rotary,
-    )
+    return build(num_layers, latent_channels, rotary, seed)
 
 
 def tiny_vae(latent_channels: int = TINY_LATENT_CHANNELS, seed: int = 0):
-    """AutoencoderKLCogVideoX with the real 8x spatial / 4x temporal compression and 8-channel blocks."""
-    from diffusers import AutoencoderKLCogVideoX
+    """A tiny CogVideoX VAE with the real 8x spatial / 4x temporal compression."""
+    from tsa.models.cogvideox import tiny_vae as build
 
-    torch.manual_seed(seed)
-    return AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
-        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
-        latent_channels=latent_channels, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
-        sample_height=64, sample_width=64,
-    ).eval()
+    return build(latent_channels, seed)
 
 
 def tiny_cogvideox_components(num_layers: int = 2, rotary: bool = False, seed: int = 0) -> dict:
-    """The five components of a CogVideoXPipeline, tiny and random (the scheduler is CogVideoX's own)."""
-    from tsa.diffusion import cogvideox_scheduler
+    """The five components of a tiny random CogVideoX pipeline (the scheduler is CogVideoX-2B's)."""
+    from tsa.models import get_family
 
-    tokenizer = tiny_tokenizer()
-    return {
-        "tokenizer": tokenizer,
-        "text_encoder": tiny_text_encoder(len(tokenizer), seed=seed),
-        "vae": tiny_vae(seed=seed),
-        "transformer": tiny_transformer(num_layers=num_layers, rotary=rotary, seed=seed),
-        "scheduler": cogvideox_scheduler(),
-    }
+    return get_family("cogvideox").tiny_components(num_layers, rotary, seed)
 
 
-def save_tiny_pipeline(path: str | Path, num_layers: int = 2, rotary: bool = False, seed: int = 0) -> Path:
-    """Save a tiny CogVideoXPipeline folder (loadable with CogVideoXPipeline.from_pretrained)."""
-    from diffusers import CogVideoXPipeline
+def save_tiny_pipeline(path: str | Path, num_layers: int = 2, rotary: bool = False, seed: int = 0,
+                       family: str = "cogvideox", **options) -> Path:
+    """Save a tiny random pipeline folder of `family` (loadable with its pipeline's from_pretrained); options
+    go to the family's builder (Wan: two_experts, ti2v)."""
+    from tsa.models import get_family
 
-    path = Path(path)
-    CogVideoXPipeline(**tiny_cogvideox_components(num_layers, rotary, seed)).save_pretrained(path)
-    return path
+    if family == "cogvideox":
+        options["rotary"] = rotary
+    return get_family(family).save_tiny_pipeline(path, num_layers=num_layers, seed=seed, **options)
 
 
 def tiny_videomae(path: str | Path, image_size: int = 64, num_frames: int = 8, seed: int = 0) -> Path:

@@ -1,12 +1,15 @@
-"""tsa-train: fine-tune CogVideoX with a TSA / M-TSA / TRD / REPA alignment loss and / or LaMo's drift loss.
+"""tsa-train: fine-tune a video DiT (CogVideoX, Wan2.1 / Wan2.2) with a TSA / M-TSA / TRD / REPA alignment
+loss and / or LaMo's drift loss.
 
     tsa-train --preset tiny                                    # tiny random models + synthetic clips, CPU
+    tsa-train --preset tiny --model-family wan --finetune lora # the same with tiny Wan models
     accelerate launch --config_file configs/ddp.yaml -m tsa.train --preset cogvideox-2b-mtsa \
         --model-path CogVideoX-2b --teacher-path videomae-v2-base --data my_videos/ --output-dir runs/mtsa
 
 Outputs in --output-dir: checkpoints/checkpoint-STEP (accelerate state), logs/ (TensorBoard), losses.json,
-loss_curve.png, viz/ (with --viz-steps), the final weights (transformer/ in diffusers format, or
-pytorch_lora_weights.safetensors for LoRA), projector/ and, with LaMo, motion_predictor/.
+loss_curve.png, viz/ (with --viz-steps), the final weights (transformer/ -- or transformer_2/ for a two-expert
+model's second expert -- in diffusers format, or pytorch_lora_weights.safetensors in the pipeline's LoRA format),
+projector/ and, with LaMo, motion_predictor/.
 """
 
 import itertools
@@ -34,14 +37,22 @@ LOSS_NAMES = ("loss", "diffusion", "align", "drift", "predictor")
 TRAINING_ARGS_NAME = "training_args.json"
 
 
-def load_transformer(args, weight_dtype):
-    """The CogVideoX transformer, with LoRA adapters (only they train, in float32, over a frozen base in
-    `weight_dtype`) or fully trainable in float32."""
-    from diffusers import CogVideoXTransformer3DModel
+def build_family(args):
+    """The model family of --model-path (or --model-family), configured for --expert and the timestep options."""
+    from tsa.models import detect_family, family_class
 
+    options = dict(timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean, logit_std=args.logit_std,
+                   shift=args.flow_shift)
+    if args.model_family is not None:
+        return family_class(args.model_family).from_model_path(args.model_path, args.expert, **options)
+    return detect_family(args.model_path, args.expert, **options)
+
+
+def load_transformer(args, weight_dtype, family):
+    """The family's transformer (--expert), with LoRA adapters (only they train, in float32, over a frozen base in
+    `weight_dtype`) or fully trainable in float32."""
     lora = args.finetune == "lora"
-    transformer = CogVideoXTransformer3DModel.from_pretrained(
-        args.model_path, subfolder="transformer", torch_dtype=weight_dtype if lora else torch.float32)
+    transformer = family.load_transformer(args.model_path, args.expert, weight_dtype if lora else torch.float32)
     if lora:
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
@@ -57,11 +68,10 @@ def load_transformer(args, weight_dtype):
     return transformer
 
 
-def build_objective(args, transformer, weight_dtype):
+def build_objective(args, transformer, weight_dtype, family):
     """AlignmentObjective around the transformer (the pipeline's own scheduler), with the frozen teacher
     when the method needs one."""
-    from diffusers import CogVideoXDPMScheduler
-
+    from tsa.alignment import alignment_options
     from tsa.objective import AlignmentObjective
     from tsa.teachers import load_teacher
 
@@ -69,10 +79,10 @@ def build_objective(args, transformer, weight_dtype):
     teacher_dtype = precision_dtype(getattr(args, "teacher_precision", "fp32"))
     teacher = None if method == "none" else load_teacher(args.teacher, args.teacher_path, dtype=teacher_dtype)
     return AlignmentObjective(
-        transformer, CogVideoXDPMScheduler.from_pretrained(args.model_path, subfolder="scheduler"), teacher,
+        transformer, family.load_scheduler(args.model_path), teacher,
         align=method, weight=args.align_weight, block_index=args.align_layer, grid=args.grid,
-        projector_hidden_dim=args.projector_hidden_dim, tau=args.tau, top_k=args.top_k,
-        trd_variant=args.trd_variant,
+        projector_hidden_dim=args.projector_hidden_dim, family=family,
+        **{name: getattr(args, name) for name in alignment_options()},  # tau, top_k, trd_margin, backend, ...
     )
 
 
@@ -82,10 +92,12 @@ def build_lamo(args, objective, accelerator):
     if args.align != "lamo" and args.motion_drift_weight == 0:
         return None
     from tsa.lamo import LaMoTrainer, MotionPredictor
+    from tsa.models import family_of
 
-    config = objective.transformer.config
+    family = getattr(objective, "family", None) or family_of(objective.transformer)
+    config = family.unwrap(objective.transformer).config
     predictor = MotionPredictor(
-        in_channels=config.in_channels, text_dim=config.text_embed_dim,
+        in_channels=family.latent_channels(config), text_dim=family.text_dim(config),
         channels=args.predictor_channels, num_blocks=args.predictor_blocks,
         prompt_pooling=args.predictor_prompt_pooling,
     )
@@ -220,8 +232,8 @@ def _materialise(model, state):
 
 
 def save_final_weights(accelerator, args, objective, lamo):
-    """Diffusers-format weights: transformer/ (full) or the pipeline's LoRA file, plus projector/ and
-    motion_predictor/. Call on every process (FSDP gathers the full state dict)."""
+    """Diffusers-format weights: transformer/ (full; transformer_2/ for that expert) or the pipeline's LoRA file,
+    plus projector/ and motion_predictor/. Call on every process (FSDP gathers the full state dict)."""
     check_finite_parameters(objective, "final weights")
     if lamo is not None:
         check_finite_parameters(lamo.predictor, "final weights (motion predictor)")
@@ -234,16 +246,14 @@ def save_final_weights(accelerator, args, objective, lamo):
         prefix, _, key = name.partition(".")
         parts.get(prefix, {})[key] = tensor
     if args.finetune == "lora":
-        from diffusers import CogVideoXPipeline
         from peft.utils import get_peft_model_state_dict
 
-        CogVideoXPipeline.save_lora_weights(
-            args.output_dir,
-            transformer_lora_layers=get_peft_model_state_dict(module.transformer, state_dict=parts["transformer"]),
-            transformer_lora_adapter_metadata=module.transformer.peft_config["default"].to_dict(),
+        module.family.save_lora_weights(
+            args.output_dir, get_peft_model_state_dict(module.transformer, state_dict=parts["transformer"]),
+            module.transformer.peft_config["default"].to_dict(), expert=args.expert,
         )
     else:
-        _materialise(module.transformer, parts["transformer"]).save_pretrained(args.output_dir / "transformer")
+        _materialise(module.transformer, parts["transformer"]).save_pretrained(args.output_dir / args.expert)
     if module.projector is not None:
         _materialise(module.projector, parts["projector"]).save_pretrained(args.output_dir / "projector")
     if lamo is not None:
@@ -291,12 +301,9 @@ def _step_seed(seed, step, micro_step, process_index):
     return (((seed * 1_000_003 + step) * 1_009 + micro_step) * 1_013 + process_index) % (2**63)
 
 
-def sample_latents(batch, scaling_factor, dtype):
-    """Draw from the cached latent distributions (B, 2C, F, h, w) -> scaled latents (B, F, C, h, w)."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    latents = DiagonalGaussianDistribution(batch["latent_dist"].float()).sample()
-    return (latents * scaling_factor).permute(0, 2, 1, 3, 4).to(dtype)
+def sample_latents(batch, family, vae_config, dtype):
+    """Draw from the cached latent distributions (B, 2C, F, h, w) -> normalised latents (B, F, C, h, w)."""
+    return family.latents_from_distribution(batch["latent_dist"], vae_config).to(dtype)
 
 
 def compute_losses(objective, lamo, drift_weight, batch, latents, dtype):
@@ -319,8 +326,9 @@ def prepare_training(args, accelerator):
     dataset = build_cache(args, accelerator)
     set_seed(args.seed)
     weight_dtype = precision_dtype(accelerator.mixed_precision)
-    transformer = load_transformer(args, weight_dtype)
-    objective = build_objective(args, transformer, weight_dtype)
+    family = build_family(args)
+    transformer = load_transformer(args, weight_dtype, family)
+    objective = build_objective(args, transformer, weight_dtype, family)
     lamo = build_lamo(args, objective, accelerator)
     optimizer = torch.optim.AdamW([parameter for parameter in objective.parameters() if parameter.requires_grad],
                                   lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -362,13 +370,14 @@ def train(args):
         verify_checkpoint(resume_from)  # before any model is built: every tensor loads and is finite
     objective, optimizer, dataloader, lr_scheduler, lamo = prepare_training(args, accelerator)
     weight_dtype = precision_dtype(accelerator.mixed_precision)
-    scaling_factor = json.loads((args.model_path / "vae" / "config.json").read_text())["scaling_factor"]
+    vae_config = json.loads((args.model_path / "vae" / "config.json").read_text())
+    family = accelerator.unwrap_model(objective).family
 
     viz = None
     if args.viz_steps:
         from tsa.viz import TrainingViz
 
-        viz = TrainingViz(accelerator, dataloader.dataset, args.output_dir, scaling_factor, weight_dtype)
+        viz = TrainingViz(accelerator, dataloader.dataset, args.output_dir, family, vae_config, weight_dtype)
     step, history = 0, []
     if resume_from is not None:
         if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):  # own formats
@@ -403,7 +412,7 @@ def train(args):
         for batch in batches:
             torch.manual_seed(_step_seed(args.seed, step, micro_step, accelerator.process_index))
             with accelerator.accumulate(objective):
-                latents = sample_latents(batch, scaling_factor, weight_dtype)
+                latents = sample_latents(batch, family, vae_config, weight_dtype)
                 loss, losses = compute_losses(objective, lamo, args.motion_drift_weight, batch, latents,
                                               weight_dtype)
                 accelerator.backward(loss)

@@ -16,9 +16,6 @@ from pathlib import Path
 
 from tsa.choices import TEACHER_MODEL_TYPES
 
-# diffusers pipeline `_class_name` (model_index.json) -> model family.
-PIPELINE_FAMILIES = {"CogVideoXPipeline": "cogvideox", "WanPipeline": "wan"}
-
 # option -> (low, high, low inclusive, high inclusive); None leaves a side open. Every value must be finite.
 TRAINING_RANGES = {
     "learning_rate": (0, None, False, False),
@@ -27,7 +24,12 @@ TRAINING_RANGES = {
     "motion_drift_weight": (0, None, True, False),
     "motion_drift_eps": (0, None, False, False),
     "tau": (0, None, False, False),
+    "tau_teacher": (0, None, False, False),
     "top_k": (0, 1, False, True),
+    "trd_margin": (0, None, True, False),
+    "logit_mean": (None, None, False, False),
+    "logit_std": (0, None, False, False),
+    "flow_shift": (0, None, False, False),
     "lora_alpha": (0, None, False, False),
     "adam_beta1": (0, 1, True, False),
     "adam_beta2": (0, 1, True, False),
@@ -100,7 +102,9 @@ def check_ranges(args, ranges: dict) -> None:
             and (high is None or value < high or (high_inclusive and value == high))
         )
         if not inside:
-            raise UsageError(f"{option_name(dest)} must be a finite number {' and '.join(bounds)}, got {value}")
+            raise UsageError(
+                f"{option_name(dest)} must be a finite number{' ' if bounds else ''}{' and '.join(bounds)}, got {value}"
+            )
 
 
 def pipeline_family(path) -> str:
@@ -119,9 +123,12 @@ def pipeline_family(path) -> str:
         index = json.loads(index_file.read_text())
     except (OSError, ValueError) as error:
         raise UsageError(f"--model-path {index_file} does not read as JSON: {error}") from None
-    name = index.get("_class_name") if isinstance(index, dict) else None
-    if name not in PIPELINE_FAMILIES:
-        raise UsageError(f"--model-path {folder} holds a {name!r} pipeline; supported: {', '.join(PIPELINE_FAMILIES)}")
+    from tsa.models import pipeline_family_name  # the one list of supported pipelines
+
+    try:
+        family = pipeline_family_name(index.get("_class_name") if isinstance(index, dict) else None)
+    except ValueError as error:
+        raise UsageError(f"--model-path {folder}: {error}") from None
     missing = [
         key
         for key, value in index.items()
@@ -132,7 +139,7 @@ def pipeline_family(path) -> str:
             f"--model-path {folder} is missing the component folder(s) {', '.join(missing)} that its "
             "model_index.json lists"
         )
-    return PIPELINE_FAMILIES[name]
+    return family
 
 
 def check_teacher_folder(kind: str, path) -> None:
@@ -199,9 +206,15 @@ def check_sampling_args(args) -> None:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"RUN_DIR {run_dir} does not exist or is not a folder")
-    if not ((run_dir / "transformer").is_dir() or (run_dir / "pytorch_lora_weights.safetensors").is_file()):
+    expert = "transformer"
+    if (run_dir / "training_args.json").is_file():
+        try:
+            expert = json.loads((run_dir / "training_args.json").read_text()).get("expert") or expert
+        except (OSError, ValueError, AttributeError) as error:
+            raise UsageError(f"RUN_DIR {run_dir}: training_args.json does not read as JSON: {error}") from None
+    if not ((run_dir / expert).is_dir() or (run_dir / "pytorch_lora_weights.safetensors").is_file()):
         raise UsageError(
-            f"RUN_DIR {run_dir} holds neither transformer/ nor pytorch_lora_weights.safetensors "
+            f"RUN_DIR {run_dir} holds neither {expert}/ nor pytorch_lora_weights.safetensors "
             "(the final weights of a finished tsa-train run)"
         )
     if args.prompts_file is not None and not Path(args.prompts_file).is_file():

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from tsa.losses import check_feature_pair, tubelet_for_grid
 from tsa.masks import motion_query_mask, motion_saliency
 
-VIZ_METHODS = ("tsa", "mtsa", "trd", "repa")  # the runs with a projector and a teacher
 DEFAULT_TIMESTEP = 500
 MAX_COLUMNS = 8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,6 +56,13 @@ class CorrespondenceMaps:
         maps = {"teacher": self.teacher, "student": self.student}[which]
         flat = maps.reshape(*maps.shape[:3], -1)
         return -(flat * np.log(np.where(flat > 0, flat, 1.0))).sum(-1)
+
+
+def viz_methods() -> tuple[str, ...]:
+    """The --align values whose runs have a projector and a teacher to show: every registered alignment method."""
+    from tsa.alignment import ALIGNMENT_METHODS
+
+    return tuple(ALIGNMENT_METHODS)
 
 
 def _check_tau(name, value) -> float:
@@ -232,14 +238,15 @@ def clip_alignment(
     """Run the objective on one batch (no grad, fixed timestep and noise) and keep what its alignment loss gets.
 
     objective: an `AlignmentObjective` with a teacher (align tsa / mtsa / trd / repa), unwrapped from DDP;
-    latents (B, F, C, h, w) scaled clean latents, prompt_embeds (B, L, D), pixels (B, T, 3, H, W) in [-1, 1].
+    latents (B, F, C, h, w) clean latents normalised as the model family does, prompt_embeds (B, L, D),
+    pixels (B, T, 3, H, W) in [-1, 1].
     top_k defaults to the objective's M-TSA fraction (0.2 for the other methods).
     """
     loss = getattr(objective, "alignment_loss", None)
     if loss is None:
         raise ValueError(
             f"the objective (align={getattr(objective, 'align', None)!r}) has no teacher alignment "
-            f"to show; runs with align in {VIZ_METHODS} have one"
+            f"to show; runs with align in {viz_methods()} have one"
         )
     top_k = getattr(loss, "top_k", 0.2) if top_k is None else top_k
     captured = {}
@@ -249,7 +256,7 @@ def clip_alignment(
 
     generator = torch.Generator(device=latents.device).manual_seed(seed)
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.full((latents.shape[0],), int(timestep), device=latents.device, dtype=torch.long)
+    timesteps = torch.full((latents.shape[0],), int(timestep), device=latents.device)  # the family casts it
     handle = loss.register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -486,17 +493,20 @@ def save_correspondence_gif(
     return Path(path)
 
 
-def probe_batch(entry: dict, scaling_factor: float) -> dict:
+def probe_batch(entry: dict, family, vae_config: dict) -> dict:
     """A one-clip batch from a latent-cache entry (latent_dist (2C, F, h, w), prompt_embeds (L, D), pixels
-    (T, 3, H, W)): the latent distribution's mode, scaled, as (1, F, C, h, w); no randomness."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    latents = DiagonalGaussianDistribution(entry["latent_dist"][None].float()).mode() * scaling_factor
+    (T, 3, H, W)): the latent distribution's mode, normalised by the model family as in training, as
+    (1, F, C, h, w); no randomness."""
     return {
-        "latents": latents.permute(0, 2, 1, 3, 4),
+        "latents": family.latents_from_distribution(entry["latent_dist"][None], vae_config, sample=False),
         "prompt_embeds": entry["prompt_embeds"][None],
-        "pixels": entry["pixels"][None],
+        "pixels": entry["pixels"][None].float(),
     }
+
+
+def batch_to(batch: dict, device, dtype) -> dict:
+    """Latents and prompt in `dtype` on `device`; the pixels stay float32 for the teacher, as in training."""
+    return {name: value.to(device, torch.float32 if name == "pixels" else dtype) for name, value in batch.items()}
 
 
 def temperatures(objective, tau: float | None = None) -> tuple[float, float]:
@@ -521,7 +531,8 @@ class TrainingViz:
         accelerator,
         dataset,
         output_dir,
-        scaling_factor: float,
+        family,
+        vae_config: dict,
         dtype=torch.float32,
         *,
         timestep: int = DEFAULT_TIMESTEP,
@@ -539,7 +550,7 @@ class TrainingViz:
             )
         self.accelerator, self.dtype, self.timestep = accelerator, dtype, timestep
         self.directory = Path(output_dir) / "viz"
-        self.probe = probe_batch(dataset[0], scaling_factor) if accelerator.is_main_process else None
+        self.probe = probe_batch(dataset[0], family, vae_config) if accelerator.is_main_process else None
 
     def __call__(self, objective, step: int) -> dict | None:
         """Draw and log the probe's maps at optimizer step `step` (main process; returns the scalars)."""
@@ -548,7 +559,7 @@ class TrainingViz:
             return None
         module = accelerator.unwrap_model(objective)
         device = next(module.parameters()).device
-        batch = {name: value.to(device, self.dtype) for name, value in self.probe.items()}
+        batch = batch_to(self.probe, device, self.dtype)
         was_training = module.training
         module.eval()
         try:
@@ -609,10 +620,10 @@ def read_training_args(run_dir) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a tsa-train output folder (no training_args.json)")
     args = json.loads(path.read_text())
-    if args.get("align") not in VIZ_METHODS:
+    if args.get("align") not in viz_methods():
         raise ValueError(
             f"{run_dir} was trained with --align {args.get('align')}: it has no projector and teacher to "
-            f"compare (tsa-viz shows runs trained with --align {', '.join(VIZ_METHODS)})"
+            f"compare (tsa-viz shows runs trained with --align {', '.join(viz_methods())})"
         )
     for name, needed in (
         ("projector", run_dir / "projector" / "config.json"),
@@ -621,12 +632,26 @@ def read_training_args(run_dir) -> dict:
     ):
         if not needed.is_file():
             raise FileNotFoundError(f"{run_dir}: the {name} is missing ({needed} not found)")
-    if not ((run_dir / "transformer").is_dir() or (run_dir / "pytorch_lora_weights.safetensors").is_file()):
+    expert = args.get("expert") or "transformer"
+    if not ((run_dir / expert).is_dir() or (run_dir / "pytorch_lora_weights.safetensors").is_file()):
         raise FileNotFoundError(
-            f"{run_dir} holds neither transformer/ nor pytorch_lora_weights.safetensors (the final "
+            f"{run_dir} holds neither {expert}/ nor pytorch_lora_weights.safetensors (the final "
             "weights of a finished tsa-train run)"
         )
     return args
+
+
+def run_family(args: dict):
+    """The model family of a run's base model, configured as training configured it (expert, timestep options)."""
+    from tsa.models import detect_family
+
+    options = dict(
+        timestep_sampling=args.get("timestep_sampling"),
+        logit_mean=args.get("logit_mean"),
+        logit_std=args.get("logit_std"),
+        shift=args.get("flow_shift"),
+    )
+    return detect_family(args["model_path"], args.get("expert") or "transformer", **options)
 
 
 def alignment_grid(run_dir, args: dict) -> tuple[int, int, int]:
@@ -635,16 +660,13 @@ def alignment_grid(run_dir, args: dict) -> tuple[int, int, int]:
 
     from accelerate import init_empty_weights
 
-    from tsa.features import token_grid
     from tsa.projector import AlignmentProjector
 
+    family, expert = run_family(args), args.get("expert") or "transformer"
     model_path = Path(args["model_path"])
-    transformer = json.loads((model_path / "transformer" / "config.json").read_text())
-    vae = json.loads((model_path / "vae" / "config.json").read_text())
-    latent_frames = (args["num_frames"] - 1) // vae.get("temporal_compression_ratio", 4) + 1
-    spatial = 2 ** (len(vae["block_out_channels"]) - 1)
-    latent_shape = (1, latent_frames, transformer["in_channels"], args["height"] // spatial, args["width"] // spatial)
-    dit_grid = token_grid(SimpleNamespace(**transformer), latent_shape)
+    config = json.loads((model_path / expert / "config.json").read_text())
+    latent_shape = family.latent_shape(model_path, args["num_frames"], args["height"], args["width"], expert)
+    dit_grid = family.token_grid(SimpleNamespace(**config), latent_shape)
     with init_empty_weights():
         projector = AlignmentProjector.from_config(AlignmentProjector.load_config(Path(run_dir) / "projector"))
     return projector.output_grid(dit_grid)
@@ -653,22 +675,24 @@ def alignment_grid(run_dir, args: dict) -> tuple[int, int, int]:
 @dataclass
 class LoadedRun:
     """A finished run ready for tsa-viz: the trained objective, the base one (None when the base weights are
-    not at hand; for LoRA the same objective with the adapters disabled), the VAE / T5 encoder."""
+    not at hand; for LoRA the same objective with the adapters disabled), the model family with its VAE config
+    and the family's VAE / text encoder (`tsa.cache.LatentEncoder`, as the latent cache)."""
 
     args: dict
     objective: object
     base: object | None
     lora: bool
     encoder: object
-    scaling_factor: float
+    family: object
+    vae_config: dict
     device: torch.device
     dtype: torch.dtype
 
     def encode(self, pixels: torch.Tensor, prompt: str) -> dict:
         """pixels (T, 3, H, W) in [-1, 1] and a prompt -> a one-clip batch for `clip_alignment`."""
         entry = self.encoder(pixels, prompt)
-        batch = probe_batch({**entry, "pixels": pixels}, self.scaling_factor)
-        return {name: value.to(self.device, self.dtype) for name, value in batch.items()}
+        batch = probe_batch({**entry, "pixels": pixels}, self.family, self.vae_config)
+        return batch_to(batch, self.device, self.dtype)
 
     def base_alignment(self, batch: dict, **options) -> ClipAlignment | None:
         """`clip_alignment` through the base model (before training), or None when it is not at hand."""
@@ -684,51 +708,43 @@ class LoadedRun:
 
 
 def load_run(run_dir, *, device="cpu", dtype=torch.float32, with_base: bool = True) -> LoadedRun:
-    """Rebuild a finished run's AlignmentObjective (trained transformer or LoRA, projector, teacher, the training
-    options) and, when its weights are at hand, the base model's, plus the VAE / T5 encoder of its pipeline."""
-    from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
-
-    from tsa.cache import LatentEncoder
+    """Rebuild a finished run's AlignmentObjective through its model family, as tsa-train built it (trained
+    transformer or LoRA of the run's expert, the pipeline's scheduler, projector, teacher in the run's
+    --teacher-precision, the alignment options) and, when its weights are at hand, the base model's, plus the
+    family's VAE / text encoder."""
+    from tsa.alignment import alignment_options
+    from tsa.cache import LatentEncoder, precision_dtype
     from tsa.objective import AlignmentObjective
     from tsa.projector import AlignmentProjector
     from tsa.teachers import load_teacher
 
     run_dir, device = Path(run_dir), torch.device(device)
     args = read_training_args(run_dir)
-    model_path = Path(args["model_path"])
-    lora = not (run_dir / "transformer").is_dir()
-    if lora:
-        transformer = CogVideoXTransformer3DModel.from_pretrained(
-            model_path, subfolder="transformer", torch_dtype=dtype
-        )
-        transformer.load_lora_adapter(run_dir, weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
-    else:
-        transformer = CogVideoXTransformer3DModel.from_pretrained(run_dir / "transformer", torch_dtype=dtype)
-    teacher = load_teacher(args["teacher"], args["teacher_path"], dtype=dtype, device=device)
-    scheduler = CogVideoXDPMScheduler.from_pretrained(model_path, subfolder="scheduler")
+    model_path, expert = Path(args["model_path"]), args.get("expert") or "transformer"
+    family = run_family(args)
+    lora = not (run_dir / expert).is_dir()
+    transformer = family.load_trained_transformer(run_dir, model_path, expert, dtype)
+    teacher_dtype = precision_dtype(args.get("teacher_precision", "fp32"))
+    teacher = load_teacher(args["teacher"], args["teacher_path"], dtype=teacher_dtype, device=device)
+    scheduler = family.load_scheduler(model_path)
     options = dict(
         align=args["align"],
         weight=args["align_weight"],
         block_index=args["align_layer"],
         projector=AlignmentProjector.from_pretrained(run_dir / "projector", torch_dtype=dtype),
-        tau=args["tau"],
-        top_k=args["top_k"],
-        trd_variant=args.get("trd_variant", "full"),
+        family=family,
+        **{name: args.get(name, option.default) for name, option in alignment_options().items()},
     )
     objective = AlignmentObjective(transformer, scheduler, teacher, **options).to(device).eval()
     base = None
     if with_base and lora:
         base = objective
-    elif with_base and (model_path / "transformer" / "config.json").is_file():
-        base_transformer = CogVideoXTransformer3DModel.from_pretrained(
-            model_path, subfolder="transformer", torch_dtype=dtype
-        )
+    elif with_base and (model_path / expert / "config.json").is_file():
+        base_transformer = family.load_transformer(model_path, expert, dtype)
         base = AlignmentObjective(base_transformer, scheduler, teacher, **options).to(device).eval()
-    encoder = LatentEncoder(
-        model_path, device, dtype, transformer.config.max_text_seq_length, tiling=args.get("vae_tiling", False)
-    )
-    scaling_factor = json.loads((model_path / "vae" / "config.json").read_text())["scaling_factor"]
-    return LoadedRun(args, objective, base, lora, encoder, scaling_factor, device, dtype)
+    encoder = LatentEncoder(model_path, device, dtype, tiling=args.get("vae_tiling", False), family=family)
+    vae_config = json.loads((model_path / "vae" / "config.json").read_text())
+    return LoadedRun(args, objective, base, lora, encoder, family, vae_config, device, dtype)
 
 
 def _parse_point(text: str) -> tuple[float, float]:

@@ -1,9 +1,11 @@
-"""Motion Prior Guidance for diffusers' CogVideoX pipelines (docs/method.md), installed through public methods.
+"""Motion Prior Guidance for diffusers' video pipelines (docs/method.md), installed through public methods.
 
-The pipeline's denoising loop calls `scheduler.step(v_hat, ..., t, ..., x_t, ...)` with the velocity after
+The pipeline's denoising loop calls `scheduler.step(v_hat, ..., t, ..., x_t, ...)` with the model output after
 classifier-free guidance and before the update, so the guidance replaces the pipeline scheduler's `step`
 (an instance attribute shadowing the class method; the scheduler object and the pipeline's isinstance
-checks are unchanged) and adjusts `model_output` before delegating to the real step. The prompt comes from
+checks are unchanged) and adjusts `model_output` before delegating to the real step. The model family
+(tsa.models) turns the output into the x0 estimate: CogVideoX's v-prediction x0 = sqrt(ab) x_t - sqrt(1 - ab) v,
+Wan's flow velocity x0 = x_t - sigma v. The prompt comes from
 the pipeline's own `encode_prompt` (wrapped the same way): its conditional embeddings, and for prompt
 strings the tokenizer's attention mask, used by a predictor that pools real tokens only
 (`prompt_pooling="tokens"`; with precomputed `prompt_embeds` every position is pooled). The denoiser is
@@ -42,8 +44,11 @@ class MotionPriorGuidance:
     """
 
     def __init__(self, pipe, predictor: MotionPredictor, scale: float, rho: float, lag: int,
-                 start_rounding: str = "floor"):
+                 start_rounding: str = "floor", family=None):
+        from tsa.models import family_for_pipeline
+
         self.pipe, self.scheduler = pipe, pipe.scheduler
+        self.family = family_for_pipeline(pipe) if family is None else family
         self._predictor_was_training = predictor.training
         self.predictor = predictor.eval()
         self.scale, self.rho, self.lag = float(scale), float(rho), int(lag)
@@ -78,10 +83,10 @@ class MotionPriorGuidance:
     def _step(self, *args, **kwargs):
         call = inspect.signature(self._real_step).bind(*args, **kwargs)
         timestep, sample = call.arguments["timestep"], call.arguments["sample"]
-        timesteps = self.scheduler.timesteps.tolist()
-        index = timesteps.index(int(timestep))
-        if index >= self.first_guided_step(len(timesteps)) and sample.shape[1] > self.lag:
-            call.arguments["model_output"] = self.guide(call.arguments["model_output"], sample, int(timestep), index)
+        timesteps = self.scheduler.timesteps
+        index = int((timesteps.to(torch.as_tensor(timestep).device) - timestep).abs().argmin())
+        if index >= self.first_guided_step(len(timesteps)):
+            call.arguments["model_output"] = self.guide(call.arguments["model_output"], sample, timestep, index)
         return self._real_step(*call.args, **call.kwargs)
 
     def first_guided_step(self, num_steps: int) -> int:
@@ -90,17 +95,19 @@ class MotionPriorGuidance:
         start = (1.0 - self.rho) * num_steps
         return int(start) if self.start_rounding == "floor" else math.ceil(start)
 
-    def guide(self, velocity: torch.Tensor, sample: torch.Tensor, timestep: int, index: int) -> torch.Tensor:
-        """v_hat - scale * dL/dv_hat with x0_hat = sqrt(ab) x_t - sqrt(1 - ab) v_hat (B, F, C, h, w), fp32 math."""
+    def guide(self, velocity: torch.Tensor, sample: torch.Tensor, timestep, index: int) -> torch.Tensor:
+        """v_hat - scale * dL/dv_hat with x0_hat (B, F, C, h, w) the family's x0 estimate from v_hat and x_t (in the
+        pipeline's latent layout), fp32 math. Clips with no more than `lag` latent frames are left unguided."""
         if next(self.predictor.parameters()).device != sample.device:
             self.predictor.to(sample.device)
-        alpha_bar = self.scheduler.alphas_cumprod[timestep].to(device=sample.device, dtype=torch.float32)
         prompt_batch = sample.shape[0] if self.prompt_embeds is None else self.prompt_embeds.shape[0]
         if prompt_batch != sample.shape[0]:
             raise ValueError(f"prompt batch {prompt_batch} does not match the latents batch {sample.shape[0]}")
         with torch.enable_grad():
             v = velocity.detach().float().requires_grad_(True)
-            x0 = alpha_bar.sqrt() * sample.float() - (1 - alpha_bar).sqrt() * v
+            x0 = self.family.x0_from_output(self.scheduler, v, sample, timestep)
+            if x0.shape[1] <= self.lag:
+                return velocity
             loss = motion_guidance_loss(self.predictor, x0, self.prompt_embeds, self.lag, self.prompt_mask)
             (grad,) = torch.autograd.grad(loss, v)
         self.history.append((index, loss.item()))
@@ -128,7 +135,8 @@ def enable_motion_guidance(
     pipe, predictor: MotionPredictor, scale: float = 15.0, rho: float = 0.8, lag: int = 1,
     start_rounding: str = "floor",
 ) -> MotionPriorGuidance:
-    """Install Motion Prior Guidance on a diffusers CogVideoX pipeline (v-prediction scheduler).
+    """Install Motion Prior Guidance on a diffusers pipeline of a supported family (CogVideoX with its
+    v-prediction scheduler, Wan with its flow-matching one).
 
     On denoising step s of S (0-based), from s = int((1 - rho) * S) on (LaMo's released code;
     `start_rounding="ceil"`: from the first s >= (1 - rho) * S, the paper's text), the post-CFG velocity becomes
@@ -144,17 +152,24 @@ def enable_motion_guidance(
         raise ValueError(f"lag must be >= 1, got {lag}")
     if start_rounding not in ("floor", "ceil"):
         raise ValueError(f"start_rounding must be 'floor' or 'ceil', got {start_rounding!r}")
-    scheduler, transformer = getattr(pipe, "scheduler", None), getattr(pipe, "transformer", None)
+    from tsa.models import family_for_pipeline
+
+    family = family_for_pipeline(pipe)
+    scheduler = getattr(pipe, "scheduler", None)
+    transformer = getattr(pipe, "transformer", None) or getattr(pipe, "transformer_2", None)
     if scheduler is None or transformer is None or not hasattr(pipe, "encode_prompt"):
-        raise TypeError(f"pipe must be a CogVideoX pipeline (scheduler, transformer, encode_prompt), got {type(pipe)}")
-    if scheduler.config.get("prediction_type") != "v_prediction":
-        raise ValueError(f"pipe.scheduler must use v_prediction, got {scheduler.config.get('prediction_type')}")
+        raise TypeError(f"pipe must be a video pipeline (scheduler, transformer, encode_prompt), got {type(pipe)}")
+    try:
+        family.check_scheduler(scheduler)
+    except ValueError as error:
+        raise ValueError(f"pipe.scheduler: {error}") from None
     if "step" in vars(scheduler) or "encode_prompt" in vars(pipe):
         raise ValueError("pipe already has a motion guidance installed: remove() it first")
+    config = transformer.config
     for name, ours, theirs in (
-        ("in_channels", predictor.config.in_channels, transformer.config.out_channels),
-        ("text_dim", predictor.config.text_dim, transformer.config.text_embed_dim),
+        ("in_channels", predictor.config.in_channels, family.latent_channels(config)),
+        ("text_dim", predictor.config.text_dim, family.text_dim(config)),
     ):
         if ours != theirs:
             raise ValueError(f"predictor {name}={ours} does not match the pipeline's transformer ({theirs})")
-    return MotionPriorGuidance(pipe, predictor, scale, rho, lag, start_rounding)
+    return MotionPriorGuidance(pipe, predictor, scale, rho, lag, start_rounding, family)

@@ -4,8 +4,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tsa.diffusion import cogvideox_scheduler
-
 
 def _check_latents(name: str, latents: torch.Tensor) -> None:
     if not isinstance(latents, torch.Tensor) or not latents.is_floating_point() or latents.ndim != 5:
@@ -30,7 +28,8 @@ def predictor_loss(
 
     The latents are detached (no gradient reaches the VAE or the denoiser). With probability `noise_prob`
     per clip the predictor's input is noised, z + sigma * eps with sigma = sqrt(1 - alphabar_t) * noise_scale
-    for a random t; the target dz stays clean. `alphas_cumprod` (T,) defaults to CogVideoX's schedule.
+    for a random t; the target dz stays clean. `alphas_cumprod` (T,) is the model's noise schedule
+    (tsa.models.noise_level_alphas_cumprod(scheduler)); it is required when noise_prob > 0.
     The cosine is taken per frame pair over (C, h, w). Returns a float32 scalar.
     """
     _check_latents("latents", latents)
@@ -40,7 +39,10 @@ def predictor_loss(
     if prompt_embeds is not None:
         prompt_embeds = prompt_embeds.detach()
     if alphas_cumprod is None:
-        alphas_cumprod = cogvideox_scheduler().alphas_cumprod
+        if noise_prob > 0:
+            raise ValueError("predictor_loss needs the model's noise schedule for its noise augmentation: pass "
+                             "alphas_cumprod=tsa.models.noise_level_alphas_cumprod(scheduler), or noise_prob=0")
+        alphas_cumprod = torch.ones(1)
     alphas_cumprod = alphas_cumprod.to(device=z.device, dtype=torch.float32)
 
     batch = z.shape[0]

@@ -2,11 +2,13 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from diffusers.configuration_utils import FrozenDict
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from tsa.diffusion import cogvideox_scheduler
+from tsa.models.base import noise_level_alphas_cumprod
 
 from .losses import MotionDriftLoss, drift_timestep_weight, predictor_loss
 from .predictor import MotionPredictor
@@ -66,9 +68,11 @@ class LaMoTrainer:
             max_grad_norm=max_grad_norm, alpha=alpha, lag=lag, noise_prob=noise_prob, noise_scale=noise_scale,
             drift_lag=drift_lag, drift_eps=drift_eps,
         )
-        scheduler = noise_scheduler if noise_scheduler is not None else cogvideox_scheduler()
-        self.alphas_cumprod = scheduler.alphas_cumprod.detach().float().cpu()
-        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        if noise_scheduler is None and noise_prob > 0:
+            raise ValueError("LaMoTrainer needs the model's noise_scheduler for the predictor's noise augmentation "
+                             "(or noise_prob=0)")
+        self.alphas_cumprod = None if noise_scheduler is None else noise_level_alphas_cumprod(noise_scheduler)
+        self.num_train_timesteps = 1000 if noise_scheduler is None else int(noise_scheduler.config.num_train_timesteps)
         self.drift = MotionDriftLoss(lag=drift_lag, eps=drift_eps)
         self.optimizer = torch.optim.AdamW(predictor.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
         self.lr_scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup_steps, total_steps)
@@ -145,7 +149,7 @@ class LaMoTrainer:
         self.predictor.load_state_dict(state["predictor"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.alphas_cumprod = state["alphas_cumprod"].float().cpu()
+        self.alphas_cumprod = None if state["alphas_cumprod"] is None else state["alphas_cumprod"].float().cpu()
         self.num_train_timesteps = int(state["num_train_timesteps"])
 
     def save(self, directory: str | Path) -> Path:
@@ -167,8 +171,10 @@ class LaMoTrainer:
             predictor.to(device)
         config = json.loads((directory / TRAINER_CONFIG_NAME).read_text())
         config["betas"] = tuple(config["betas"])
-        trainer = cls(predictor, **config)
         state = torch.load(directory / TRAINER_STATE_NAME, map_location=device or "cpu", weights_only=True)
+        saved_schedule = SimpleNamespace(alphas_cumprod=state["alphas_cumprod"],
+                                         config=FrozenDict(num_train_timesteps=state["num_train_timesteps"]))
+        trainer = cls(predictor, **config, noise_scheduler=None if state["alphas_cumprod"] is None else saved_schedule)
         state["predictor"] = predictor.state_dict()
         trainer.load_state_dict(state)
         return trainer

@@ -1,0 +1,324 @@
+"""The model-family interface: everything tsa needs to know about one family of diffusers video DiTs.
+
+A family (one module under tsa/models/) owns the class names of its pipeline and transformer, how to load
+them from a local diffusers pipeline folder, how clips and prompts become cached latents and embeddings,
+the token grid and the blocks whose outputs are video tokens, the diffusion objective (prediction type,
+loss, x0 estimate, timestep sampling), LoRA saving in its pipeline's loader format, sampling, frame rules,
+presets and a tiny random builder. The rest of tsa only calls these methods.
+
+Latents outside a family are always (B, F, C, h, w), normalised the way the family's pipeline expects.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def unwrap_module(model: nn.Module, is_target) -> nn.Module:
+    """The module inside DDP / peft / torch.compile wrappers for which `is_target(module)` holds, or None."""
+    while not is_target(model):
+        if hasattr(model, "get_base_model"):  # peft.PeftModel
+            model = model.get_base_model()
+        elif hasattr(model, "module"):  # DistributedDataParallel, accelerate wrappers
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return None
+    return model
+
+
+def model_index(model_path) -> dict:
+    """The model_index.json of a diffusers pipeline folder ({} when there is none)."""
+    path = Path(model_path) / "model_index.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def noise_level_alphas_cumprod(scheduler) -> torch.Tensor:
+    """(T,) alphabar_t of a training noise schedule, so that sqrt(1 - alphabar_t) is the noise level at t.
+
+    DDPM-style schedulers carry `alphas_cumprod`; for flow-matching schedulers x_t = (1 - sigma) x0 +
+    sigma * eps, the noise level is sigma_t = shift(t / T) and the equivalent alphabar is 1 - sigma_t^2.
+    """
+    if scheduler is None:
+        raise ValueError(
+            "a noise scheduler is required (load the model's own, e.g. "
+            "tsa.models.detect_family(model_path).load_scheduler(model_path))"
+        )
+    if getattr(scheduler, "alphas_cumprod", None) is not None and not is_flow_scheduler(scheduler):
+        return torch.as_tensor(scheduler.alphas_cumprod).detach().float().cpu()
+    shift = flow_shift(scheduler)
+    steps = int(scheduler.config.num_train_timesteps)
+    sigma = shift_sigmas(torch.arange(steps, dtype=torch.float64) / steps, shift)
+    return (1 - sigma.square()).float()
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """Whether a scheduler samples rectified flow: FlowMatch* (no alphas_cumprod) or UniPC / DPM-Solver with
+    flow sigmas (Wan's own scheduler folders)."""
+    config = getattr(scheduler, "config", {})
+    return bool(
+        config.get("use_flow_sigmas")
+        or config.get("prediction_type") == "flow_prediction"
+        or getattr(scheduler, "alphas_cumprod", None) is None
+    )
+
+
+def flow_shift(scheduler) -> float:
+    """The timestep shift of a flow-matching scheduler's config (`shift`, or UniPC's `flow_shift`)."""
+    config = getattr(scheduler, "config", {})
+    if config.get("use_dynamic_shifting"):
+        raise ValueError(
+            f"{type(scheduler).__name__} uses dynamic (resolution-dependent) shifting; pass the shift explicitly"
+        )
+    for key in ("shift", "flow_shift"):
+        if config.get(key) is not None:
+            return float(config[key])
+    raise ValueError(
+        f"{type(scheduler).__name__} is not a flow-matching scheduler (its config has no shift); "
+        "pass the model's own scheduler"
+    )
+
+
+def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """shift * sigma / (1 + (shift - 1) * sigma): the resolution shift of flow-matching schedules."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+class ModelFamily:
+    """One family of video DiTs (see the module docstring). Subclasses fill in the class attributes and the
+    methods that raise NotImplementedError; instances may carry objective options (e.g. timestep sampling).
+
+    `timestep_range` = (low, high) restricts training timesteps to [low, high) (e.g. one expert of a
+    two-expert model); None uses the whole schedule.
+    """
+
+    name: str = ""
+    pipeline_class_names: tuple[str, ...] = ()
+    transformer_class_names: tuple[str, ...] = ()
+    experts: tuple[str, ...] = ("transformer",)  # pipeline components that are denoisers
+    default_lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    temporal_compression: int = 4
+    spatial_multiple: int = 16
+    default_guidance_scale: float = 6.0
+    default_fps: int = 8
+    presets: dict[str, dict] = {}
+
+    def __init__(self, timestep_range: tuple[float, float] | None = None):
+        if timestep_range is not None:
+            low, high = (float(value) for value in timestep_range)
+            if not 0 <= low < high <= 1000:
+                raise ValueError(
+                    f"timestep_range must be (low, high) with 0 <= low < high <= 1000, got {timestep_range}"
+                )
+            timestep_range = (low, high)
+        self.timestep_range = timestep_range
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(timestep_range={self.timestep_range})"
+
+    @classmethod
+    def from_model_path(cls, model_path, expert: str = "transformer", **options) -> ModelFamily:
+        """The family configured for one pipeline folder and the expert a run trains (options left None take
+        the model's values)."""
+        if expert not in cls.experts:
+            raise ValueError(f"{cls.name} pipelines have the denoisers {cls.experts}, got expert={expert!r}")
+        return cls._with_options(**options)
+
+    @classmethod
+    def _with_options(cls, **options) -> ModelFamily:
+        options = {key: value for key, value in options.items() if value is not None}
+        try:
+            return cls(**options)
+        except TypeError as error:
+            raise ValueError(f"the {cls.name} family does not take the options {sorted(options)} ({error})") from None
+
+    # ------------------------------------------------------------------------------------------- loading
+    def transformer_class(self):
+        raise NotImplementedError
+
+    def pipeline_class(self):
+        raise NotImplementedError
+
+    def load_transformer(self, model_path, subfolder: str = "transformer", dtype=torch.float32) -> nn.Module:
+        if subfolder not in self.experts:
+            raise ValueError(f"{self.name} pipelines have the denoisers {self.experts}, got {subfolder!r}")
+        if not (Path(model_path) / subfolder / "config.json").is_file():
+            raise FileNotFoundError(f"{model_path} has no {subfolder}/ (a diffusers {self.name} pipeline folder)")
+        return self.transformer_class().from_pretrained(model_path, subfolder=subfolder, torch_dtype=dtype)
+
+    def load_scheduler(self, model_path):
+        """The pipeline folder's own scheduler (its class from scheduler_config.json)."""
+        import diffusers
+
+        path = Path(model_path) / "scheduler" / "scheduler_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{model_path} has no scheduler/scheduler_config.json (a diffusers pipeline folder is expected)"
+            )
+        config = json.loads(path.read_text())
+        return getattr(diffusers, config["_class_name"]).from_pretrained(model_path, subfolder="scheduler")
+
+    def load_pipeline(self, model_path, dtype=torch.float32):
+        return self.pipeline_class().from_pretrained(model_path, torch_dtype=dtype)
+
+    def load_encoders(self, model_path, device="cpu", dtype=torch.float32, tiling: bool = False):
+        """A pipeline holding only the VAE, tokenizer and text encoder (for the latent cache)."""
+        raise NotImplementedError
+
+    def max_sequence_length(self, model_path) -> int:
+        """Text tokens per prompt that the pipeline encodes."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------- latents
+    def latents_from_distribution(
+        self, latent_dist: torch.Tensor, vae_config: dict, sample: bool = True
+    ) -> torch.Tensor:
+        """Cached VAE latent distributions (B, 2C, F, h, w) -> a normalised sample (B, F, C, h, w), float32
+        (`sample=False`: the distribution's mode, no randomness)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        distribution = DiagonalGaussianDistribution(latent_dist.float())
+        return self.normalize_latents(distribution.sample() if sample else distribution.mode(), vae_config)
+
+    def normalize_latents(self, latents: torch.Tensor, vae_config: dict) -> torch.Tensor:
+        """Raw VAE latents (B, C, F, h, w) -> the normalised latents the transformer trains on, (B, F, C, h, w)."""
+        raise NotImplementedError
+
+    def vae_compression(self, vae_config: dict) -> tuple[int, int]:
+        """(temporal, spatial) compression of the family's VAE, from its config."""
+        raise NotImplementedError
+
+    def latent_shape(self, model_path, num_frames: int, height: int, width: int, expert: str = "transformer"):
+        """(1, F, C, h, w) latents of a clip of `num_frames` x `height` x `width` pixels, from the configs alone."""
+        temporal, spatial = self.vae_compression(json.loads((Path(model_path) / "vae" / "config.json").read_text()))
+        config = json.loads((Path(model_path) / expert / "config.json").read_text())
+        return 1, (num_frames - 1) // temporal + 1, config["in_channels"], height // spatial, width // spatial
+
+    def check_frames(self, num_frames: int) -> str | None:
+        """An error message when the pixel frame count does not suit the VAE, else None."""
+        ratio = self.temporal_compression
+        if num_frames < 1 or (num_frames - 1) % ratio:
+            return f"--num-frames must be {ratio}k+1 (the VAE compresses time by {ratio}), got {num_frames}"
+        return None
+
+    # ------------------------------------------------------------------------------------------- structure
+    def is_transformer(self, module) -> bool:
+        return type(module).__name__ in self.transformer_class_names
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        module = unwrap_module(model, self.is_transformer)
+        if module is None:
+            raise TypeError(
+                f"transformer must be one of {self.transformer_class_names} (a {self.name} diffusers "
+                f"transformer), got {type(model).__name__}"
+            )
+        return module
+
+    def blocks(self, transformer: nn.Module) -> nn.ModuleList:
+        """The transformer blocks, in order; block i's output holds the video tokens (see video_tokens)."""
+        raise NotImplementedError
+
+    def token_grid(self, config, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(F, H, W) video-token grid of the transformer for latents of shape (B, F, C, h, w)."""
+        raise NotImplementedError
+
+    def video_tokens(self, block_output, grid: tuple[int, int, int]) -> torch.Tensor:
+        """A block's output -> its video tokens (B, F, H, W, C) (frame-major token order)."""
+        hidden_states = block_output[0] if isinstance(block_output, tuple) else block_output
+        batch, num_tokens, channels = hidden_states.shape
+        frames, height, width = grid
+        if num_tokens != frames * height * width:
+            raise RuntimeError(f"block returned {num_tokens} video tokens, expected {frames}x{height}x{width}")
+        return hidden_states.view(batch, frames, height, width, channels)
+
+    def transformer_input_grid(self, config, hidden_states_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(F, H, W) for the transformer's `hidden_states` input, in the transformer's own layout."""
+        return self.token_grid(config, hidden_states_shape)
+
+    def width(self, config) -> int:
+        return config.num_attention_heads * config.attention_head_dim
+
+    def text_dim(self, config) -> int:
+        raise NotImplementedError
+
+    def latent_channels(self, config) -> int:
+        return config.out_channels
+
+    def default_align_layer(self, num_blocks: int) -> int:
+        """The 1-based block whose features are aligned by default (about 60% depth)."""
+        return max(1, round(0.6 * num_blocks))
+
+    def check_latents(self, config, latents: torch.Tensor) -> None:
+        """Raise ValueError when latents (B, F, C, h, w) cannot enter the transformer."""
+
+    # ------------------------------------------------------------------------------------------- objective
+    prediction_type: str = ""
+
+    def check_scheduler(self, scheduler) -> None:
+        """Raise ValueError when `scheduler` is not a training / sampling schedule of this family."""
+        raise NotImplementedError
+
+    def sample_timesteps(self, scheduler, batch_size: int, device, generator=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def denoise_and_loss(
+        self, transformer, scheduler, latents, prompt_embeds, *, timesteps=None, noise=None, generator=None
+    ) -> dict[str, torch.Tensor]:
+        """One training forward on clean latents (B, F, C, h, w) and prompt_embeds (B, L, D).
+        Returns {"loss", "x0_pred" (B, F, C, h, w), "timesteps" (B,), "noisy_latents"}."""
+        raise NotImplementedError
+
+    def x0_from_output(self, scheduler, model_output, sample, timestep) -> torch.Tensor:
+        """The x0 estimate (B, F, C, h, w) of one sampling step from the model output and the current sample,
+        both in the pipeline's own latent layout; differentiable in model_output (motion guidance)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------- weights
+    def save_lora_weights(self, output_dir, lora_layers: dict, metadata: dict, expert: str = "transformer"):
+        """Write `lora_layers` (peft state dict of `expert`) as the pipeline's load_lora_weights expects."""
+        self.pipeline_class().save_lora_weights(
+            output_dir, transformer_lora_layers=lora_layers, transformer_lora_adapter_metadata=metadata
+        )
+
+    def load_run_weights(self, pipe, run_dir, expert: str = "transformer", dtype=torch.float32):
+        """Put a finished tsa-train run's weights (full `expert/` folder or LoRA file) into `pipe`."""
+        run_dir = Path(run_dir)
+        if (run_dir / expert).is_dir():
+            setattr(pipe, expert, self.transformer_class().from_pretrained(run_dir / expert, torch_dtype=dtype))
+        elif (run_dir / "pytorch_lora_weights.safetensors").is_file():
+            self.load_lora_into(pipe, run_dir, expert)
+        else:
+            raise FileNotFoundError(
+                f"{run_dir} holds neither {expert}/ nor pytorch_lora_weights.safetensors "
+                "(the final weights of a finished tsa-train run)"
+            )
+        return pipe
+
+    def load_lora_into(self, pipe, run_dir, expert: str = "transformer"):
+        pipe.load_lora_weights(run_dir)
+
+    def load_trained_transformer(self, run_dir, model_path, expert: str = "transformer", dtype=torch.float32):
+        """A finished run's `expert` alone (no pipeline): RUN_DIR/expert (full fine-tune), or the base model's
+        with the run's LoRA file as a peft adapter (`disable_adapters()` gives the base model back)."""
+        run_dir = Path(run_dir)
+        if (run_dir / expert).is_dir():
+            return self.transformer_class().from_pretrained(run_dir / expert, torch_dtype=dtype)
+        if not (run_dir / "pytorch_lora_weights.safetensors").is_file():
+            raise FileNotFoundError(
+                f"{run_dir} holds neither {expert}/ nor pytorch_lora_weights.safetensors "
+                "(the final weights of a finished tsa-train run)"
+            )
+        transformer = self.load_transformer(model_path, expert, dtype)
+        # save_lora_weights writes every expert's layers under the pipeline's "transformer" prefix
+        transformer.load_lora_adapter(run_dir, weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
+        return transformer
+
+    # ------------------------------------------------------------------------------------------- tiny models
+    def save_tiny_pipeline(self, path, **options) -> Path:
+        """Save a tiny random pipeline folder of this family's real classes (CPU tests, --preset tiny)."""
+        raise NotImplementedError

@@ -1,0 +1,406 @@
+"""Wan2.1 / Wan2.2 (diffusers WanPipeline / WanTransformer3DModel / AutoencoderKLWan / UMT5).
+
+Rectified flow: for t in [0, 1000), sigma = t / 1000, x_t = (1 - sigma) x0 + sigma * eps; the model predicts
+v ~ eps - x0; loss = batch mean of per-sample mean((v_hat - (eps - x0))^2); x0_hat = x_t - sigma * v_hat.
+Training timesteps: u ~ logit-normal(mean 0, std 1) (or uniform), sigma = shift * u / (1 + (shift - 1) u)
+with the scheduler's shift, t = 1000 sigma (continuous), as diffusers' flow-matching training examples
+(their u indexes a 1000-step table; here sigma is not discretised).
+
+Latents: the VAE sample normalised per channel, (z - latents_mean) / latents_std, given to tsa as
+(B, F, C, h, w) (the transformer's own layout is (B, C, F, h, w)). Text: umT5, 512 tokens. Text enters
+by cross-attention, so every block's output is video tokens only, ordered (f, h, w).
+
+Wan2.2 T2V-A14B has two experts, `transformer` (high noise, t >= boundary_ratio * 1000) and `transformer_2`
+(low noise); a run trains one of them on its own timestep range. TI2V-5B (`expand_timesteps`) takes
+per-token timesteps and a 16x spatial VAE with 48 latent channels.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from tsa.choices import TIMESTEP_SAMPLING
+from tsa.models.base import ModelFamily, flow_shift, is_flow_scheduler, model_index, shift_sigmas
+
+
+class WanFamily(ModelFamily):
+    """Options: `timestep_sampling` ("logit-normal" or "uniform"), `logit_mean` / `logit_std`, `shift` (None: the
+    scheduler's), `timestep_range` (see ModelFamily), `expand_timesteps` (TI2V-5B: per-token timesteps)."""
+
+    name = "wan"
+    pipeline_class_names = ("WanPipeline",)
+    transformer_class_names = ("WanTransformer3DModel",)
+    experts = ("transformer", "transformer_2")
+    prediction_type = "flow"
+    default_guidance_scale = 5.0
+    default_fps = 16
+    presets = {
+        # M-TSA on Wan2.1 T2V-1.3B, full fine-tune, 81 x 480 x 832 (21 x 30 x 52 video tokens; block 18 of 30).
+        "wan2.1-1.3b-mtsa": dict(
+            model_family="wan",
+            height=480,
+            width=832,
+            num_frames=81,
+            align="mtsa",
+            align_layer=18,
+            align_weight=0.5,
+            tau=0.1,
+            top_k=0.2,
+            finetune="full",
+            learning_rate=2e-6,
+            lr_warmup_steps=100,
+            train_batch_size=2,
+            max_steps=4000,
+            checkpointing_steps=500,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            vae_tiling=True,
+        ),
+        # Wan2.1 T2V-14B with LoRA r128 / alpha 64, 81 x 720 x 1280 (21 x 45 x 80 tokens; block 24 of 40).
+        "wan2.1-14b-lora": dict(
+            model_family="wan",
+            height=720,
+            width=1280,
+            num_frames=81,
+            align="mtsa",
+            align_layer=24,
+            align_weight=0.5,
+            tau=0.1,
+            top_k=0.2,
+            finetune="lora",
+            lora_rank=128,
+            lora_alpha=64,
+            learning_rate=1e-4,
+            lr_warmup_steps=100,
+            train_batch_size=1,
+            max_steps=2000,
+            checkpointing_steps=250,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            vae_tiling=True,
+        ),
+    }
+
+    def __init__(
+        self,
+        timestep_range=None,
+        *,
+        timestep_sampling: str = "logit-normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        shift: float | None = None,
+        expand_timesteps: bool = False,
+        spatial_multiple: int = 16,
+    ):
+        super().__init__(timestep_range)
+        if timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
+        if not logit_std > 0:
+            raise ValueError(f"logit_std must be > 0, got {logit_std}")
+        if shift is not None and not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, float(logit_mean), float(logit_std)
+        self.shift, self.expand_timesteps, self.spatial_multiple = shift, bool(expand_timesteps), spatial_multiple
+
+    def __repr__(self) -> str:
+        return (
+            f"WanFamily(timestep_range={self.timestep_range}, timestep_sampling={self.timestep_sampling!r}, "
+            f"logit_mean={self.logit_mean}, logit_std={self.logit_std}, shift={self.shift}, "
+            f"expand_timesteps={self.expand_timesteps})"
+        )
+
+    @classmethod
+    def from_model_path(cls, model_path, expert: str = "transformer", **options) -> WanFamily:
+        """The family configured for a pipeline folder: expand_timesteps and the VAE x patch size multiple from
+        its configs, and for a two-expert model (boundary_ratio) the chosen expert's timestep range."""
+        import json
+
+        index = model_index(model_path)
+        if expert not in cls.experts:
+            raise ValueError(f"expert must be one of {cls.experts}, got {expert!r}")
+        boundary = index.get("boundary_ratio")
+        if expert == "transformer_2" and (boundary is None or index.get("transformer_2", [None])[0] is None):
+            raise ValueError(f"{model_path} has no second expert (transformer_2 with a boundary_ratio)")
+        options = {key: value for key, value in options.items() if value is not None}
+        if boundary is not None and options.get("timestep_range") is None:
+            options["timestep_range"] = (boundary * 1000, 1000) if expert == "transformer" else (0, boundary * 1000)
+        vae_config = Path(model_path) / "vae" / "config.json"
+        if vae_config.is_file():
+            spatial = json.loads(vae_config.read_text()).get("scale_factor_spatial") or 8
+            options.setdefault("spatial_multiple", 2 * spatial)
+        options.setdefault("expand_timesteps", bool(index.get("expand_timesteps", False)))
+        return cls._with_options(**options)
+
+    # ------------------------------------------------------------------------------------------- loading
+    def transformer_class(self):
+        from diffusers import WanTransformer3DModel
+
+        return WanTransformer3DModel
+
+    def pipeline_class(self):
+        from diffusers import WanPipeline
+
+        return WanPipeline
+
+    def load_encoders(self, model_path, device="cpu", dtype=torch.float32, tiling=False):
+        from diffusers import AutoencoderKLWan, WanPipeline
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", torch_dtype=dtype).to(device).eval()
+        if tiling:
+            vae.enable_tiling()
+        return WanPipeline(
+            tokenizer=AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer"),
+            text_encoder=UMT5EncoderModel.from_pretrained(model_path, subfolder="text_encoder", torch_dtype=dtype).to(
+                device
+            ),
+            vae=vae,
+            transformer=None,
+            scheduler=None,
+        )
+
+    def max_sequence_length(self, model_path) -> int:
+        return 512  # WanPipeline.__call__'s default
+
+    def normalize_latents(self, latents, vae_config):
+        latents = latents.float()
+        shape = (1, -1, 1, 1, 1)
+        mean = torch.tensor(vae_config["latents_mean"], dtype=torch.float32, device=latents.device).view(shape)
+        std = torch.tensor(vae_config["latents_std"], dtype=torch.float32, device=latents.device).view(shape)
+        return ((latents - mean) / std).permute(0, 2, 1, 3, 4)
+
+    def vae_compression(self, vae_config):
+        return vae_config.get("scale_factor_temporal") or 4, vae_config.get("scale_factor_spatial") or 8
+
+    # ------------------------------------------------------------------------------------------- structure
+    def blocks(self, transformer):
+        return self.unwrap(transformer).blocks
+
+    def token_grid(self, config, latent_shape):
+        _, frames, _, height, width = latent_shape
+        patch_t, patch_h, patch_w = config.patch_size
+        return frames // patch_t, height // patch_h, width // patch_w
+
+    def transformer_input_grid(self, config, hidden_states_shape):
+        batch, channels, frames, height, width = hidden_states_shape
+        return self.token_grid(config, (batch, frames, channels, height, width))
+
+    def text_dim(self, config) -> int:
+        return config.text_dim
+
+    def check_latents(self, config, latents):
+        patch_t, patch_h, patch_w = config.patch_size
+        if latents.shape[1] % patch_t or latents.shape[3] % patch_h or latents.shape[4] % patch_w:
+            raise ValueError(
+                f"latents (B, F, C, h, w) = {tuple(latents.shape)} must divide by the patch size "
+                f"{tuple(config.patch_size)} (F, h, w)"
+            )
+        if latents.shape[2] != config.in_channels:
+            raise ValueError(f"latents have {latents.shape[2]} channels, the transformer takes {config.in_channels}")
+
+    # ------------------------------------------------------------------------------------------- objective
+    def check_scheduler(self, scheduler):
+        if scheduler is None:
+            raise ValueError(
+                "a noise scheduler is required: pass the model's own (WanFamily().load_scheduler("
+                "model_path)), its shift sets the training timesteps"
+            )
+        prediction = scheduler.config.get("prediction_type")
+        if not is_flow_scheduler(scheduler):
+            raise ValueError(
+                f"Wan trains with rectified flow: pass a flow-matching scheduler "
+                f"(FlowMatchEulerDiscreteScheduler, or UniPC with use_flow_sigmas), got "
+                f"{type(scheduler).__name__}"
+            )
+        if prediction not in (None, "flow_prediction"):
+            raise ValueError(f"Wan needs a flow-prediction scheduler, got prediction_type={prediction!r}")
+        if self.shift is None:
+            flow_shift(scheduler)  # raises for schedulers without one
+
+    def sigma_shift(self, scheduler) -> float:
+        return self.shift if self.shift is not None else flow_shift(scheduler)
+
+    def sample_timesteps(self, scheduler, batch_size, device, generator=None):
+        """(B,) float timesteps t = 1000 sigma, sigma = shift(u), u logit-normal or uniform, inside
+        `timestep_range` (the truncated distribution, sampled exactly through its inverse CDF)."""
+        shift = self.sigma_shift(scheduler)
+        steps = float(scheduler.config.num_train_timesteps)
+        low, high = self.timestep_range or (0.0, steps)
+
+        def unshift(sigma):  # inverse of shift_sigmas
+            return sigma / (shift - (shift - 1) * sigma)
+
+        u_low, u_high = unshift(low / steps), unshift(high / steps)
+        gen_device = generator.device if generator is not None else device
+        p = torch.rand(batch_size, generator=generator, device=gen_device, dtype=torch.float64)
+        if self.timestep_sampling == "uniform":
+            u = u_low + (u_high - u_low) * p
+        else:
+
+            def cdf(value):  # normal CDF of the logit of u
+                if value <= 0 or value >= 1:
+                    return 0.0 if value <= 0 else 1.0
+                return 0.5 * (
+                    1 + math.erf((math.log(value / (1 - value)) - self.logit_mean) / (self.logit_std * math.sqrt(2)))
+                )
+
+            lo, hi = cdf(u_low), cdf(u_high)
+            q = (lo + (hi - lo) * p).clamp(1e-12, 1 - 1e-12)
+            u = torch.sigmoid(self.logit_mean + self.logit_std * torch.special.ndtri(q))
+        sigma = shift_sigmas(u, shift).clamp(low / steps, high / steps * (1 - 1e-6))  # t in [low, high)
+        return (sigma * steps).float().to(device)
+
+    def transformer_timesteps(self, timesteps, transformer, grid) -> torch.Tensor:
+        """(B,) timesteps as the transformer takes them: (B, tokens) per-token copies with expand_timesteps."""
+        if not self.expand_timesteps:
+            return timesteps
+        return timesteps[:, None].expand(-1, math.prod(grid))
+
+    def denoise_and_loss(
+        self, transformer, scheduler, latents, prompt_embeds, *, timesteps=None, noise=None, generator=None
+    ):
+        """x_t = (1 - sigma) x0 + sigma eps; v_hat = transformer(x_t, prompt, t); x0_hat = x_t - sigma v_hat."""
+        self.check_scheduler(scheduler)
+        batch = latents.shape[0]
+        if timesteps is None:
+            timesteps = self.sample_timesteps(scheduler, batch, latents.device, generator)
+        timesteps = timesteps.to(device=latents.device, dtype=torch.float32)
+        if noise is None:
+            gen_device = generator.device if generator is not None else latents.device
+            noise = torch.randn(latents.shape, generator=generator, device=gen_device, dtype=latents.dtype)
+        noise = noise.to(latents)
+        sigma = (timesteps / scheduler.config.num_train_timesteps).view(batch, 1, 1, 1, 1)
+        noisy_latents = ((1 - sigma) * latents.float() + sigma * noise.float()).to(latents.dtype)
+        module = self.unwrap(transformer)
+        grid = self.token_grid(module.config, tuple(latents.shape))
+        velocity = transformer(
+            hidden_states=noisy_latents.permute(0, 2, 1, 3, 4),
+            encoder_hidden_states=prompt_embeds,
+            timestep=self.transformer_timesteps(timesteps, module, grid),
+            return_dict=False,
+        )[0].permute(0, 2, 1, 3, 4)
+        target = noise.float() - latents.float()
+        loss = (velocity.float() - target).pow(2).flatten(1).mean(1).mean()
+        x0_pred = noisy_latents.float() - sigma * velocity.float()
+        return {
+            "loss": loss,
+            "x0_pred": x0_pred.to(latents.dtype),
+            "timesteps": timesteps,
+            "noisy_latents": noisy_latents,
+        }
+
+    def x0_from_output(self, scheduler, model_output, sample, timestep):
+        index = int((scheduler.timesteps.to(sample.device) - timestep).abs().argmin())
+        sigma = scheduler.sigmas[index].to(device=sample.device, dtype=torch.float32)
+        return (sample.float() - sigma * model_output).permute(0, 2, 1, 3, 4)
+
+    # ------------------------------------------------------------------------------------------- weights
+    def load_lora_into(self, pipe, run_dir, expert="transformer"):
+        pipe.load_lora_weights(run_dir, load_into_transformer_2=expert == "transformer_2")
+
+    # ------------------------------------------------------------------------------------------- tiny models
+    def tiny_components(
+        self, num_layers: int = 2, two_experts: bool = False, ti2v: bool = False, seed: int = 0
+    ) -> dict:
+        """The components of a WanPipeline, tiny and random: Wan2.1 by default, Wan2.2 A14B-style with
+        `two_experts` (transformer + transformer_2, boundary_ratio 0.875), TI2V-5B-style with `ti2v`
+        (expand_timesteps, a residual VAE with 16x spatial compression)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from tsa.tiny import tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        channels = 6 if ti2v else 4
+        components = {
+            "tokenizer": tokenizer,
+            "text_encoder": tiny_umt5(len(tokenizer), seed=seed),
+            "vae": tiny_wan_vae(channels, residual=ti2v, seed=seed),
+            "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+            "transformer": tiny_wan_transformer(num_layers, channels, seed=seed),
+        }
+        if two_experts:
+            components.update(
+                transformer_2=tiny_wan_transformer(num_layers, channels, seed=seed + 1), boundary_ratio=0.875
+            )
+        if ti2v:
+            components["expand_timesteps"] = True
+        return components
+
+    def save_tiny_pipeline(
+        self, path, num_layers: int = 2, two_experts: bool = False, ti2v: bool = False, seed: int = 0
+    ) -> Path:
+        from diffusers import WanPipeline
+
+        path = Path(path)
+        WanPipeline(**self.tiny_components(num_layers, two_experts, ti2v, seed)).save_pretrained(path)
+        return path
+
+
+def tiny_wan_transformer(num_layers: int = 2, latent_channels: int = 4, seed: int = 0):
+    """WanTransformer3DModel: 2 heads x 16 dims, patch (1, 2, 2), text width TINY_TEXT_DIM."""
+    from diffusers import WanTransformer3DModel
+
+    from tsa.tiny import TINY_TEXT_DIM
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        text_dim=TINY_TEXT_DIM,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=num_layers,
+        rope_max_seq_len=64,
+    )
+
+
+def tiny_wan_vae(latent_channels: int = 4, residual: bool = False, seed: int = 0):
+    """AutoencoderKLWan with the real 4x temporal compression, 8x spatial (16x with `residual`, the TI2V-5B
+    layout), 8-channel blocks and non-trivial latents_mean / latents_std."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    mean = (torch.randn(latent_channels, generator=generator) * 0.5).tolist()
+    std = (torch.rand(latent_channels, generator=generator) * 1.5 + 0.5).tolist()
+    options = (
+        dict(is_residual=True, patch_size=2, scale_factor_spatial=16, in_channels=12, out_channels=12)
+        if residual
+        else {}
+    )
+    return AutoencoderKLWan(
+        base_dim=8,
+        z_dim=latent_channels,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=mean,
+        latents_std=std,
+        **options,
+    ).eval()
+
+
+def tiny_umt5(vocab_size: int, seed: int = 0):
+    """A 2-layer UMT5 encoder with d_model = TINY_TEXT_DIM."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from tsa.tiny import TINY_TEXT_DIM
+
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=TINY_TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+    )
+    return UMT5EncoderModel(config).eval()
