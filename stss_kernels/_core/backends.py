@@ -43,6 +43,18 @@ def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def check_triton_runs(what: str, device: torch.device, instead: str) -> None:
+    """Raise unless Triton kernels can run on `device`: Triton installed, and CUDA/ROCm tensors or the CPU
+    interpreter (TRITON_INTERPRET=1). `what` names the caller, `instead` the portable alternative."""
+    if not triton_available():
+        raise RuntimeError(f"{what} needs Triton, which is not installed; use {instead}")
+    if device.type != "cuda" and not triton_interpreting():
+        raise ValueError(
+            f"{what} needs CUDA/ROCm tensors, got {device.type} tensors; set TRITON_INTERPRET=1 "
+            f"to run the kernels in the CPU interpreter, or use {instead}"
+        )
+
+
 def resolve_backend(
     backends: dict[str, tuple[str, str]], backend: str, device: torch.device, dtype: torch.dtype
 ) -> Callable:
@@ -57,13 +69,7 @@ def resolve_backend(
         use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
         backend = "triton" if use_triton else "torch"
     if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("backend='triton' needs Triton, which is not installed; use backend='torch'")
-        if device.type != "cuda" and not triton_interpreting():
-            raise ValueError(
-                f"backend='triton' needs CUDA/ROCm tensors, got {device.type} tensors; set TRITON_INTERPRET=1 "
-                "to run the kernels in the CPU interpreter, or use backend='torch'"
-            )
+        check_triton_runs("backend='triton'", device, "backend='torch'")
     module, name = backends[backend]
     loaded = sys.modules.get(module)
     return getattr(loaded if loaded is not None else importlib.import_module(module), name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from stss_kernels._core.backends import triton_available, triton_interpreting
+from stss_kernels._core.backends import check_triton_runs
 from stss_kernels._core.validation import check_backend_inputs, check_choice, check_real
 from stss_kernels.ops.relation_distance.pairs import VARIANTS
 from stss_kernels.ops.relation_distance.triton_backend.function import relation_distance_triton_op
@@ -37,10 +37,7 @@ def relation_distance_triton(
     frames = check_backend_inputs(student, teacher, frames, query_weight, dtypes=SUPPORTED_DTYPES)
     margin = check_real("margin", margin, inclusive=True)
     check_choice("variant", variant, VARIANTS)
-    if not triton_available():
-        raise RuntimeError("relation_distance_triton needs Triton, which is not installed; use relation_distance_torch")
-    if not student.is_cuda and not triton_interpreting():
-        raise ValueError(f"student: the Triton backend needs GPU tensors (got {student.device}), or TRITON_INTERPRET=1")
+    check_triton_runs("relation_distance_triton", student.device, "relation_distance_torch")
     weight = None if query_weight is None else query_weight.detach()
     return relation_distance_triton_op(student.contiguous(), teacher.contiguous(), frames, margin, variant, weight)
 

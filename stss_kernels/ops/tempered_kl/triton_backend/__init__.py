@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from stss_kernels._core.backends import triton_available, triton_interpreting
+from stss_kernels._core.backends import check_triton_runs
 from stss_kernels._core.validation import check_backend_inputs, check_temperature
 from stss_kernels.ops.tempered_kl.triton_backend.function import tempered_kl_triton_op
 from stss_kernels.ops.tempered_kl.triton_backend.generations import kernel_generation
@@ -40,10 +40,7 @@ def tempered_kl_triton(
     frames = check_backend_inputs(student, teacher, frames, query_weight, dtypes=SUPPORTED_DTYPES)
     tau_student = check_temperature("tau_student", tau_student)
     tau_teacher = check_temperature("tau_teacher", tau_teacher)
-    if not triton_available():
-        raise RuntimeError("tempered_kl_triton needs Triton, which is not installed; use tempered_kl_torch")
-    if not student.is_cuda and not triton_interpreting():
-        raise ValueError(f"student: the Triton backend needs GPU tensors (got {student.device}), or TRITON_INTERPRET=1")
+    check_triton_runs("tempered_kl_triton", student.device, "tempered_kl_torch")
     weight = None if query_weight is None else query_weight.detach()
     student, teacher = student.contiguous(), teacher.contiguous()
     return tempered_kl_triton_op(student, teacher, frames, tau_student, tau_teacher, weight, kernel_generation())[0]
