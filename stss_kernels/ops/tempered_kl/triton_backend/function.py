@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from stss_kernels._core.backends import on_device
+from stss_kernels._core.gradients import power_of_two_normalized
 from stss_kernels._core.library import define_fused_op
 from stss_kernels._core.queries import kept_queries
 from stss_kernels.ops.tempered_kl.triton_backend.generations import kernels
@@ -60,11 +61,9 @@ def _backward(
     row_grad = grad_kl.float() / frames
     if keep is not None:  # skipped queries pass no gradient (the wide backward may visit them)
         row_grad = torch.where(keep, row_grad, 0.0)
-    # The kernels round the tiles of dL/dS to the input dtype: bring the upstream gradient (e.g. 1 / (B N)
-    # under a mean) to O(1) by an exact power of two so fp16 tiles do not underflow; undone in fp32 below.
-    magnitude = row_grad.abs().amax()
-    scale = torch.where(magnitude > 0, torch.exp2(torch.round(torch.log2(magnitude))), 1.0)
-    row_grad = (row_grad / scale).contiguous()
+    # The kernels round the tiles of dL/dS to the input dtype: scaled to O(1) so fp16 tiles do not underflow.
+    row_grad, scale = power_of_two_normalized(row_grad)
+    row_grad = row_grad.contiguous()
     grads = []
     with on_device(student):
         for features, for_teacher, need in ((student, False, need_student), (teacher, True, need_teacher)):
