@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from stss_kernels._core.backends import triton_interpreting
+from stss_kernels._core.library import is_tracing
 
 # Set STSS_AUTOTUNE=0 to use every kernel's default config without timing anything.
 AUTOTUNE_ENV = "STSS_AUTOTUNE"
@@ -40,7 +41,7 @@ def shape_class(*, tokens: int, hw: int, channels: Sequence[int], dtype: torch.d
 
 def capturing_or_tracing() -> bool:
     """True inside CUDA-graph capture or torch.compile / torch.export tracing: no timing runs then."""
-    if torch.compiler.is_compiling():
+    if is_tracing():
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
