@@ -35,6 +35,8 @@ OPS = (
 MASKS = ("none", "bool", "float")
 REDUCTIONS = ("none", "sum", "mean")
 TAU_STUDENT, TAU_TEACHER, MARGIN = 0.2, 0.15, 0.1
+pytestmark = pytest.mark.slow  # multi-process
+
 # A collective that waits longer than this fails instead of hanging the test.
 COLLECTIVE_TIMEOUT_S = 60
 
@@ -349,3 +351,24 @@ def test_process_group_needs_initialised_distributed():
     student = torch.randn(1, 4, 3)
     with pytest.raises(RuntimeError, match="init_process_group"):
         tempered_kl(student, student, frames=2, process_group=object())
+
+
+def test_bench_shards_reports_bytes_sent(tmp_path):
+    """`python -m bench --shards 1,2`: one row per P beside the one-process op; the bytes each rank sends follow
+    the formula of docs/distributed.md (descriptor, key gather, loss sums; backward: the gradient all-to-all)."""
+    from bench.cli import main
+    from stss_kernels._core.sharding import DESCRIPTOR_BYTES
+
+    argv = "--op relation_distance --variant spatial --shards 1,2 --modes fwd+bwd --batch 1 --frames 4 --hw 10 --cs 8"
+    argv = [*argv.split(), "--ct", "6", "--min-runs", "1", "--min-time", "0", "--out", str(tmp_path)]
+    result = main(argv)
+    key_bytes = 1 * 20 * (8 + 6) * 4  # B x largest shard x (Cs + Ct) x fp32, sent once to the other rank
+    rows = result["shards"]["fwd+bwd"]["rows"]
+    assert [row["shards"] for row in rows] == [None, 1, 2]
+    assert [row["max_sent_bytes"] for row in rows[:2]] == [0, 0]
+    assert [rank["tokens"] for rank in rows[2]["ranks"]] == [20, 20]
+    for rank in rows[2]["ranks"]:
+        # forward: descriptor, keys, the loss's sum (one fp32); backward: the key gradients
+        assert rank["sent_bytes"] == DESCRIPTOR_BYTES + key_bytes + 4 + key_bytes
+        assert rank["ms"]["median"] > 0
+    assert result["paths"][0].exists()

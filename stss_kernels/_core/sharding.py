@@ -83,6 +83,8 @@ def _collective_device(group) -> torch.device:
 def all_gather_stacked(local: torch.Tensor, group) -> torch.Tensor:
     """Every rank's `local` (all of one shape) stacked in rank order: (P, *local.shape)."""
     size = dist.get_world_size(group)
+    if size == 1:  # nothing to exchange: skip the collective's latency
+        return local.reshape(1, *local.shape)
     flat = local.new_empty(size * local.numel())
     # torch 2.13 renames all_gather_into_tensor to all_gather_single.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -180,9 +182,11 @@ class _GatherTokens(torch.autograd.Function):
         send = grad_full.new_zeros((len(sizes), batch, widest, channels))
         for q, block in enumerate(grad_full.split(sizes, dim=1)):
             send[q, :, : sizes[q]] = block
-        received = torch.empty_like(send)
-        dist.all_to_all_single(received, send, group=group)
-        _log_sent((len(sizes) - 1) * send[0].numel() * send.element_size())
+        received = send
+        if len(sizes) > 1:
+            received = torch.empty_like(send)
+            dist.all_to_all_single(received, send, group=group)
+            _log_sent((len(sizes) - 1) * send[0].numel() * send.element_size())
         # Summed in rank order in the accumulation dtype: the same bits whatever the collective's algorithm.
         total = received[0, :, : sizes[rank]].to(accumulation_dtype(grad_full.dtype))
         for q in range(1, len(sizes)):
