@@ -2,7 +2,8 @@
 
 For each P, P processes (gloo on CPU, NCCL with one GPU per rank on CUDA) each hold a contiguous slice of
 N / P tokens (the remainder on the first ranks) of one workload and run the op's forward (or forward + backward)
-with the group. Per rank: the median time of a call (every call starts after a barrier), the peak memory of
+with the group. Per rank: the median time of a call (every call starts after a barrier; on CPU also the CPU time
+of the rank's process, which counts its own work whatever else shares the cores), the peak memory of
 one call above the inputs (bench.measure.peak_memory_bytes: CUDA's allocator peak, or the growth of the CPU
 process's resident set), and the bytes its collectives send (stss_kernels._core.sharding.count_communication).
 Beside them, the one-process op without a group in a process of its own ("1 (no group)").
@@ -113,21 +114,32 @@ def _time_ranks(fn, device: torch.device, group, case: ShardCase) -> dict:
     """Median and spread of fn's time in ms over a run count every rank agrees on (each rank must make the same
     number of calls, or their collectives would wait for each other forever)."""
 
+    cpu_times = []
+
     def timed() -> float:
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        cpu_times.append((time.process_time() - begin_cpu) * 1e3)
         return (time.perf_counter() - begin) * 1e3
 
     timed()  # warm-up: autotuning, allocator
+    cpu_times.clear()
     first = torch.tensor([timed()], dtype=torch.float64, device=device)
     if group is not None:
         dist.all_reduce(first, op=dist.ReduceOp.MAX, group=group)
     runs = max(case.min_runs, min(100, math.ceil(case.min_time_s * 1e3 / max(first.item(), 1e-3))))
     times = [first.item()] + [timed() for _ in range(runs - 1)]
     quartiles = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
-    return {"median": statistics.median(times), "q25": quartiles[0], "q75": quartiles[2], "runs": len(times)}
+    return {
+        "median": statistics.median(times),
+        "q25": quartiles[0],
+        "q75": quartiles[2],
+        "runs": len(times),
+        # CPU time of the rank's process (all its threads): its own work, whatever else shares the cores.
+        "cpu_median": statistics.median(cpu_times),
+    }
 
 
 def _worker(rank: int, world: int, port: int, case_json: str, grouped: bool, out_dir: str) -> None:
@@ -206,15 +218,20 @@ def run_shards(case: ShardCase, shards: int | None) -> dict:
 
 def format_table(case: ShardCase, rows: list[dict]) -> str:
     """Markdown table: P, tokens per rank, per-rank time (slowest rank), peak memory and bytes sent per rank."""
+    cpu = case.device == "cpu"
     lines = [
-        "| P | tokens per rank | time per rank (ms, slowest rank) | peak memory per rank (MiB) | sent per rank (MiB) |",
-        "|---|---|---|---|---|",
+        "| P | tokens per rank | time per rank (ms, slowest rank) |"
+        + (" CPU time per rank (ms, largest) |" if cpu else "")
+        + " peak memory per rank (MiB) | sent per rank (MiB) |",
+        "|---|---|---|" + ("---|" if cpu else "") + "---|---|",
     ]
     for row in rows:
         label = "1 (no group)" if row["shards"] is None else str(row["shards"])
         tokens = "/".join(str(rank["tokens"]) for rank in row["ranks"])
         lines.append(
-            f"| {label} | {tokens} | {row['max_ms']:.1f} | {row['max_peak_bytes'] / 2**20:.1f} | "
+            f"| {label} | {tokens} | {row['max_ms']:.1f} | "
+            + (f"{max(rank['ms']['cpu_median'] for rank in row['ranks']):.1f} | " if cpu else "")
+            + f"{row['max_peak_bytes'] / 2**20:.1f} | "
             f"{row['max_sent_bytes'] / 2**20:.2f} |"
         )
     return "\n".join(lines)
