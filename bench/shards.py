@@ -2,10 +2,10 @@
 
 For each P, P processes (gloo on CPU, NCCL with one GPU per rank on CUDA) each hold a contiguous slice of
 N / P tokens (the remainder on the first ranks) of one workload and run the op's forward (or forward + backward)
-with the group. Per rank: the median time of a call (every call starts after a barrier; on CPU also the CPU time
-of the rank's process, which counts its own work whatever else shares the cores), the peak memory of
-one call above the inputs (bench.measure.peak_memory_bytes: CUDA's allocator peak, or the growth of the CPU
-process's resident set), and the bytes its collectives send (stss_kernels._core.sharding.count_communication).
+with the group. Per rank: the median time of a call (all ranks start it together after an untimed barrier; on
+CPU also the CPU time of the rank's process, which counts its own work whatever else shares the cores), the peak
+memory of one call above the inputs (bench.measure.peak_memory_bytes: CUDA's allocator peak, or the growth of the
+CPU process's resident set), and the bytes its collectives send (stss_kernels._core.sharding.count_communication).
 Beside them, the one-process op without a group in a process of its own ("1 (no group)").
 
 On CPU every rank runs one torch thread (standing in for one device per rank): with more ranks than cores the
@@ -117,6 +117,8 @@ def _time_ranks(fn, device: torch.device, group, case: ShardCase) -> dict:
     cpu_times = []
 
     def timed() -> float:
+        if group is not None:  # every rank starts together; the wait is not timed
+            dist.barrier(group)
         begin, begin_cpu = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
@@ -170,7 +172,7 @@ def _worker(rank: int, world: int, port: int, case_json: str, grouped: bool, out
                 dist.barrier(group)
             return call()
 
-        timing = _time_ranks(synchronised_call, device, group, case)
+        timing = _time_ranks(call, device, group, case)
         peak = peak_memory_bytes(synchronised_call, device)
         with count_communication() as sent:
             call()

@@ -103,7 +103,7 @@ class ShardLayout:
         self.total = sum(sizes)
 
 
-def _describe(student, teacher, frames, weight, reduction, normalize, options) -> dict:
+def _describe(student, teacher, frames, query_mask, reduction, normalize, options) -> dict:
     return {
         "batch": student.shape[0],
         "tokens": student.shape[1],
@@ -112,7 +112,7 @@ def _describe(student, teacher, frames, weight, reduction, normalize, options) -
         "dtype": str(student.dtype),
         "device_type": student.device.type,
         "frames": frames,
-        "mask": "none" if weight is None else ("bool" if weight.dtype == torch.bool else "float"),
+        "mask": "none" if query_mask is None else ("bool" if query_mask.dtype == torch.bool else "float"),
         "reduction": reduction,
         "normalize": bool(normalize),
         **options,
@@ -280,7 +280,7 @@ def sharded_loss(
     try:
         weight = _check_local(student, teacher, frames, query_mask, reduction, check_options)
         entry = _describe(student, teacher, frames, query_mask, reduction, normalize, options)
-    except (TypeError, ValueError, RuntimeError) as error:
+    except Exception as error:  # any local failure is every rank's: raised below on all of them
         entry = {"error": [type(error).__name__, str(error)]}
     entries = agree_on_inputs(op_name, process_group, entry)
     layout = ShardLayout([other["tokens"] for other in entries], dist.get_rank(process_group))
