@@ -37,6 +37,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -53,7 +54,9 @@ WHEELS_DIR = PROJECT_ROOT / ".whl"
 
 MODES = ("quick", "all", "smoke")
 # Budget when SUITE_SECONDS is not set: quick fits 5 minutes, all one 10-minute device command.
-DEFAULT_SECONDS = {"quick": 280, "all": 540, "smoke": 900}
+DEFAULT_SECONDS = {"quick": 280, "all": 540, "smoke": 1800}
+# A smoke step's limit, in place of its GPU limit: the interpreter on a busy CPU is slow (seconds when idle).
+SMOKE_STEP_SECONDS = 300
 # A step that would get less than this is skipped (it could not finish anything useful).
 MIN_STEP_SECONDS = 15
 # Grace between SIGTERM and SIGKILL of a step that ran out of time.
@@ -61,6 +64,8 @@ KILL_GRACE_SECONDS = 10
 LOG_TAIL_LINES = 60
 # pytest-xdist processes for the test steps where the plugin is installed (SUITE_TEST_WORKERS; 0: one process).
 DEFAULT_TEST_WORKERS = 4
+# stss_kernels' switch for launch-config tuning (stss_kernels._core.tuning.AUTOTUNE_ENV; not imported: no torch here).
+AUTOTUNE_ENV = "STSS_AUTOTUNE"
 # Case statuses that make a bench step fail (an OOM or an unavailable provider is a finding, not a failure).
 BAD_STATUSES = ("mismatch", "error")
 
@@ -169,6 +174,10 @@ STEPS = (
 # fmt: on
 
 
+def step_seconds(step: Step, mode: str) -> int:
+    return SMOKE_STEP_SECONDS if mode == "smoke" else step.seconds
+
+
 def steps_of(mode: str, names: list[str] | None = None) -> list[Step]:
     """The steps a mode runs, in order; names (from --steps) keeps only those."""
     chosen = [step for step in STEPS if mode != "quick" or step.quick]
@@ -236,20 +245,8 @@ def install_missing_wheels(site: Path, log) -> list[str]:
     missing = [wheel for name, wheel in by_distribution.items() if not distribution_installed(name)]
     if not missing:
         return []
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--no-index",
-        "--no-deps",
-        "--no-compile",
-        "--no-cache-dir",
-        "--target",
-        str(site),
-        *map(str, missing),
-    ]
+    options = "install -q --no-index --no-deps --no-compile --no-cache-dir --target".split()
+    command = [sys.executable, "-m", "pip", *options, str(site), *map(str, missing)]
     completed = subprocess.run(command, capture_output=True, text=True)
     log(f"wheels: pip install {' '.join(wheel.name for wheel in missing)}: exit {completed.returncode}")
     if completed.returncode != 0:
@@ -332,7 +329,7 @@ def missing_need(step: Step, environment: dict, smoke: bool) -> str | None:
     return None
 
 
-def test_counts(junit: Path) -> dict | None:
+def junit_counts(junit: Path) -> dict | None:
     """Counts and failed test ids from a JUnit XML file (None if the step died before writing it)."""
     if not junit.is_file():
         return None
@@ -350,6 +347,41 @@ def test_counts(junit: Path) -> dict | None:
         if problem is not None:
             name = f"{case.get('classname', '')}::{case.get('name', '')}"
             counts["failed"].append({"test": name, "message": (problem.get("message") or "")[:500]})
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return counts
+
+
+# A test's outcome as `pytest -v` prints it: "tests/f.py::test[id] PASSED [ 5%]" ("[gw0] [ 5%] PASSED tests/..."
+# under xdist).
+VERBOSE_OUTCOME = re.compile(r"(?:^|\s)(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)(?:\s|$)")
+TEST_ID = re.compile(r"\S+\.py::\S+")
+
+
+def log_counts(lines: list[str]) -> dict:
+    """Counts and failed test ids from `pytest -v` output: what a step stopped before its JUnit XML still shows.
+    A line that starts with the outcome is the short summary at the end (`-rfE`): its message is kept."""
+    outcomes, messages = {}, {}
+    for line in lines:
+        outcome, test = VERBOSE_OUTCOME.search(line), TEST_ID.search(line)
+        if outcome is None or test is None:
+            continue
+        if line.startswith(outcome.group(1)):
+            messages[test.group(0)] = line.partition(" - ")[2].strip()[:500]
+        else:
+            outcomes[test.group(0)] = outcome.group(1)
+    kinds = list(outcomes.values())
+    counts = {
+        "tests": len(kinds),
+        "failures": kinds.count("FAILED"),
+        "errors": kinds.count("ERROR"),
+        "skipped": kinds.count("SKIPPED") + kinds.count("XFAIL"),
+        "failed": [
+            {"test": test, "message": messages.get(test, "")}
+            for test, kind in outcomes.items()
+            if kind in ("FAILED", "ERROR")
+        ],
+        "from_log": True,
+    }
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     return counts
 
@@ -493,7 +525,10 @@ class Suite:
                 if name.startswith(("STSS_", "SUITE_", "TRITON_", "TORCHINDUCTOR_", "CUDA_VISIBLE"))
             },
             "files": {"results": self.results.name, "log": "suite.log", "tuning": self.tuning.name},
-            "steps": [{"name": step.name, "limit_s": step.seconds, "outcome": "pending"} for step in self.plan()],
+            "steps": [
+                {"name": step.name, "limit_s": step_seconds(step, self.args.mode), "outcome": "pending"}
+                for step in self.plan()
+            ],
         }
         write_json_atomic(self.out / "manifest.json", self.manifest)
         self.log(f"gpu suite {self.args.mode}: budget {self.args.budget:g}s, results in {self.out}")
@@ -537,31 +572,38 @@ class Suite:
 
     def run_step(self, index: int, step: Step) -> dict:
         left = self.deadline - time.monotonic()
-        record = {"name": step.name, "limit_s": step.seconds}
+        record = {"name": step.name, "limit_s": step_seconds(step, self.args.mode)}
         reason = missing_need(step, self.environment, self.smoke)
         if reason is None and left < MIN_STEP_SECONDS:
             reason = f"budget spent ({left:.0f}s left of SUITE_SECONDS={self.args.budget:g})"
         if reason is not None:
             self.log(f"== {step.name}: skipped: {reason}")
             return {**record, "outcome": "skipped", "reason": reason}
-        limit = min(step.seconds, left)
+        limit = min(step_seconds(step, self.args.mode), left)
         folder = self.work / step.name
         folder.mkdir(parents=True, exist_ok=True)
         command = self.command_of(step, folder)
         self.log(f"== {step.name} (limit {limit:.0f}s): {' '.join(command)}")
         tail: list[str] = []
+        test_lines: list[str] = []
 
         def sink(line: str) -> None:
             self.log(line)
             tail.append(line.rstrip("\n"))
             del tail[:-LOG_TAIL_LINES]
+            if step.pytest and VERBOSE_OUTCOME.search(line):
+                test_lines.append(line)
 
         def started(pid: int) -> None:
             self.manifest["steps"][index].update(outcome="running", pid=pid)
             write_json_atomic(self.out / "manifest.json", self.manifest)
 
         start = time.monotonic()
-        exit_code, timed_out = run_process(command, self.env, limit, sink, started)
+        env = dict(self.env)
+        if step.pytest:  # the tests check exactness with the default launch configs: nothing tuned or read
+            env[AUTOTUNE_ENV] = "0"
+            env.pop("STSS_TUNING_FILE")
+        exit_code, timed_out = run_process(command, env, limit, sink, started)
         record.update(
             command=command, seconds=round(time.monotonic() - start, 1), exit_code=exit_code, limit_s=round(limit)
         )
@@ -575,7 +617,7 @@ class Suite:
             files["ncu.csv"] = (folder / "ncu.csv").read_text()
         record["files"] = files
         if step.pytest:
-            record["tests"] = test_counts(folder / "junit.xml")
+            record["tests"] = junit_counts(folder / "junit.xml") or log_counts(test_lines)
         bad = [status for status in statuses(files) if status in BAD_STATUSES]
         if timed_out:
             record["outcome"] = "timed out"
@@ -631,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         left = args.budget
         for step in steps_of(args.mode, args.steps):
-            limit = min(step.seconds, left)
+            limit = min(step_seconds(step, args.mode), left)
             fits = "runs" if limit >= MIN_STEP_SECONDS else "skipped (budget)"
             print(f"{step.name:40s} limit {limit:4.0f}s  {fits}  needs {','.join(step.needs) or '-'}")
             left -= max(limit, 0)

@@ -35,7 +35,7 @@ def _suite(tmp_path: Path, *arguments: str, **extra) -> subprocess.CompletedProc
         env=_env(tmp_path, **extra),
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=2400,
     )
 
 
@@ -84,7 +84,7 @@ def test_a_killed_run_keeps_the_finished_steps_and_leaves_no_step_running(tmp_pa
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900
     running_pid = None
     while time.monotonic() < deadline:
         if (out / "results.jsonl").is_file() and (out / "results.jsonl").read_text().count("\n") >= 1:
@@ -238,3 +238,25 @@ def test_pytest_runs_where_pytest_benchmark_is_missing():
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "pytest-benchmark is not installed" in completed.stdout
+
+
+def test_test_counts_come_from_junit_or_from_the_log_of_a_stopped_step(tmp_path):
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n"
+        "def test_passes(): pass\n"
+        "def test_fails(): assert 1 == 2, 'one is not two'\n"
+        "@pytest.mark.skip(reason='not here')\n"
+        "def test_skipped(): pass\n"
+        "@pytest.mark.parametrize('value', [1, 2])\n"
+        "def test_values(value): assert value\n"
+    )
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    command = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", "--junitxml", "junit.xml"]
+    completed = subprocess.run([*command, "test_sample.py"], cwd=tmp_path, capture_output=True, text=True)
+    assert completed.returncode == 1
+    expected = {"tests": 5, "passed": 3, "failures": 1, "errors": 0, "skipped": 1}
+    for counts in (gpu_suite.junit_counts(tmp_path / "junit.xml"), gpu_suite.log_counts(completed.stdout.splitlines())):
+        assert {key: counts[key] for key in expected} == expected
+        ((failed,),) = [counts["failed"]]
+        assert failed["test"].endswith("test_fails") and "one is not two" in failed["message"]
+    assert gpu_suite.junit_counts(tmp_path / "absent.xml") is None
