@@ -139,9 +139,8 @@ def test_errors_and_wrong_results_are_reported(monkeypatch):
 def test_triton_provider(monkeypatch):
     big = TINY.replace(hw=200)
     assert "interpreter" in run_case(Case(big, "triton", "fwd"))["note"]
-    for provider in ("triton", "triton-v2"):  # kernel generations 1 and 2
-        result = run_case(tiny_case(provider))
-        assert result["status"] == "ok" and result["check"]["passed"] is True, result
+    result = run_case(tiny_case("triton"))
+    assert result["status"] == "ok" and result["check"]["passed"] is True, result
     monkeypatch.setattr(bench.providers, "triton_interpreting", lambda: False)
     assert run_case(tiny_case("triton"))["status"] == "unavailable"
 
