@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -144,7 +143,7 @@ def _time_ranks(fn, device: torch.device, group, case: ShardCase) -> dict:
     }
 
 
-def _worker(rank: int, world: int, port: int, case_json: str, grouped: bool, out_dir: str) -> None:
+def _worker(rank: int, world: int, case_json: str, grouped: bool, out_dir: str) -> None:
     case = ShardCase(**json.loads(case_json))
     torch.set_num_threads(case.threads)
     cuda = case.device.startswith("cuda")
@@ -153,9 +152,13 @@ def _worker(rank: int, world: int, port: int, case_json: str, grouped: bool, out
         torch.cuda.set_device(device)
     group = None
     if grouped:
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+        # A file rendezvous in the run's own folder: no TCP port to pick, so no race with other processes for one.
         dist.init_process_group(
-            "nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+            "nccl" if cuda else "gloo",
+            init_method=f"file://{Path(out_dir, 'rendezvous')}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )
         group = dist.group.WORLD
     try:
@@ -183,12 +186,6 @@ def _worker(rank: int, world: int, port: int, case_json: str, grouped: bool, out
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_shards(case: ShardCase, shards: int | None) -> dict:
     """Spawn the ranks (shards=None: one process without a group) and collect their per-rank results."""
     from .cli import WORKER_ENV  # CPU: freed buffers go back to the OS, so the resident set tracks live tensors
@@ -197,7 +194,7 @@ def run_shards(case: ShardCase, shards: int | None) -> dict:
     saved = {name: os.environ.get(name) for name in WORKER_ENV}
     os.environ.update(WORKER_ENV)
     with tempfile.TemporaryDirectory() as out_dir:
-        args = (world, _free_port(), json.dumps(dataclasses.asdict(case)), shards is not None, out_dir)
+        args = (world, json.dumps(dataclasses.asdict(case)), shards is not None, out_dir)
         started = time.perf_counter()
         try:
             mp.spawn(_worker, args=args, nprocs=world, join=True)
