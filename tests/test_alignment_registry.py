@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from tsa.alignment import ALIGNMENT_METHODS, AlignmentMethod, AlignmentOption, alignment_options, register_alignment
-from tsa.choices import ALIGNMENT_LOSSES, TRAINING_METHODS
+from tsa.alignment import alignment_losses, training_methods
 from tsa.config import build_parser, parse_args
 from tsa.losses import REPALoss, TRDLoss, TSALoss
 
 
 def test_choices_and_flags_are_derived_from_the_registry():
-    assert ALIGNMENT_LOSSES == ("none", "tsa", "mtsa", "trd", "repa") and TRAINING_METHODS[-1] == "lamo"
+    assert alignment_losses() == ("none", "tsa", "mtsa", "trd", "repa") and training_methods()[-1] == "lamo"
     flags = {option for action in build_parser()._actions for option in action.option_strings}
     assert {"--tau", "--tau-teacher", "--top-k", "--backend", "--trd-margin", "--trd-variant"} <= flags
     assert {option.name for method in ALIGNMENT_METHODS.values() for option in method.options} == set(

@@ -303,7 +303,7 @@ def test_unipc_flow_scheduler_as_wan_folders_ship_it():
         (["--model-family", "cogvideox", "--model-path", "{wan}"], "does not match .* a wan pipeline"),
         (["--model-path", "{unsupported}"], "unsupported pipeline 'LTXPipeline'"),
         (["--model-path", "{wan}", "--expert", "transformer_2"], "has no second expert"),
-        (["--model-family", "cogvideox", "--flow-shift", "2"], "apply to flow-matching families"),
+        (["--model-family", "cogvideox", "--flow-shift", "2"], "apply to the families that take them \\(wan\\)"),
         (["--model-family", "wan", "--logit-std", "0"], "--logit-std must be a finite number > 0"),
         (["--model-family", "cogvideox", "--expert", "transformer_2"], "cogvideox pipelines have the denoisers"),
         (["--model-path", "{ti2v}", "--height", "48"], "must be multiples of 32 for .* \\(VAE x patch size\\)"),

@@ -106,9 +106,9 @@ def test_peft_lora_adapters():
 
 
 def test_token_grid_with_temporal_patch():
-    config = type("Config", (), {"patch_size": 2, "patch_size_t": 2})
+    config = {"_class_name": "CogVideoXTransformer3DModel", "patch_size": 2, "patch_size_t": 2}
     assert token_grid(config, (1, 5, 16, 6, 8)) == (3, 3, 4)
-    config.patch_size_t = None
+    config["patch_size_t"] = None
     assert token_grid(config, (1, 5, 16, 6, 8)) == (5, 3, 4)
 
 
