@@ -12,3 +12,5 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from tsa_helpers import tiny_runs  # noqa: E402, F401 - the session-scoped tiny training run of each family

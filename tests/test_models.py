@@ -227,7 +227,7 @@ def test_wan_ti2v_per_token_timesteps(assets):
 
 
 def test_wan_cached_latents_are_normalised(assets):
-    from tsa.cache import LatentEncoder
+    from tsa.training.cache import LatentEncoder
 
     encoder = LatentEncoder(assets["wan"])
     assert encoder.max_sequence_length == 512
@@ -310,15 +310,15 @@ def test_unipc_flow_scheduler_as_wan_folders_ship_it():
     ],
 )
 def test_family_options_on_the_command_line(assets, tmp_path, argv, message, capsys):
-    from tsa.config import parse_args
+    from tsa.cli.options import parse_config
 
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "LTXPipeline"}))
     paths = {"{wan}": str(assets["wan"]), "{ti2v}": str(assets["ti2v"]), "{unsupported}": str(tmp_path)}
     common = ["--preset", "tiny", "--data", "d", "--teacher-path", "t"]
     with pytest.raises(SystemExit):
-        parse_args(common + [paths.get(arg, arg) for arg in argv])
+        parse_config(common + [paths.get(arg, arg) for arg in argv])
     assert re.search(message, capsys.readouterr().err)
-    args = parse_args([*common, "--model-path", str(assets["a14b"]), "--expert", "transformer_2"])
+    args = parse_config([*common, "--model-path", str(assets["a14b"]), "--expert", "transformer_2"])
     assert (args.model_family, args.expert) == ("wan", "transformer_2")
 
 

@@ -8,7 +8,9 @@ from tsa.models.cogvideox import cogvideox_scheduler, diffusion_loss, rotary_emb
 from tsa.objective import AlignmentObjective
 from tsa.projector import AlignmentProjector
 from tsa.teachers import load_teacher
-from tsa.tiny import TINY_TEXT_DIM, TINY_TEXT_LENGTH, tiny_dinov2, tiny_transformer, tiny_videomae, tiny_vjepa2
+from tsa.models.cogvideox import tiny_transformer
+from tsa.models.tiny import TINY_TEXT_DIM, TINY_TEXT_LENGTH
+from tsa.tiny import tiny_dinov2, tiny_videomae, tiny_vjepa2
 
 diffusers = pytest.importorskip("diffusers")
 SCHEDULER = cogvideox_scheduler()

@@ -149,10 +149,19 @@ class TrainConfig:
             known["extra_alignment_options"] = {**known.get("extra_alignment_options", {}), **extra}
         return cls(**known)
 
+    def __getattr__(self, name):
+        """The options of alignment methods registered at run time read as fields too (config.cosine_scale)."""
+        extra = self.__dict__.get("extra_alignment_options", {})
+        if name in extra:
+            return extra[name]
+        options = alignment.alignment_options()
+        if name in options:
+            return options[name].default
+        raise AttributeError(f"{type(self).__name__} has no field {name!r}")
+
     def method_options(self) -> dict[str, Any]:
         """Every registered alignment method's options (tau, top_k, trd_margin, backend, ...) by name."""
-        return {name: getattr(self, name) if hasattr(self, name) else self.extra_alignment_options.get(name,
-                option.default) for name, option in alignment.alignment_options().items()}
+        return {name: getattr(self, name) for name in alignment.alignment_options()}
 
     def to_dict(self) -> dict[str, Any]:
         """Flat option values by name (the run's training_args.json)."""

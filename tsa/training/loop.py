@@ -87,9 +87,9 @@ def build_lamo(config, objective, accelerator):
     from tsa.models import family_of
 
     family = getattr(objective, "family", None) or family_of(objective.transformer)
-    config = family.unwrap(objective.transformer).config
+    model_config = family.unwrap(objective.transformer).config
     predictor = MotionPredictor(
-        in_channels=family.latent_channels(config), text_dim=family.text_dim(config),
+        in_channels=family.latent_channels(model_config), text_dim=family.text_dim(model_config),
         channels=config.predictor_channels, num_blocks=config.predictor_blocks,
         prompt_pooling=config.predictor_prompt_pooling,
     )
