@@ -187,27 +187,6 @@ def test_wan_timestep_sampling(assets):
         get_family("wan", timestep_sampling="cosine")
 
 
-@pytest.mark.parametrize("align", ["tsa", "mtsa", "trd", "repa"])
-def test_wan_alignment_objective_trains_the_block(assets, align):
-    family = detect_family(assets["wan"])
-    transformer = family.load_transformer(assets["wan"])
-    objective = AlignmentObjective(
-        transformer,
-        family.load_scheduler(assets["wan"]),
-        load_teacher("videomae", assets["videomae"]),
-        align=align,
-        projector_hidden_dim=16,
-    )
-    assert objective.block_index == 2  # 60% of 3 blocks
-    latents, prompt, pixels = _batch()
-    out = objective(latents, prompt, pixels)
-    torch.testing.assert_close(out["loss"], out["diffusion"] + 0.5 * out["align"])
-    assert out["align"].item() != 0
-    out["align"].backward()
-    assert transformer.blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
-    assert transformer.blocks[2].attn1.to_q.weight.grad is None  # after the aligned block
-
-
 def test_wan_ti2v_per_token_timesteps(assets):
     """expand_timesteps: the transformer gets (B, tokens) timesteps; equal per-token values give the scalar result."""
     family = detect_family(assets["ti2v"])

@@ -229,47 +229,22 @@ def test_plot_and_gif_show_every_row_and_frame(tiny_models, tmp_path):
 # --- tsa-train --viz-steps and tsa-viz on a tiny run --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """Two steps of `tsa-train --preset tiny --viz-steps 1`."""
-    from accelerate.state import AcceleratorState, GradientState
+@pytest.fixture
+def tiny_run(tiny_runs):
+    """The default family's shared tiny run (tests/tsa_helpers.py): 4 steps, maps every 2 (--viz-steps 2)."""
+    from tsa.models import DEFAULT_FAMILY
 
-    from tsa.cli.options import parse_config
-    from tsa.training import train
-
-    output = tmp_path_factory.mktemp("viz-run")
-    try:
-        train(
-            parse_config(
-                [
-                    "--output-dir",
-                    str(output),
-                    "--max-steps",
-                    "2",
-                    "--checkpointing-steps",
-                    "2",
-                    "--num-videos",
-                    "3",
-                    "--viz-steps",
-                    "1",
-                    "--no-progress",
-                ]
-            )
-        )
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    return output
+    return tiny_runs(DEFAULT_FAMILY)[0]
 
 
 @pytest.mark.slow
 def test_viz_steps_write_maps_and_scalars_during_training(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert sorted(path.name for path in (tiny_run / "viz").glob("step-*.png")) == ["step-000001.png", "step-000002.png"]
+    assert sorted(path.name for path in (tiny_run / "viz").glob("step-*.png")) == ["step-000002.png", "step-000004.png"]
     assert all(path.stat().st_size > 20_000 for path in (tiny_run / "viz").glob("step-*.png"))
     rows = [json.loads(line) for line in (tiny_run / "viz" / "stats.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [1, 2]
+    assert [row["step"] for row in rows] == [2, 4]
     for row in rows:
         assert all(math.isfinite(value) for value in row.values())
         assert 0 < row["viz/entropy_teacher"] <= math.log(6) and 0 < row["viz/entropy_student"] <= math.log(6)
@@ -282,7 +257,7 @@ def test_viz_steps_write_maps_and_scalars_during_training(tiny_run):
     assert {"viz/kl", "viz/entropy_student", "viz/kl_frame_03", "viz/mask_coverage"} <= set(
         accumulator.Tags()["scalars"]
     )
-    assert [event.step for event in accumulator.Images("viz/correspondences")] == [1, 2]
+    assert [event.step for event in accumulator.Images("viz/correspondences")] == [2, 4]
 
 
 @pytest.mark.slow
