@@ -5,8 +5,15 @@ import dataclasses
 import pytest
 import torch
 
-from tsa.alignment import ALIGNMENT_METHODS, AlignmentMethod, AlignmentOption, alignment_options, register_alignment
-from tsa.alignment import alignment_losses, training_methods
+from tsa.alignment import (
+    ALIGNMENT_METHODS,
+    AlignmentMethod,
+    AlignmentOption,
+    alignment_losses,
+    alignment_options,
+    register_alignment,
+    training_methods,
+)
 from tsa.cli.options import build_parser, parse_config
 from tsa.losses import REPALoss, TRDLoss, TSALoss
 
@@ -32,8 +39,7 @@ def test_methods_build_their_losses_with_the_options():
 
 def test_command_line_options_reach_the_objective(tmp_path):
     from tsa.models import get_family
-    from tsa.models.cogvideox import cogvideox_scheduler
-    from tsa.models.cogvideox import tiny_transformer
+    from tsa.models.cogvideox import cogvideox_scheduler, tiny_transformer
     from tsa.tiny import tiny_videomae
     from tsa.training.loop import build_objective
 
@@ -89,9 +95,8 @@ def test_bad_option_values_are_named(argv, message, capsys):
 
 
 def test_objective_rejects_bad_option_values():
-    from tsa.models.cogvideox import cogvideox_scheduler
+    from tsa.models.cogvideox import cogvideox_scheduler, tiny_transformer
     from tsa.objective import AlignmentObjective
-    from tsa.models.cogvideox import tiny_transformer
 
     with pytest.raises(ValueError, match="trd_margin must be >= 0"):
         AlignmentObjective(tiny_transformer(), cogvideox_scheduler(), align="trd", trd_margin=-1)
@@ -112,10 +117,9 @@ def test_a_registered_method_joins_the_command_line_and_the_objective(monkeypatc
     with pytest.raises(ValueError, match="exists already"):
         register_alignment(dataclasses.replace(method))
 
-    from tsa.models.cogvideox import cogvideox_scheduler
+    from tsa.models.cogvideox import cogvideox_scheduler, tiny_transformer
     from tsa.objective import AlignmentObjective
     from tsa.teachers import load_teacher
-    from tsa.models.cogvideox import tiny_transformer
     from tsa.tiny import tiny_videomae
 
     built = []

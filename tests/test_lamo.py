@@ -14,8 +14,8 @@ from tsa.lamo import (
     motion_guidance_loss,
     predictor_loss,
 )
-from tsa.models.cogvideox import cogvideox_scheduler
 from tsa.models import get_family
+from tsa.models.cogvideox import cogvideox_scheduler
 from tsa.models.tiny import TINY_LATENT_CHANNELS, TINY_TEXT_DIM
 
 C, TEXT = TINY_LATENT_CHANNELS, TINY_TEXT_DIM

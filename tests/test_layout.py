@@ -75,7 +75,8 @@ def test_no_import_cycle(package):
     modules = _modules(package)
     graph = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
     # `from tsa import alignment` names the submodule; the package itself is no edge of the importer.
-    graph = {name: {target for target in targets if not name.startswith(target + ".")} for name, targets in graph.items()}
+    graph = {name: {target for target in targets if not name.startswith(target + ".")}
+             for name, targets in graph.items()}
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 
 

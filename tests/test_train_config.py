@@ -1,6 +1,7 @@
 """tsa-train options: defaults < preset < YAML < command line, and clear errors for bad values."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +43,8 @@ def test_yaml_overrides_the_preset_and_the_command_line_overrides_yaml(tmp_path)
     assert (args.align, args.learning_rate, args.height) == ("trd", 0.01, 64)
     assert args.lora_target_modules == ["to_q", "to_k"] and args.gradient_checkpointing is True
     assert args.width == PRESETS["tiny"]["width"]
-    args = parse_config(["--config", config, "--align", "tsa", "--learning-rate", "3e-4", "--no-gradient-checkpointing"])
+    args = parse_config(["--config", config, "--align", "tsa", "--learning-rate", "3e-4",
+                         "--no-gradient-checkpointing"])
     assert (args.align, args.learning_rate, args.gradient_checkpointing, args.height) == ("tsa", 3e-4, False, 64)
 
 
@@ -100,3 +102,28 @@ def test_bad_yaml_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_config(["--config", str(tmp_path / "missing.yaml")])
     assert "no such YAML" in capsys.readouterr().err
+
+
+def test_train_config_in_python_equals_the_command_line():
+    """A TrainConfig built in Python resolves to what tsa-train's options give: the parser's defaults are
+    TrainConfig's, presets and the derived fields are resolved in one place."""
+    from tsa.training import TrainConfig, resolve_config
+
+    argv = ["--preset", "tiny", "--output-dir", "runs/x", "--align", "trd", "--trd-margin", "0.2"]
+    from_python = resolve_config(TrainConfig.from_preset("tiny", output_dir="runs/x", align="trd", trd_margin=0.2))
+    assert from_python == parse_config(argv)
+    assert from_python.output_dir == Path("runs/x") and from_python.cache_dir == Path("runs/x/cache")
+    assert resolve_config(from_python) == from_python  # resolving twice changes nothing
+    assert resolve_config(TrainConfig(preset="tiny")).model_family == "cogvideox"
+
+
+def test_train_config_refuses_unknown_options_and_mismatches():
+    from tsa.errors import UsageError
+    from tsa.training import TrainConfig, resolve_config
+
+    with pytest.raises(UsageError, match="unknown training option"):
+        TrainConfig.from_dict({"learning_rat": 1e-4})
+    with pytest.raises(UsageError, match="--top-k must be a finite number > 0 and <= 1, got 2.0"):
+        resolve_config(TrainConfig.from_preset("tiny", top_k=2.0))
+    with pytest.raises(UsageError, match="--model-path is required without --preset tiny"):
+        resolve_config(TrainConfig())

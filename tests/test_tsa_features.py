@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tsa.features import BlockFeatureCapture, resample_features, token_grid
-from tsa.projector import AlignmentProjector
 from tsa.models.cogvideox import tiny_transformer
 from tsa.models.tiny import TINY_TEXT_DIM, TINY_TEXT_LENGTH
+from tsa.projector import AlignmentProjector
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -133,8 +133,8 @@ def test_default_queries_are_the_most_dynamic_tokens_and_the_centre():
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from tsa.teachers import load_teacher
     from tsa.models.cogvideox import tiny_transformer
+    from tsa.teachers import load_teacher
     from tsa.tiny import tiny_videomae
 
     root = tmp_path_factory.mktemp("viz-models")
@@ -427,8 +427,8 @@ def test_a_wan_run_gets_its_pictures_through_the_wan_family(tmp_path, capsys):
     from accelerate.state import AcceleratorState, GradientState
 
     from tsa.cli.options import parse_config
-    from tsa.training import train
     from tsa.cli.viz import main
+    from tsa.training import train
     from tsa.viz import load_run
 
     output = tmp_path / "wan"
