@@ -190,3 +190,24 @@ def test_block_reader_sees_flags(tmp_path):
     page.write_text("```python\nopen\n")
     with pytest.raises(AssertionError, match="never closed"):
         _blocks(page)
+
+
+# ------------------------------------------------------------------------------------------------- links
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_links_to_headings_exist():
+    """A link `page.md#anchor` into a page of this repository names one of that page's headings."""
+    broken = []
+    for path in DOCUMENTS:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", path.read_text()):
+            page = (path.parent / target).resolve() if target else path
+            if not page.exists() or page.suffix != ".md":
+                continue
+            headings = {_anchor(line.lstrip("#")) for line in page.read_text().splitlines() if line.startswith("#")}
+            if anchor not in headings:
+                broken.append(f"{path.relative_to(ROOT)}: {target}#{anchor}")
+    assert not broken, "links to headings that do not exist:\n" + "\n".join(broken)
