@@ -4,6 +4,7 @@ Fenced blocks are read by their info string:
 - ```python                  runs as written, in a fresh process in an empty folder, on the tiny models;
 - ```python needs-weights    needs real model weights: not run;
 - ```python needs-gpu        needs a CUDA device: run only where one is present;
+- ```python needs-SOMETHING  needs anything else a test machine lacks (e.g. needs-processes): not run;
 - ```bash / ```sh            each command of this project (its console scripts, `python -m` of its packages,
                              `accelerate launch ... -m`) is checked against the `--help` of that command:
                              every `--option` it names must exist.
@@ -26,21 +27,23 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PROJECT_PACKAGES = {"tsa", "stss_kernels", "bench"}
 EXAMPLE_TIMEOUT_S = 600
-FENCE = re.compile(r"^```(\S*)[ \t]*(.*)$")
+FENCE = re.compile(r"^( *)```(\S*)[ \t]*(.*)$")
 
 
 def _blocks(path: Path) -> list[tuple[str, set[str], int, str]]:
-    """(language, flags, first line number, code) of every fenced block of a Markdown file."""
+    """(language, flags, first line number, code) of every fenced block of a Markdown file (fences indented
+    under a list item included, their indentation removed)."""
     blocks, current = [], None
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         match = FENCE.match(line)
         if current is None and match:
-            current = (match.group(1).lower(), set(match.group(2).split()), number + 1, [])
-        elif current is not None and line.startswith("```"):
+            current = (match.group(2).lower(), set(match.group(3).split()), number + 1, [], len(match.group(1)))
+        elif current is not None and line.strip() == "```":
             blocks.append((current[0], current[1], current[2], "\n".join(current[3]) + "\n"))
             current = None
         elif current is not None:
-            current[3].append(line)
+            indent = current[4]
+            current[3].append(line[indent:] if line[:indent].isspace() else line.lstrip(" "))
     assert current is None, f"{path.name}: the block opened at line {current[2] - 1} is never closed"
     return blocks
 
@@ -48,7 +51,8 @@ def _blocks(path: Path) -> list[tuple[str, set[str], int, str]]:
 def _python_examples():
     for path in DOCUMENTS:
         for language, flags, line, code in _blocks(path):
-            if language != "python" or "needs-weights" in flags:
+            needs = {flag for flag in flags if flag.startswith("needs-")}
+            if language != "python" or needs - {"needs-gpu"}:
                 continue
             marks = [pytest.mark.slow] if re.search(r"^\s*(from|import) (tsa|diffusers)\b", code, re.M) else []
             if "needs-gpu" in flags:
@@ -185,8 +189,8 @@ def test_shell_command_parsing():
 
 def test_block_reader_sees_flags(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("text\n```python needs-weights\nx = 1\n```\n```bash\nls\n```\n")
-    assert _blocks(page) == [("python", {"needs-weights"}, 3, "x = 1\n"), ("bash", set(), 6, "ls\n")]
+    page.write_text("text\n```python needs-weights\nx = 1\n```\n- item\n  ```bash\n  ls\n  ```\n")
+    assert _blocks(page) == [("python", {"needs-weights"}, 3, "x = 1\n"), ("bash", set(), 7, "ls\n")]
     page.write_text("```python\nopen\n")
     with pytest.raises(AssertionError, match="never closed"):
         _blocks(page)
