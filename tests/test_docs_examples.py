@@ -42,8 +42,8 @@ def _blocks(path: Path) -> list[tuple[str, set[str], int, str]]:
             blocks.append((current[0], current[1], current[2], "\n".join(current[3]) + "\n"))
             current = None
         elif current is not None:
-            indent = current[4]
-            current[3].append(line[indent:] if line[:indent].isspace() else line.lstrip(" "))
+            indent = len(line) - len(line.lstrip(" "))
+            current[3].append(line[min(indent, current[4]):])
     assert current is None, f"{path.name}: the block opened at line {current[2] - 1} is never closed"
     return blocks
 
@@ -174,23 +174,23 @@ def test_readme_is_short_and_starts_with_setup_and_tests():
 def test_shell_command_parsing():
     """The command reader on the forms the docs use (continuations, comments, chains, launchers)."""
     code = ("python -m pip install -e '.[train]' && tsa-train --preset tiny  # a comment --not-an-option\n"
-            "accelerate launch --config_file configs/ddp.yaml -m tsa.train --preset x \\\n"
+            "accelerate launch --config_file configs/ddp.yaml -m tsa.cli.train --preset x \\\n"
             "    --data d/\n"
             "ACCELERATE_USE_CPU=true accelerate launch --num_processes 2 -m bench --op x\n")
-    scripts = {"tsa-train": "tsa.train:main"}
+    scripts = {"tsa-train": "tsa.cli.train:main"}
     parsed = [_project_target(words, scripts) for words in _commands(code)]
     assert parsed == [
         None,
-        ("tsa.train:main", ["--preset", "tiny"]),
-        ("tsa.train", ["--preset", "x", "--data", "d/"]),
+        ("tsa.cli.train:main", ["--preset", "tiny"]),
+        ("tsa.cli.train", ["--preset", "x", "--data", "d/"]),
         ("bench", ["--op", "x"]),
     ]
 
 
 def test_block_reader_sees_flags(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("text\n```python needs-weights\nx = 1\n```\n- item\n  ```bash\n  ls\n  ```\n")
-    assert _blocks(page) == [("python", {"needs-weights"}, 3, "x = 1\n"), ("bash", set(), 7, "ls\n")]
+    page.write_text("text\n```python needs-weights\nfor x in y:\n    x = 1\n```\n- item\n  ```bash\n  ls\n  ```\n")
+    assert _blocks(page) == [("python", {"needs-weights"}, 3, "for x in y:\n    x = 1\n"), ("bash", set(), 8, "ls\n")]
     page.write_text("```python\nopen\n")
     with pytest.raises(AssertionError, match="never closed"):
         _blocks(page)
