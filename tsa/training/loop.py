@@ -129,15 +129,15 @@ def check_finite_losses(losses, step):
 
 
 def plot_losses(history, path, smoothing=0.9):
-    """Each loss component against the optimizer step (raw and exponentially smoothed) as a PNG: log scale, or
-    symlog when a value is <= 0 (e.g. REPA's negative cosine loss); components that are 0 throughout (off)
-    are named in the legend's title."""
+    """Each loss component against the optimizer step (raw faint, exponentially smoothed bold) as a PNG: log
+    scale, or symlog when a value is <= 0 (e.g. REPA's negative cosine loss). The legend sits right of the axes,
+    off the curves; components that are 0 throughout (switched off) are listed under it, not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(8.5, 4))
     steps = [row["step"] for row in history]
     series = {name: [row[name] for row in history] for name in LOSS_NAMES}
     off = [name for name, values in series.items() if not any(values)]
@@ -155,10 +155,13 @@ def plot_losses(history, path, smoothing=0.9):
         axis.set_yscale("symlog", linthresh=min(abs(value) for value in plotted if value))
     else:
         axis.set_yscale("log")
-    axis.set(xlabel="optimizer step", ylabel="loss (smoothed; raw faint)",
-             title=f"tsa-train losses ({path.parent.name})")
+    axis.set(xlabel="optimizer step", ylabel="loss (bold: smoothed, faint: raw)",
+             title=f"Training loss components per optimizer step ({path.parent.name})")
     axis.grid(alpha=0.3)
-    axis.legend(title=f"0 throughout: {', '.join(off)}" if off else None)
+    axis.legend(title="loss term", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    if off:
+        axis.annotate("not drawn (0 throughout):\n" + ", ".join(off), xy=(1.02, 0.0), xycoords="axes fraction",
+                      fontsize="small", va="bottom")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
