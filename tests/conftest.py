@@ -43,3 +43,6 @@ def pytest_make_parametrize_id(config, val, argname):
     if isinstance(val, torch.dtype):
         return str(val).removeprefix("torch.")
     return None
+
+
+from tsa_helpers import tiny_runs  # noqa: E402, F401 - the session-scoped tiny training run of each family

@@ -3,11 +3,12 @@
 An entry's file name carries the video (name plus a digest of its path, size and modification time), the
 resolution and frame count, a fingerprint of the VAE / text encoder / tokenizer files, the encode dtype and
 VAE tiling, and a hash of the prompt, so changing any of them makes a new entry instead of reusing a stale one.
-`tsa-cache` (or `tsa-train --precompute`) fills the cache, sharded over accelerate's processes.
+`tsa-cache` (precompute_cache, or `tsa-train --precompute`) fills the cache, sharded over accelerate's processes.
 """
 
 import hashlib
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tsa.data import UndecodableVideoWarning, VideoCaptionDataset, load_video_captions
+from tsa.errors import DataError
+from tsa.training.data import UndecodableVideoWarning, VideoCaptionDataset, load_video_captions
 
 ENCODER_SUBFOLDERS = ("vae", "text_encoder", "tokenizer")
 
@@ -59,19 +61,25 @@ class CacheLayout:
         return self.root / (f"{self.num_frames}x{self.height}x{self.width}-{self.model}-t{self.max_sequence_length}"
                             f"-{encode}")
 
+    @property
+    def staging(self):
+        """Where a fill writes new entries until every process is done (publish_cache moves them into
+        `directory`), so an interrupted or failed fill leaves no half-built cache folder."""
+        return self.directory.with_name(self.directory.name + ".filling")
+
     def path(self, sample):
         stat = sample.video.stat() if sample.video.exists() else None
         video = _digest(sample.video.resolve(), stat and stat.st_size, stat and stat.st_mtime_ns, length=8)
         return self.directory / f"{sample.video.stem}-{video}-{_digest(sample.caption)}.safetensors"
 
 
-def cache_layout(args, dtype):
-    """The CacheLayout of parsed tsa-train / tsa-cache options, encoding in `dtype`."""
+def cache_layout(config, dtype):
+    """The CacheLayout of a TrainConfig, encoding in `dtype`."""
     from tsa.models import detect_family
 
-    return CacheLayout(Path(args.cache_dir), args.height, args.width, args.num_frames,
-                       model_fingerprint(args.model_path), detect_family(args.model_path).max_sequence_length(
-                           args.model_path), str(dtype).removeprefix("torch."), args.vae_tiling)
+    return CacheLayout(Path(config.cache_dir), config.height, config.width, config.num_frames,
+                       model_fingerprint(config.model_path), detect_family(config.model_path).max_sequence_length(
+                           config.model_path), str(dtype).removeprefix("torch."), config.vae_tiling)
 
 
 class LatentEncoder:
@@ -110,8 +118,9 @@ def fill_cache(dataset, layout, encoder, process_index=0, num_processes=1, progr
     """Encode this process's shard (items i with i % num_processes == process_index) of a
     VideoCaptionDataset that has no entry yet. `encoder` is a LatentEncoder or a callable returning one
     (only called on the first miss, so a full cache never loads the VAE). Undecodable videos are skipped
-    with a warning. Returns (number encoded, number already cached)."""
-    layout.directory.mkdir(parents=True, exist_ok=True)
+    with a warning (the VAE loads only once a clip decodes). New entries go to layout.staging; a one-process fill
+    publishes them into layout.directory when done (build_cache does it after every process is done). Returns
+    (number encoded, number already cached)."""
     shard = range(process_index, len(dataset), num_processes)
     encoded = hits = 0
     for index in tqdm(shard, desc=f"caching latents [{process_index}]", disable=not progress):
@@ -125,10 +134,26 @@ def fill_cache(dataset, layout, encoder, process_index=0, num_processes=1, progr
         if not isinstance(encoder, LatentEncoder):
             encoder = encoder()
         entry = encoder(pixels, dataset.samples[index].caption)
-        _save_atomically(entry, target, {"video": str(dataset.samples[index].video),
-                                         "caption": dataset.samples[index].caption})
+        layout.staging.mkdir(parents=True, exist_ok=True)
+        _save_atomically(entry, layout.staging / target.name, {"video": str(dataset.samples[index].video),
+                                                               "caption": dataset.samples[index].caption})
         encoded += 1
+    if num_processes == 1:
+        publish_cache(layout)
     return encoded, hits
+
+
+def publish_cache(layout):
+    """Move the complete entries of layout.staging into layout.directory and remove the staging folder (call
+    on one process, once every process has finished filling)."""
+    if not layout.staging.is_dir():
+        return
+    entries = sorted(layout.staging.glob("*.safetensors"))
+    if entries:
+        layout.directory.mkdir(parents=True, exist_ok=True)
+    for entry in entries:
+        entry.replace(layout.directory / entry.name)
+    shutil.rmtree(layout.staging, ignore_errors=True)
 
 
 def _save_atomically(tensors, target, metadata):
@@ -150,8 +175,12 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         paths = [layout.path(sample) for sample in videos.samples]
         self.indices = [index for index, path in enumerate(paths) if path.is_file()]
         self.paths = [paths[index] for index in self.indices]
+        cached = set(self.indices)
+        self.skipped_videos = [sample.video for index, sample in enumerate(videos.samples) if index not in cached]
         if not self.indices:
-            raise ValueError(f"no video of the dataset could be decoded and cached in {layout.directory}")
+            tried = [str(video) for video in self.skipped_videos]
+            shown = ", ".join(tried[:5]) + (f" and {len(tried) - 5} more" if len(tried) > 5 else "")
+            raise DataError(f"no video of the dataset decodes (tried {shown}); nothing was cached or trained")
 
     def __len__(self):
         return len(self.indices)
@@ -178,52 +207,55 @@ def collate_entries(items):
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
-def build_cache(args, accelerator):
-    """Fill the cache for `args` on every process of `accelerator` (sharded); returns the
+def build_cache(config, accelerator):
+    """Fill the cache for `config` on every process of `accelerator` (sharded); returns the
     CachedLatentDataset of everything that is cached once all processes are done."""
-    videos = VideoCaptionDataset(load_video_captions(args.data, args.video_column, args.caption_column),
-                                 args.height, args.width, args.num_frames)
+    videos = VideoCaptionDataset(load_video_captions(config.data, config.video_column, config.caption_column),
+                                 config.height, config.width, config.num_frames)
     dtype = precision_dtype(accelerator.mixed_precision)
-    layout = cache_layout(args, dtype)
+    layout = cache_layout(config, dtype)
     encoded, hits = fill_cache(
         videos, layout,
-        lambda: LatentEncoder(args.model_path, accelerator.device, dtype, layout.max_sequence_length, args.vae_tiling),
+        lambda: LatentEncoder(config.model_path, accelerator.device, dtype, layout.max_sequence_length,
+                              config.vae_tiling),
         accelerator.process_index, accelerator.num_processes, progress=accelerator.is_local_main_process,
     )
     accelerator.free_memory()  # the VAE and T5 are not needed any more
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish_cache(layout)
+    accelerator.wait_for_everyone()
     from tsa.alignment import ALIGNMENT_METHODS
 
-    method = ALIGNMENT_METHODS.get(args.align)
-    dataset = CachedLatentDataset(videos, layout, with_pixels=method is not None and method.needs_pixels)
+    method = ALIGNMENT_METHODS.get(config.align)
+    try:
+        dataset = CachedLatentDataset(videos, layout, with_pixels=method is not None and method.needs_pixels)
+    except DataError as error:
+        raise DataError(f"--data {config.data}: {error}") from None
     if accelerator.is_main_process:
         skipped = len(videos) - len(dataset)
         print(f"latent cache {layout.directory}: {len(dataset)} of {len(videos)} videos cached "
               f"(process 0 encoded {encoded}, reused {hits})" + (f", {skipped} skipped" if skipped else ""))
         if skipped:
-            warnings.warn(f"{skipped} of {len(videos)} videos could not be decoded and are left out", stacklevel=2)
+            names = ", ".join(str(video) for video in dataset.skipped_videos[:5])
+            warnings.warn(f"{skipped} of {len(videos)} videos could not be decoded and are left out: {names}"
+                          + (" ..." if skipped > 5 else ""), UndecodableVideoWarning, stacklevel=2)
     return dataset
 
 
-def main(argv=None):
-    """tsa-cache: fill the latent cache of a dataset (run with `accelerate launch` to shard it)."""
+def precompute_cache(config):
+    """tsa-cache: fill the latent cache of config.data (resolved and checked first; shard it over processes by
+    running under `accelerate launch`). Returns the CachedLatentDataset."""
     from accelerate import Accelerator
 
-    from tsa.config import parse_args
-    from tsa.data import prepare_tiny_assets
-    from tsa.validation import UsageError, check_training_args, exit_with_error
+    from tsa.training.config import resolve_config
+    from tsa.training.data import prepare_tiny_assets
+    from tsa.training.validation import check_training_config
 
-    args = parse_args(argv, prog="tsa-cache")
-    try:
-        check_training_args(args, needs_teacher=False)
-    except UsageError as error:
-        exit_with_error("tsa-cache", error)
+    config = resolve_config(config)
+    check_training_config(config, needs_teacher=False, run_outputs=False)
     accelerator = Accelerator()
-    if args.preset == "tiny":
+    if config.preset == "tiny":
         with accelerator.main_process_first():
-            prepare_tiny_assets(args)
-    build_cache(args, accelerator)
-
-
-if __name__ == "__main__":
-    main()
+            prepare_tiny_assets(config)
+    return build_cache(config, accelerator)
