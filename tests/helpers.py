@@ -14,8 +14,9 @@ import torch
 # A token whose norm is at most this has no direction: normalising leaves it (near) zero, as F.normalize does.
 NORM_EPS = 1e-12
 
-# Tolerance of the rules below, relative to a tensor's own scale (its largest magnitude), per dtype.
-RELATIVE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# How close the naive reference, computed from inputs of this dtype, comes to the float64 truth at the test sizes,
+# relative to each output's scale (its largest magnitude).
+REFERENCE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 OUTPUT_NAMES = ("value", "grad_student", "grad_teacher")
 
@@ -242,11 +243,12 @@ def assert_no_worse_than_reference(
     truth: Sequence[torch.Tensor],
     rel_tol: float,
     names: Sequence[str] = OUTPUT_NAMES,
+    factor: float = 1.0,
 ) -> None:
-    """Reduced precision's acceptance rule: each output's max error against the float64 truth at most the naive
-    reference's error in the same dtype, plus rel_tol of the truth's scale."""
+    """Reduced precision's acceptance rule: each output's max error against the float64 truth at most `factor`
+    times the naive reference's error in the same dtype, plus rel_tol of the truth's scale."""
     for name, a, reference, expected in zip(names, actual, same_dtype_reference, truth):
         error, reference_error = max_error(a, expected), max_error(reference, expected)
-        assert error <= reference_error + rel_tol * scale_of(expected), (
+        assert error <= factor * reference_error + rel_tol * scale_of(expected), (
             f"{name}: max error {error:.3g} against the float64 truth, the reference's {reference_error:.3g}"
         )
