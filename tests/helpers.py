@@ -80,7 +80,7 @@ def _unit_rows(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     x = x.double().flatten(1, -2)
     if not normalize:
         return x
-    return x / x.square().sum(-1, keepdim=True).sqrt().clamp_min(NORM_EPS)
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
 def _reduce(rows: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:

@@ -55,6 +55,9 @@ def relation_distance(
     computed). The result is float32 (float64 for float64 inputs), computed in the inputs' dtype whether or
     not autocast is on. backend: "auto", "reference", "torch" or "triton"; the torch and triton backends are
     torch.library custom ops (torch.compile(fullgraph=True) traces them) and refuse double backward.
+    Under torch.compile no backend's gradient is differentiable (AOT autograd's rule): a second grad raises,
+    with normalize=True as "One of the differentiated Tensors appears to not have been used in the graph"
+    (None with allow_unused=True), never a wrong second derivative.
     """
     check_choice("variant", variant, VARIANTS)
     if variant == "full" and frames is None and isinstance(student, torch.Tensor) and student.dim() == 3:

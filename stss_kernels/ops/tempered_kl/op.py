@@ -51,6 +51,9 @@ def tempered_kl(
     float32 (float64 for float64 inputs), computed in the inputs' dtype whether or not autocast is on.
     backend: "auto", "reference", "torch" or "triton"; the torch and triton backends are torch.library
     custom ops (torch.compile(fullgraph=True) traces them) and refuse double backward.
+    Under torch.compile no backend's gradient is differentiable (AOT autograd's rule): a second grad raises,
+    with normalize=True as "One of the differentiated Tensors appears to not have been used in the graph"
+    (None with allow_unused=True), never a wrong second derivative.
     """
     student, teacher, frames = flatten_tokens(student, teacher, frames, "frames=1 gives one softmax over all N")
     weight = query_weight(query_mask, student, accumulation_dtype(student.dtype))
