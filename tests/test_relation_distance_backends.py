@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close_to_truth, features, relation_distance_truth
 
 from stss_kernels import relation_distance_reference
 from stss_kernels._core.chunking import CHUNK_BUDGET_BYTES
@@ -35,20 +36,12 @@ def _triton():
     return relation_distance_triton
 
 
-def _unit_features(batch, num_tokens, channels, dtype=torch.float64, seed=0, shared=None):
-    """Unit features; with `shared` (B, N, 3) they share a component, so |S - T| straddles 0.1."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, num_tokens, channels, generator=gen, dtype=torch.float64)
-    if shared is not None:
-        x = x + 1.5 * shared @ torch.randn(3, channels, generator=gen, dtype=torch.float64)
-    return F.normalize(x, dim=-1).to(DEVICE if dtype != torch.float64 else "cpu", dtype)
-
-
 def _pair(batch, num_tokens, cs, ct, dtype=torch.float64, seed=0):
-    shared = torch.randn(batch, num_tokens, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    student = _unit_features(batch, num_tokens, cs, dtype, seed + 1, shared)
-    teacher = _unit_features(batch, num_tokens, ct, dtype, seed + 2, shared)
-    return student, teacher
+    """The shared test features (tests/helpers.py) with a shared rank-3 component, so |S - T| straddles 0.1,
+    normalised (what the backends receive from the op); float64 on the CPU, other dtypes on DEVICE."""
+    student, teacher = features(batch, 1, num_tokens, cs, ct, dtype=torch.float64, seed=seed, shared_rank=3)
+    device = DEVICE if dtype != torch.float64 else "cpu"
+    return tuple(F.normalize(x, dim=-1).to(device, dtype) for x in (student, teacher))
 
 
 def _clustered_pair(batch, num_tokens, cs, ct, dtype, seed=0):
@@ -85,17 +78,16 @@ def _value_and_grads(fn, student, teacher, upstream, teacher_grad=True):
 
 
 def _truth(student, teacher, frames, margin, variant, upstream):
-    fn = lambda s, t: relation_distance_reference(s, t, frames, margin, variant)
+    """Rows and gradients of the float64 truth (tests/helpers.py) on the (already normalised) features."""
+    fn = lambda s, t: relation_distance_truth(s, t, frames, margin, variant, normalize=False)
     return _value_and_grads(fn, student.double().cpu(), teacher.double().cpu(), upstream.double().cpu())
 
 
 def _assert_matches(actual, truth, rel=1e-5):
-    for name, value, expected in zip(("rows", "grad student", "grad teacher"), actual, truth):
-        if value is None:
-            continue
-        err = (value.double().cpu() - expected).abs().max().item()
-        assert torch.isfinite(value).all(), name
-        assert err <= rel * expected.abs().max().item() + 1e-12, f"{name}: error {err:.3g}"
+    """The outputs that were computed (a frozen teacher has no gradient) within rel of their truth's scale."""
+    names = ("rows", "grad student", "grad teacher")
+    computed = [(name, value, expected) for name, value, expected in zip(names, actual, truth) if value is not None]
+    assert_close_to_truth([v for _, v, _ in computed], [e for _, _, e in computed], rel, [n for n, _, _ in computed])
 
 
 # ---- torch backend ----------------------------------------------------------------------------------------
@@ -151,7 +143,7 @@ def test_torch_frozen_teacher_and_reduced_precision_gradient_dtype():
     rows = relation_distance_torch(student, teacher.cpu(), 4, 0.1, "spatial")
     rows.sum().backward()
     assert rows.dtype == torch.float32 and student.grad.dtype == torch.float16 and teacher.grad is None
-    expected = relation_distance_reference(student.detach().double(), teacher.cpu().double(), 4, 0.1, "spatial")
+    expected = relation_distance_truth(student.detach().cpu(), teacher.cpu(), 4, 0.1, "spatial", normalize=False)
     torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-5)
 
 
