@@ -162,13 +162,23 @@ def upstream_like(out: torch.Tensor, seed: int = 2) -> torch.Tensor:
     return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out)
 
 
-def value_and_grads(fn: Callable, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """fn(student, teacher), and the gradients of <out, upstream> for the fixed upstream of `upstream_like`."""
+def value_and_grads(
+    fn: Callable,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    upstream: torch.Tensor | None = None,
+    *,
+    teacher_grad: bool = True,
+) -> tuple[torch.Tensor, ...]:
+    """fn(student, teacher), and the gradients of <out, upstream> (default: the fixed upstream of `upstream_like`)
+    with respect to the student and the teacher (None for the teacher when not teacher_grad)."""
     student = student.detach().clone().requires_grad_()
-    teacher = teacher.detach().clone().requires_grad_()
+    teacher = teacher.detach().clone().requires_grad_(teacher_grad)
     out = fn(student, teacher)
-    grad_s, grad_t = torch.autograd.grad(out, (student, teacher), upstream_like(out))
-    return out.detach(), grad_s, grad_t
+    upstream = upstream_like(out) if upstream is None else upstream.to(out)
+    leaves = (student, teacher) if teacher_grad else (student,)
+    grads = torch.autograd.grad(out, leaves, upstream)
+    return out.detach(), grads[0], grads[1] if teacher_grad else None
 
 
 def truth_value_and_grads(truth: Callable, student: torch.Tensor, teacher: torch.Tensor, *args, **kwargs):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_to_truth, features, relation_distance_truth
+from helpers import assert_close_to_truth, features, relation_distance_truth, value_and_grads
 
 from stss_kernels import relation_distance_reference
 from stss_kernels._core.chunking import CHUNK_BUDGET_BYTES
@@ -69,18 +69,10 @@ def _clear_margin(student, teacher, near=0.1):
     return float((window[best] + window[best + 1]) / 2)
 
 
-def _value_and_grads(fn, student, teacher, upstream, teacher_grad=True):
-    student = student.detach().clone().requires_grad_()
-    teacher = teacher.detach().clone().requires_grad_(teacher_grad)
-    out = fn(student, teacher)
-    out.backward(upstream.to(out))
-    return out.detach(), student.grad, teacher.grad
-
-
 def _truth(student, teacher, frames, margin, variant, upstream):
     """Rows and gradients of the float64 truth (tests/helpers.py) on the (already normalised) features."""
     fn = lambda s, t: relation_distance_truth(s, t, frames, margin, variant, normalize=False)
-    return _value_and_grads(fn, student.double().cpu(), teacher.double().cpu(), upstream.double().cpu())
+    return value_and_grads(fn, student.double().cpu(), teacher.double().cpu(), upstream.double().cpu())
 
 
 def _assert_matches(actual, truth, rel=1e-5):
@@ -105,7 +97,7 @@ def test_torch_chunk_size_does_not_change_the_result(chunk_size, variant, upstre
     else:
         upstream = torch.randn(2, frames * hw, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     fn = lambda s, t: relation_distance_torch(s, t, frames, margin, variant, chunk_size=chunk_size)
-    actual = _value_and_grads(fn, student, teacher, upstream)
+    actual = value_and_grads(fn, student, teacher, upstream)
     expected = _truth(student, teacher, frames, margin, variant, upstream)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
@@ -117,7 +109,7 @@ def test_torch_zero_weight_rows_are_skipped():
     weight = torch.tensor([[1.0, 0, 0.5, 0, 0, 2, 1, 0, 1, 1], [0.0] * 10], dtype=torch.float64)
     upstream = torch.randn(2, frames * hw, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     fn = lambda s, t: relation_distance_torch(s, t, frames, 0.1, "temporal", query_weight=weight, chunk_size=3)
-    actual = _value_and_grads(fn, student, teacher, upstream)
+    actual = value_and_grads(fn, student, teacher, upstream)
     kept = (weight != 0).double()
     expected = _truth(student, teacher, frames, 0.1, "temporal", upstream * kept)
     for a, e in zip(actual, (expected[0] * kept, *expected[1:])):
@@ -256,7 +248,7 @@ def test_triton_fp32_matches_fp64_reference(
         upstream = torch.full((batch, tokens), 1.0 / (batch * tokens), device=DEVICE)
     else:
         upstream = torch.randn(batch, tokens, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    actual = _value_and_grads(lambda s, t: triton_fn(s, t, frames, margin, variant), student, teacher, upstream)
+    actual = value_and_grads(lambda s, t: triton_fn(s, t, frames, margin, variant), student, teacher, upstream)
     assert actual[0].dtype == torch.float32 and actual[1].dtype == actual[2].dtype == torch.float32
     _assert_matches(actual, _truth(student, teacher, frames, margin, variant, upstream))
 
@@ -276,7 +268,7 @@ def test_triton_zero_weight_rows_are_skipped_and_exact_elsewhere(variant, key_sp
     weight = weight.to(DEVICE)
     upstream = torch.ones(batch, tokens, device=DEVICE)  # uniform, but the mask makes G non-symmetric
     fn = lambda s, t: triton_fn(s, t, frames, margin, variant, weight)
-    rows, grad_student, grad_teacher = _value_and_grads(fn, student, teacher, upstream)
+    rows, grad_student, grad_teacher = value_and_grads(fn, student, teacher, upstream)
     kept = weight != 0
     assert (rows[~kept] == 0).all()
     truth = _truth(student, teacher, frames, margin, variant, upstream * kept)
@@ -289,7 +281,7 @@ def test_triton_all_zero_weight_and_single_frame_temporal_give_zeros(backward_pa
     empty = torch.zeros(1, 14, dtype=torch.bool, device=DEVICE)
     upstream = torch.ones(1, 14, device=DEVICE)
     for fn in (lambda s, t: triton_fn(s, t, 2, 0.1, "full", empty), lambda s, t: triton_fn(s, t, 1, 0.1, "temporal")):
-        for value in _value_and_grads(fn, student, teacher, upstream):
+        for value in value_and_grads(fn, student, teacher, upstream):
             assert torch.equal(value, torch.zeros_like(value))
 
 
@@ -305,7 +297,7 @@ def test_triton_frozen_teacher_and_non_contiguous_inputs(backward_path):
     assert not student.is_contiguous() and not upstream.is_contiguous()
     margin = _clear_margin(student, teacher)
     fn = lambda s, t: triton_fn(s, t, frames, margin, "temporal")
-    rows, grad_student, grad_teacher = _value_and_grads(fn, student, teacher, upstream, teacher_grad=False)
+    rows, grad_student, grad_teacher = value_and_grads(fn, student, teacher, upstream, teacher_grad=False)
     assert grad_teacher is None
     truth = _truth(student, teacher, frames, margin, "temporal", upstream)
     _assert_matches((rows, grad_student), truth[:2])
@@ -337,8 +329,8 @@ def test_triton_half_precision_no_worse_than_pytorch(dtype, upstream_kind, varia
     else:
         upstream = torch.randn(batch, tokens, generator=torch.Generator().manual_seed(5)).to(DEVICE) / tokens**2
     truth = _truth(student, teacher, frames, margin, variant, upstream)
-    ours = _value_and_grads(lambda s, t: triton_fn(s, t, frames, margin, variant), student, teacher, upstream)
-    pytorch = _value_and_grads(
+    ours = value_and_grads(lambda s, t: triton_fn(s, t, frames, margin, variant), student, teacher, upstream)
+    pytorch = value_and_grads(
         lambda s, t: relation_distance_reference(s, t, frames, margin, variant), student, teacher, upstream
     )
     assert ours[1].dtype == ours[2].dtype == dtype
@@ -391,5 +383,5 @@ def test_triton_gpu_fp32_realistic_frame_spans_many_key_tiles(variant):
         torch.full((batch, tokens), 1.0 / tokens, device=DEVICE),
         torch.randn(batch, tokens, generator=torch.Generator().manual_seed(16)).to(DEVICE),
     ):
-        actual = _value_and_grads(lambda s, t: triton_fn(s, t, frames, margin, variant), student, teacher, upstream)
+        actual = value_and_grads(lambda s, t: triton_fn(s, t, frames, margin, variant), student, teacher, upstream)
         _assert_matches(actual, _truth(student, teacher, frames, margin, variant, upstream), rel=1e-4)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_to_truth, features, tempered_kl_truth
+from helpers import assert_close_to_truth, features, tempered_kl_truth, value_and_grads
 
 from stss_kernels._core.chunking import CHUNK_BUDGET_BYTES
 from stss_kernels.ops.tempered_kl.torch_backend import auto_chunk_size, tempered_kl_torch
@@ -31,21 +31,15 @@ def _truth(frames, tau_student, tau_teacher):
     return lambda s, t: tempered_kl_truth(s, t, frames, tau_student, tau_teacher, normalize=False)
 
 
-def _value_and_grads(fn, student, teacher, upstream):
-    student, teacher = student.detach().requires_grad_(), teacher.detach().requires_grad_()
-    out = fn(student, teacher)
-    return (out.detach(), *torch.autograd.grad(out, (student, teacher), upstream))
-
-
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 100, None])
 def test_chunk_size_does_not_change_the_result(chunk_size):
     frames, hw = 3, 7
     student, teacher = _unit_features(2, frames, hw, 5, 12, seed=1)
     upstream = torch.randn(2, frames * hw, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    actual = _value_and_grads(
+    actual = value_and_grads(
         lambda s, t: tempered_kl_torch(s, t, frames, 0.1, 0.2, chunk_size=chunk_size), student, teacher, upstream
     )
-    expected = _value_and_grads(_truth(frames, 0.1, 0.2), student, teacher, upstream)
+    expected = value_and_grads(_truth(frames, 0.1, 0.2), student, teacher, upstream)
     assert_close_to_truth(actual, expected, rel_tol=1e-10)
 
 
@@ -54,7 +48,7 @@ def test_zero_weight_rows_are_skipped():
     student, teacher = _unit_features(2, frames, hw, 4, 6, seed=4)
     weight = torch.tensor([[1.0, 0, 0.5, 0, 0, 2, 1, 0, 1, 1], [0.0] * 10], dtype=torch.float64)
     upstream = torch.randn(2, frames * hw, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    actual = _value_and_grads(
+    actual = value_and_grads(
         lambda s, t: tempered_kl_torch(s, t, frames, 0.1, 0.1, query_weight=weight, chunk_size=3),
         student,
         teacher,
@@ -62,7 +56,7 @@ def test_zero_weight_rows_are_skipped():
     )
     # Skipped rows: kl 0 and no gradient, i.e. the truth with those rows' upstream gradient zeroed.
     kept = (weight != 0).double()
-    expected = _value_and_grads(lambda s, t: _truth(frames, 0.1, 0.1)(s, t) * kept, student, teacher, upstream)
+    expected = value_and_grads(lambda s, t: _truth(frames, 0.1, 0.1)(s, t) * kept, student, teacher, upstream)
     assert_close_to_truth(actual, expected, rel_tol=1e-10)
 
 
