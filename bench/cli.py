@@ -42,6 +42,15 @@ CASE_SETTINGS = (
     "check",
 )
 
+# The workload sizes an option can override, in plain words.
+WORKLOAD_FIELDS = {
+    "batch": "videos per batch",
+    "frames": "frames per video",
+    "hw": "tokens per frame (height x width of the token grid)",
+    "cs": "student feature channels",
+    "ct": "teacher feature channels",
+}
+
 # Loss providers timed beside a DiT step by default (torch.compile of the naive loss is left out: slow to build).
 DIT_PROVIDERS = ("reference", "triton")
 
@@ -121,15 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the workloads: the TSA alignment grid (tsa-grid, the default), a CogVideoX DiT "
         "grid, or a sweep of N from 1k to 64k tokens",
     )
-    for field in ("batch", "frames", "hw", "cs", "ct"):
-        parser.add_argument(f"--{field}", type=_positive_int, help=f"override the preset's {field}")
+    for field, meaning in WORKLOAD_FIELDS.items():
+        parser.add_argument(f"--{field}", type=_positive_int, help=f"{meaning} (default: the preset's)")
     parser.add_argument(
         "--max-tokens", type=_positive_int, help="leave out workloads with more tokens (default: keep all)"
     )
     parser.add_argument(
         "--providers",
         type=_csv(PROVIDERS),
-        help="comma-separated implementations to time "
+        help="comma-separated implementations to time: reference (the loss in naive eager PyTorch), compiled "
+        "(torch.compile of it), torch and triton (the stss_kernels backends) "
         f"(default: {','.join(PROVIDERS)}; with --dit: {','.join(DIT_PROVIDERS)})",
     )
     parser.add_argument(
@@ -211,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--update-results",
         action="store_true",
-        help="write to bench/results/, replacing the committed result files of the same tag",
+        help="write to bench/results/, replacing the committed result files of the same tag (default: off)",
     )
     parser.add_argument("--tag", help="file name stem (default: [OP-]PRESET-DEVICE-DTYPE[-maskR][-teacher-grad])")
     parser.add_argument("--no-plot", dest="plot", action="store_false", help="write no PNG plots (default: plot)")
@@ -220,7 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(DIT_MODELS),
         help="time a training step of this DiT beside the loss at its grid (GPU; default: off)",
     )
-    parser.add_argument("--tiny", action="store_true", help="with --dit: a 2-layer model on a small grid (CPU test)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="with --dit: a 2-layer model on a small grid, to test on a CPU (default: off)",
+    )
     return parser
 
 
