@@ -20,7 +20,7 @@ from stss_kernels.ops import op_specs
 
 from . import report
 from .dit import DIT_MODELS, format_dit, run_dit
-from .measure import DTYPES, Case, base_result, matmul_tflops, run_case
+from .measure import DTYPES, WORKER_ENV, Case, base_result, matmul_tflops, run_case
 from .providers import DEFAULT_OP, OPS, PROVIDERS
 from .shards import main_shards
 from .workloads import PRESETS, build_workloads, flop_count
@@ -55,8 +55,6 @@ WORKLOAD_FIELDS = {
 # Loss providers timed beside a DiT step by default (torch.compile of the naive loss is left out: slow to build).
 DIT_PROVIDERS = ("reference", "triton")
 
-# Large freed buffers go back to the OS at once, so a CPU worker's resident set tracks live tensors.
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 # Option values that are negative numbers, exponents included ("-1e-4"), are values, not options.
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$|^-inf$", re.IGNORECASE)

@@ -36,6 +36,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # naive reference in the same dtype, plus this tolerance. Errors are relative (loss and gradients' L2 norm).
 CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
+# Large freed buffers go back to the OS at once, so a CPU worker's resident set tracks live tensors (the environment
+# of the processes that measure CPU cases).
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
 # Rank of the component shared by student and teacher tokens, so the softmaxes are far from uniform.
 SHARED_RANK = 8
 

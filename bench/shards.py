@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 from stss_kernels._core.sharding import count_communication
 from stss_kernels.ops import op_spec
 
-from .measure import DTYPES, peak_memory_bytes
+from .measure import DTYPES, WORKER_ENV, peak_memory_bytes
 
 BACKENDS = ("reference", "torch", "triton")
 # Seconds a collective may wait before it fails (instead of hanging the benchmark).
@@ -183,8 +183,6 @@ def _worker(rank: int, world: int, case_json: str, grouped: bool, out_dir: str) 
 
 def run_shards(case: ShardCase, shards: int | None) -> dict:
     """Spawn the ranks (shards=None: one process without a group) and collect their per-rank results."""
-    from .cli import WORKER_ENV  # CPU: freed buffers go back to the OS, so the resident set tracks live tensors
-
     world = shards or 1
     saved = {name: os.environ.get(name) for name in WORKER_ENV}
     os.environ.update(WORKER_ENV)
