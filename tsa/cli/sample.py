@@ -2,11 +2,15 @@
 
     tsa-sample tsa-output --prompt "a red ball falls and bounces on the floor"
     tsa-sample runs/lamo --prompts-file prompts.txt --motion-guidance 15     # LaMo motion prior guidance
+    tsa-sample --settings tsa-output/samples/00-a-red-ball.json              # the same video again
 
 RUN_DIR is a tsa-train output folder: the base pipeline comes from its training_args.json (or --model-path), the
 fine-tuned weights from RUN_DIR/transformer (full fine-tune; transformer_2 for a two-expert model's second expert)
 or RUN_DIR/pytorch_lora_weights.safetensors (LoRA, loaded into the trained expert). Writes one mp4 per prompt to
-RUN_DIR/samples (tsa.sampling.sample).
+RUN_DIR/samples (tsa.sampling.sample), each with a settings file beside it (same name, .json) that --settings
+reproduces (into the settings file's folder/reproduced unless --output-dir is given). Steps, guidance scale(s),
+flow shift, negative prompt and fps default to the model variant's own recipe (docs/method.md, "Sampling
+defaults").
 """
 
 import argparse
@@ -14,13 +18,16 @@ from pathlib import Path
 
 from tsa.cli.common import OneLineArgumentParser
 from tsa.errors import UsageError
-from tsa.sampling import DTYPES, default_device, sample
+from tsa.sampling import DTYPES, default_device, read_settings, sample
 
 
 def build_parser():
     parser = OneLineArgumentParser(prog="tsa-sample", description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("run_dir", type=Path, help="A tsa-train --output-dir.")
+    parser.add_argument("run_dir", type=Path, nargs="?", default=None,
+                        help="A tsa-train --output-dir (not needed with --settings).")
+    parser.add_argument("--settings", type=Path, default=None, metavar="FILE",
+                        help="A sample's settings file: render that sample again (other options override it).")
     parser.add_argument("--prompt", action="append", default=[], help="Repeat for several videos.")
     parser.add_argument("--prompts-file", type=Path, default=None, help="One prompt per line.")
     parser.add_argument("--model-path", type=Path, default=None,
@@ -29,11 +36,21 @@ def build_parser():
     parser.add_argument("--height", type=int, default=None, help="Default: the training resolution.")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--num-frames", type=int, default=None)
-    parser.add_argument("--num-inference-steps", type=int, default=50)
+    parser.add_argument("--num-inference-steps", type=int, default=None,
+                        help="Default: the model's (e.g. CogVideoX 50, Wan2.2 A14B 40).")
     parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="Classifier-free guidance (default: the family's, CogVideoX 6, Wan 5).")
+                        help="Classifier-free guidance (default: the model's, e.g. CogVideoX 6, Wan2.1 5; the "
+                             "high-noise expert's for a two-expert model).")
+    parser.add_argument("--guidance-scale-2", type=float, default=None,
+                        help="The second (low-noise) expert's guidance of a two-expert model (Wan2.2 A14B: 3.0).")
+    parser.add_argument("--flow-shift", type=float, default=None,
+                        help="Timestep shift of a flow-matching sampler (default: the model's, e.g. Wan2.1 5, "
+                             "Wan2.2 T2V-A14B 12).")
+    parser.add_argument("--negative-prompt", default=None,
+                        help="Default: the model's (Wan's sample_neg_prompt; none for CogVideoX).")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fps", type=int, default=None, help="Default: the family's (CogVideoX 8, Wan 16).")
+    parser.add_argument("--fps", type=int, default=None,
+                        help="Default: the model's (CogVideoX 8, Wan 16, Wan2.2 TI2V-5B 24).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--motion-guidance", type=float, default=0.0, metavar="SCALE",
@@ -53,6 +70,20 @@ def main(argv=None):
     """Console script tsa-sample (also `python -m tsa.cli.sample`): one line and exit 2 for a mistake."""
     parser = build_parser()
     options = vars(parser.parse_args(argv))
+    settings_file = options.pop("settings")
+    if settings_file is not None:
+        try:
+            recorded = read_settings(settings_file)
+        except UsageError as error:
+            parser.error(str(error))
+        parser.set_defaults(**{key: value for key, value in recorded.items() if key != "prompts"},
+                            output_dir=settings_file.parent / "reproduced")
+        options = vars(parser.parse_args(argv))
+        options.pop("settings")
+        if not options["prompt"] and options["prompts_file"] is None:
+            options["prompt"] = recorded["prompts"]
+    if options["run_dir"] is None:
+        parser.error("give RUN_DIR (a tsa-train --output-dir) or --settings FILE")
     prompts = options.pop("prompt")
     prompts_file = options.pop("prompts_file")
     if prompts_file is not None:

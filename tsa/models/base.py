@@ -11,6 +11,7 @@ Latents outside a family are always (B, F, C, h, w), normalised the way the fami
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -88,6 +89,32 @@ def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """One model variant's own sampling recipe: tsa-sample's defaults (docs/method.md, "Sampling defaults").
+
+    `guidance_scale_2` is the second (low-noise) expert's scale of a two-expert model (None: one expert);
+    `flow_shift` the flow-matching timestep shift (None: the family is not a flow model); `source` names the
+    files the values come from."""
+
+    variant: str
+    num_inference_steps: int
+    guidance_scale: float
+    fps: int
+    negative_prompt: str = ""
+    guidance_scale_2: float | None = None
+    flow_shift: float | None = None
+    source: str = ""
+
+
+def with_flow_shift(scheduler, shift: float):
+    """A copy of a flow-matching scheduler with its timestep shift set to `shift` (`shift`, or UniPC's
+    `flow_shift`)."""
+    config = dict(scheduler.config)
+    key = "shift" if "shift" in config else "flow_shift"
+    return type(scheduler).from_config(config, **{key: float(shift)})
+
+
 TIMESTEP_SAMPLING = ("logit-normal", "uniform")  # training timestep densities of flow-matching families
 
 
@@ -103,7 +130,8 @@ class ModelFamily:
       denoisers), `objective_options` (run-config option -> constructor keyword for the family's objective
       options, e.g. {"flow_shift": "shift"}; options not listed are refused for the family),
       `default_lora_target_modules`, `temporal_compression`, `spatial_multiple`, `default_guidance_scale`,
-      `default_fps` (tsa-sample's defaults), `presets` (named tsa-train option sets);
+      `default_fps` (tsa-sample's defaults unless `sampling_defaults` names each variant's own), `presets`
+      (named tsa-train option sets);
     - loading: `transformer_class`, `pipeline_class`, `load_encoders`, `max_sequence_length`; the rest
       (`load_transformer`, `load_scheduler`, `load_pipeline`, `from_model_path`) has defaults to override
       where the family's folders differ;
@@ -204,6 +232,14 @@ class ModelFamily:
     def max_sequence_length(self, model_path) -> int:
         """Text tokens per prompt that the pipeline encodes."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------- sampling
+    def sampling_defaults(self, model_path, height: int | None = None, width: int | None = None) -> SamplingDefaults:
+        """The sampling recipe of the model variant in `model_path` at `height` x `width` pixels (None: the
+        pipeline's default size). The default: 50 steps, the class's guidance scale and fps, no negative prompt,
+        the folder's own scheduler shift."""
+        return SamplingDefaults(variant=self.name, num_inference_steps=50, guidance_scale=self.default_guidance_scale,
+                                fps=self.default_fps)
 
     # ------------------------------------------------------------------------------------------- latents
     def latents_from_distribution(

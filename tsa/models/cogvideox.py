@@ -13,7 +13,23 @@ from types import SimpleNamespace
 
 import torch
 
-from tsa.models.base import ModelFamily
+from tsa.models.base import ModelFamily, SamplingDefaults, model_index
+
+# Each variant's sampling recipe: diffusers' pipeline defaults, which CogVideoX's own inference/cli_demo.py shares
+# (docs/method.md, "Sampling defaults", cites the lines). CogVideoX samples without a negative prompt.
+SAMPLING_DEFAULTS = {
+    defaults.variant: defaults
+    for defaults in (
+        SamplingDefaults("cogvideox-2b", 50, 6.0, 8, source="diffusers pipeline_cogvideox.py:514-516,63; "
+                         "CogVideo inference/cli_demo.py:62-63,80"),
+        SamplingDefaults("cogvideox-5b", 50, 6.0, 8, source="diffusers pipeline_cogvideox.py:514-516,63; "
+                         "CogVideo inference/cli_demo.py:62-63,80"),
+        SamplingDefaults("cogvideox-5b-i2v", 50, 6.0, 8, source="diffusers pipeline_cogvideox_image2video.py:608-610,"
+                         "62; CogVideo inference/cli_demo.py:62-63,80"),
+        SamplingDefaults("cogvideox1.5-5b", 50, 6.0, 16, source="CogVideo inference/cli_demo.py:62-63,68,80"),
+        SamplingDefaults("cogvideox1.5-5b-i2v", 50, 6.0, 16, source="CogVideo inference/cli_demo.py:62-63,68,80"),
+    )
+}
 
 
 def cogvideox_scheduler(snr_shift_scale: float = 3.0):
@@ -124,6 +140,30 @@ class CogVideoXFamily(ModelFamily):
             vae_tiling=True,
         ),
     }
+
+    # ------------------------------------------------------------------------------------------- sampling
+    @staticmethod
+    def variant(model_path) -> str:
+        """The CogVideoX variant of a pipeline folder (a key of SAMPLING_DEFAULTS), from its configs: 3D sincos
+        positions are the 2B, RoPE the 5B, a temporal patch (patch_size_t) CogVideoX1.5; the image-to-video
+        pipeline adds "-i2v"."""
+        import json
+
+        path = Path(model_path) / "transformer" / "config.json"
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        if config.get("patch_size_t"):
+            name = "cogvideox1.5-5b"
+        elif config.get("use_rotary_positional_embeddings"):
+            name = "cogvideox-5b"
+        else:
+            name = "cogvideox-2b"
+        if model_index(model_path).get("_class_name") == "CogVideoXImageToVideoPipeline":
+            name = name.replace("-2b", "-5b") + "-i2v"
+        return name
+
+    def sampling_defaults(self, model_path, height=None, width=None) -> SamplingDefaults:
+        """CogVideoX's recipe for the variant in `model_path` (see SAMPLING_DEFAULTS and `variant`)."""
+        return SAMPLING_DEFAULTS[self.variant(model_path)]
 
     # ------------------------------------------------------------------------------------------- loading
     def transformer_class(self):

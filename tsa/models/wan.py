@@ -22,7 +22,43 @@ from pathlib import Path
 
 import torch
 
-from tsa.models.base import TIMESTEP_SAMPLING, ModelFamily, flow_shift, is_flow_scheduler, model_index, shift_sigmas
+from tsa.models.base import (
+    TIMESTEP_SAMPLING,
+    ModelFamily,
+    SamplingDefaults,
+    flow_shift,
+    is_flow_scheduler,
+    model_index,
+    shift_sigmas,
+)
+
+# Wan's own sample_neg_prompt (Wan-Video/Wan2.1 and Wan2.2 wan/configs/shared_config.py:19)
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+# Wan2.1 I2V-14B prepends "camera shake" (Wan-Video/Wan2.1 wan/configs/wan_i2v_14B.py:11)
+WAN21_I2V_NEGATIVE_PROMPT = "镜头晃动，" + WAN_NEGATIVE_PROMPT
+
+# Each variant's sampling recipe from Wan's own configs (docs/method.md, "Sampling defaults", cites the lines).
+SAMPLING_DEFAULTS = {
+    defaults.variant: defaults
+    for defaults in (
+        SamplingDefaults("wan2.1-t2v", 50, 5.0, 16, WAN_NEGATIVE_PROMPT, None, 5.0,
+                         "Wan2.1 generate.py:71-77,244; wan/configs/shared_config.py:18-19"),
+        SamplingDefaults("wan2.1-i2v-480p", 40, 5.0, 16, WAN21_I2V_NEGATIVE_PROMPT, None, 3.0,
+                         "Wan2.1 generate.py:71-79,244; wan/configs/wan_i2v_14B.py:11; shared_config.py:18"),
+        SamplingDefaults("wan2.1-i2v-720p", 40, 5.0, 16, WAN21_I2V_NEGATIVE_PROMPT, None, 5.0,
+                         "Wan2.1 generate.py:71-77,244; wan/configs/wan_i2v_14B.py:11; shared_config.py:18"),
+        SamplingDefaults("wan2.2-t2v-a14b", 40, 4.0, 16, WAN_NEGATIVE_PROMPT, 3.0, 12.0,
+                         "Wan2.2 wan/configs/wan_t2v_A14B.py:34-37; shared_config.py:18-19"),
+        SamplingDefaults("wan2.2-i2v-a14b", 40, 3.5, 16, WAN_NEGATIVE_PROMPT, 3.5, 5.0,
+                         "Wan2.2 wan/configs/wan_i2v_A14B.py:34-37; shared_config.py:18-19"),
+        SamplingDefaults("wan2.2-ti2v-5b", 50, 5.0, 24, WAN_NEGATIVE_PROMPT, None, 5.0,
+                         "Wan2.2 wan/configs/wan_ti2v_5B.py:32-35; shared_config.py:19"),
+    )
+}
 
 
 class WanFamily(ModelFamily):
@@ -135,6 +171,26 @@ class WanFamily(ModelFamily):
             options.setdefault("spatial_multiple", 2 * spatial)
         options.setdefault("expand_timesteps", bool(index.get("expand_timesteps", False)))
         return cls._with_options(**options)
+
+    # ------------------------------------------------------------------------------------------- sampling
+    @staticmethod
+    def variant(model_path, height: int | None = None, width: int | None = None) -> str:
+        """The Wan variant of a pipeline folder (a key of SAMPLING_DEFAULTS), from model_index.json: a
+        boundary_ratio is Wan2.2 A14B, expand_timesteps TI2V-5B, else Wan2.1 (T2V-1.3B and T2V-14B share their
+        recipe; I2V-14B's shift depends on the size, 480p up to 832 x 480 pixels as generate.py's "832*480")."""
+        index = model_index(model_path)
+        image = index.get("_class_name") == "WanImageToVideoPipeline"
+        if index.get("boundary_ratio") is not None:
+            return "wan2.2-i2v-a14b" if image else "wan2.2-t2v-a14b"
+        if index.get("expand_timesteps"):
+            return "wan2.2-ti2v-5b"
+        if image:
+            return "wan2.1-i2v-480p" if (height or 480) * (width or 832) <= 480 * 832 else "wan2.1-i2v-720p"
+        return "wan2.1-t2v"
+
+    def sampling_defaults(self, model_path, height=None, width=None) -> SamplingDefaults:
+        """Wan's own recipe for the variant in `model_path` (see SAMPLING_DEFAULTS and `variant`)."""
+        return SAMPLING_DEFAULTS[self.variant(model_path, height, width)]
 
     # ------------------------------------------------------------------------------------------- loading
     def transformer_class(self):
