@@ -205,6 +205,12 @@ def sample(
         if size[name] is not None and size[name] % family.spatial_multiple:
             raise UsageError(f"--{name} must be a multiple of {family.spatial_multiple} for {model_path} (VAE x "
                              f"patch size), got {size[name]}")
+    lora = not (run_dir / expert).is_dir()
+    if lora:
+        try:  # the LoRA file names the expert it adapts; a run folder that says otherwise is refused
+            family.lora_expert(run_dir, expert)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     recipe = family.sampling_defaults(model_path, size["height"], size["width"])
     if guidance_scale_2 is not None and recipe.guidance_scale_2 is None:
         raise UsageError(f"--guidance-scale-2 sets a two-expert model's second expert, and {model_path} "
@@ -238,7 +244,6 @@ def sample(
         motion_predictor = MotionPredictor.from_pretrained(predictor_path).to(device)
         enable_motion_guidance(pipe, motion_predictor, scale=motion_guidance, rho=motion_guidance_rho,
                                lag=motion_guidance_lag, start_rounding=motion_guidance_start)
-    lora = not (run_dir / expert).is_dir()
     settings = {
         "tsa_sample_settings": SETTINGS_VERSION,
         "run_dir": str(run_dir.resolve()),

@@ -14,7 +14,7 @@ from tsa.choices import GRID_MODES, TEACHER_KINDS
 from tsa.cli.common import OneLineArgumentParser, positive_int
 from tsa.errors import UsageError
 from tsa.models import DEFAULT_FAMILY, FAMILIES, TIMESTEP_SAMPLING, all_experts, family_class
-from tsa.training.config import PRESETS, TrainConfig, resolve_config
+from tsa.training.config import LATENTS, PRESETS, TrainConfig, resolve_config
 
 DEFAULTS = {item.name: item.default for item in dataclasses.fields(TrainConfig)
             if item.default is not dataclasses.MISSING}  # the one place defaults live is TrainConfig
@@ -43,12 +43,15 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
                             "range (transformer: high noise, t >= boundary_ratio * 1000; transformer_2: low noise).")
     model.add_argument("--output-dir", type=Path, default=DEFAULTS["output_dir"])
     model.add_argument("--finetune", choices=("full", "lora"), default=DEFAULTS["finetune"])
-    model.add_argument("--lora-rank", type=positive_int, default=DEFAULTS["lora_rank"])
-    model.add_argument("--lora-alpha", type=float, default=DEFAULTS["lora_alpha"])
+    model.add_argument("--lora-rank", type=positive_int, default=DEFAULTS["lora_rank"],
+                       help="Default: 32 (finetrainers, DiffSynth-Studio), unless a preset says otherwise.")
+    model.add_argument("--lora-alpha", type=float, default=DEFAULTS["lora_alpha"], help="Default: 32.")
     model.add_argument("--lora-target-modules", default=DEFAULTS["lora_target_modules"],
-                       help="Comma-separated module names that get LoRA adapters (default: the family's; "
-                            + "; ".join(f"{name}: {','.join(family_class(name).default_lora_target_modules)}"
-                                        for name in FAMILIES) + ").")
+                       help="Modules that get LoRA adapters: attn (the default), attn+ffn (also the feed-forward "
+                            "layers, as musubi-tuner and DiffSynth-Studio), or comma-separated module names; "
+                            + "; ".join(f"{name}: attn = {','.join(family_class(name).default_lora_target_modules)}, "
+                                        f"ffn = {','.join(family_class(name).ffn_lora_target_modules)}"
+                                        for name in FAMILIES) + ".")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, default=DEFAULTS["data"],
@@ -61,6 +64,10 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
     data.add_argument("--num-frames", type=positive_int, default=DEFAULTS["num_frames"], help="4k+1 frames per clip.")
     data.add_argument("--cache-dir", type=Path, default=DEFAULTS["cache_dir"],
                       help="Latent and T5 embedding cache (default: OUTPUT_DIR/cache).")
+    data.add_argument("--latents", choices=LATENTS, default=DEFAULTS["latents"],
+                      help="Train on the VAE posterior's mean (deterministic) or a fresh sample of it each step "
+                           "(default: the family's reference, "
+                           + ", ".join(f"{name}: {family_class(name).default_latents}" for name in FAMILIES) + ").")
     data.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=DEFAULTS["vae_tiling"],
                       help="Encode in overlapping tiles (saves memory at 480x720, slow on tiny models).")
     data.add_argument("--precompute", action="store_true", help="Only fill the cache, then exit.")
@@ -103,7 +110,9 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
                        help="Floor of the drift loss's denominator ||mu*||^2 (LaMo's code: 1e-8).")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
+    optim.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"],
+                       help="Default: 2e-6 for a full fine-tune (the papers'), 1e-4 for LoRA (DiffSynth-Studio), "
+                            "unless a preset says otherwise.")
     optim.add_argument("--lr-scheduler", default=DEFAULTS["lr_scheduler"],
                        help="Any diffusers.optimization.get_scheduler name (linear, cosine, ...).")
     optim.add_argument("--lr-warmup-steps", type=int, default=DEFAULTS["lr_warmup_steps"])

@@ -115,6 +115,28 @@ def with_flow_shift(scheduler, shift: float):
     return type(scheduler).from_config(config, **{key: float(shift)})
 
 
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights writes
+LORA_EXPERT_KEY = "tsa.expert"  # safetensors metadata: the pipeline component a LoRA file adapts
+
+
+def record_lora_expert(path, expert: str) -> None:
+    """Add the expert a LoRA file adapts to its safetensors metadata (the tensors are rewritten unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    save_file(load_file(str(path)), str(path), metadata={**metadata, LORA_EXPERT_KEY: expert})
+
+
+def read_lora_expert(path) -> str | None:
+    """The expert a LoRA file's metadata names (None: a file written without one)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return (handle.metadata() or {}).get(LORA_EXPERT_KEY)
+
+
 TIMESTEP_SAMPLING = ("logit-normal", "uniform")  # training timestep densities of flow-matching families
 
 
@@ -129,7 +151,7 @@ class ModelFamily:
       `transformer_class_names` (diffusers class names, for detection), `experts` (pipeline components that are
       denoisers), `objective_options` (run-config option -> constructor keyword for the family's objective
       options, e.g. {"flow_shift": "shift"}; options not listed are refused for the family),
-      `default_lora_target_modules`, `temporal_compression`, `spatial_multiple`, `default_guidance_scale`,
+      `default_lora_target_modules` and `ffn_lora_target_modules`, `default_latents` (the reference trainer's --latents), `temporal_compression`, `spatial_multiple`, `default_guidance_scale`,
       `default_fps` (tsa-sample's defaults unless `sampling_defaults` names each variant's own), `presets`
       (named tsa-train option sets);
     - loading: `transformer_class`, `pipeline_class`, `load_encoders`, `max_sequence_length`; the rest
@@ -152,7 +174,9 @@ class ModelFamily:
     pipeline_class_names: tuple[str, ...] = ()
     transformer_class_names: tuple[str, ...] = ()
     experts: tuple[str, ...] = ("transformer",)  # pipeline components that are denoisers
-    default_lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    default_lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # --lora-target-modules attn
+    ffn_lora_target_modules: tuple[str, ...] = ()  # added by --lora-target-modules attn+ffn
+    default_latents: str = "sample"  # tsa-train --latents: train on a VAE posterior "sample" or its "mean"
     temporal_compression: int = 4
     spatial_multiple: int = 16
     default_guidance_scale: float = 6.0
@@ -232,6 +256,20 @@ class ModelFamily:
     def max_sequence_length(self, model_path) -> int:
         """Text tokens per prompt that the pipeline encodes."""
         raise NotImplementedError
+
+    def lora_target_modules(self, spec) -> list[str]:
+        """Module names for LoRA from `spec`: None or "attn" (the attention projections), "attn+ffn" (and the
+        feed-forward layers), or module names (a list or a comma-separated string). ValueError."""
+        if spec is None or spec == "attn":
+            return list(self.default_lora_target_modules)
+        if spec == "attn+ffn":
+            if not self.ffn_lora_target_modules:
+                raise ValueError(f"the {self.name} family names no feed-forward modules; give the module names")
+            return [*self.default_lora_target_modules, *self.ffn_lora_target_modules]
+        names = [name.strip() for name in (spec.split(",") if isinstance(spec, str) else spec) if name.strip()]
+        if not names:
+            raise ValueError(f"give attn, attn+ffn or module names, got {spec!r}")
+        return names
 
     # ------------------------------------------------------------------------------------------- sampling
     def sampling_defaults(self, model_path, height: int | None = None, width: int | None = None) -> SamplingDefaults:
@@ -346,21 +384,38 @@ class ModelFamily:
 
     # ------------------------------------------------------------------------------------------- weights
     def save_lora_weights(self, output_dir, lora_layers: dict, metadata: dict, expert: str = "transformer"):
-        """Write `lora_layers` (peft state dict of `expert`) as the pipeline's load_lora_weights expects."""
+        """Write `lora_layers` (peft state dict of `expert`) as the pipeline's load_lora_weights expects, with the
+        expert it adapts in the file's metadata (LORA_EXPERT_KEY)."""
         self.pipeline_class().save_lora_weights(
             output_dir, transformer_lora_layers=lora_layers, transformer_lora_adapter_metadata=metadata
         )
+        record_lora_expert(Path(output_dir) / LORA_WEIGHTS, expert)
 
-    def load_run_weights(self, pipe, run_dir, expert: str = "transformer", dtype=torch.float32):
-        """Put a finished tsa-train run's weights (full `expert/` folder or LoRA file) into `pipe`."""
+    def lora_expert(self, lora_dir, expert: str | None = None) -> str:
+        """The expert a LoRA file adapts (its metadata; files without one adapt `transformer`), checked against
+        the `expert` a caller asks for (None: whichever the file names). ValueError in one line."""
+        recorded = read_lora_expert(Path(lora_dir) / LORA_WEIGHTS) or "transformer"
+        if expert is not None and expert != recorded:
+            raise ValueError(f"{Path(lora_dir) / LORA_WEIGHTS} adapts {recorded}, not {expert}: load it into {recorded}")
+        if recorded not in self.experts:
+            raise ValueError(f"{Path(lora_dir) / LORA_WEIGHTS} adapts {recorded}, which {self.name} pipelines do not "
+                             f"have (their denoisers: {', '.join(self.experts)})")
+        return recorded
+
+    def load_run_weights(self, pipe, run_dir, expert: str | None = None, dtype=torch.float32):
+        """Put a finished tsa-train run's weights (full `expert/` folder or LoRA file, into the expert the file
+        names) into `pipe`. A LoRA file for another expert than `expert`, or one the pipeline lacks: ValueError."""
         run_dir = Path(run_dir)
-        if (run_dir / expert).is_dir():
+        if expert is not None and (run_dir / expert).is_dir():
             setattr(pipe, expert, self.transformer_class().from_pretrained(run_dir / expert, torch_dtype=dtype))
-        elif (run_dir / "pytorch_lora_weights.safetensors").is_file():
+        elif (run_dir / LORA_WEIGHTS).is_file():
+            expert = self.lora_expert(run_dir, expert)
+            if getattr(pipe, expert, None) is None:
+                raise ValueError(f"{run_dir / LORA_WEIGHTS} adapts {expert}, and this {type(pipe).__name__} has none")
             self.load_lora_into(pipe, run_dir, expert)
         else:
             raise FileNotFoundError(
-                f"{run_dir} holds neither {expert}/ nor pytorch_lora_weights.safetensors "
+                f"{run_dir} holds neither {expert or 'transformer'}/ nor {LORA_WEIGHTS} "
                 "(the final weights of a finished tsa-train run)"
             )
         return pipe
@@ -370,18 +425,19 @@ class ModelFamily:
 
     def load_trained_transformer(self, run_dir, model_path, expert: str = "transformer", dtype=torch.float32):
         """A finished run's `expert` alone (no pipeline): RUN_DIR/expert (full fine-tune), or the base model's
-        with the run's LoRA file as a peft adapter (`disable_adapters()` gives the base model back)."""
+        with the run's LoRA file as a peft adapter (`disable_adapters()` gives the base model back); a LoRA file
+        for another expert: ValueError."""
         run_dir = Path(run_dir)
         if (run_dir / expert).is_dir():
             return self.transformer_class().from_pretrained(run_dir / expert, torch_dtype=dtype)
-        if not (run_dir / "pytorch_lora_weights.safetensors").is_file():
+        if not (run_dir / LORA_WEIGHTS).is_file():
             raise FileNotFoundError(
-                f"{run_dir} holds neither {expert}/ nor pytorch_lora_weights.safetensors "
-                "(the final weights of a finished tsa-train run)"
+                f"{run_dir} holds neither {expert}/ nor {LORA_WEIGHTS} (the final weights of a finished tsa-train run)"
             )
+        self.lora_expert(run_dir, expert)
         transformer = self.load_transformer(model_path, expert, dtype)
         # save_lora_weights writes every expert's layers under the pipeline's "transformer" prefix
-        transformer.load_lora_adapter(run_dir, weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
+        transformer.load_lora_adapter(run_dir, weight_name=LORA_WEIGHTS, prefix="transformer")
         return transformer
 
     # ------------------------------------------------------------------------------------------- tiny models

@@ -44,6 +44,13 @@ def family_presets() -> dict[str, dict]:
 
 PRESETS = {"tiny": TINY_PRESET, **family_presets()}
 
+# The optimiser and adapter defaults a run without a preset gets: a full fine-tune at the papers' rate, and LoRA
+# at the rate and size of the LoRA trainers (docs/method.md, "LoRA defaults").
+FULL_FINETUNE_DEFAULTS = dict(learning_rate=2e-6, lora_rank=32, lora_alpha=32.0)
+LORA_DEFAULTS = dict(learning_rate=1e-4, lora_rank=32, lora_alpha=32.0)
+
+LATENTS = ("mean", "sample")  # what a step trains on: the VAE posterior's mean, or a fresh sample of it
+
 PATH_FIELDS = ("model_path", "output_dir", "data", "cache_dir", "teacher_path")
 
 @dataclass
@@ -59,9 +66,9 @@ class TrainConfig:
     expert: str = "transformer"
     output_dir: Path = Path("tsa-output")
     finetune: str = "full"
-    lora_rank: int = 128
-    lora_alpha: float = 64.0
-    lora_target_modules: list[str] | str | None = None
+    lora_rank: int | None = None  # None: LORA_DEFAULTS
+    lora_alpha: float | None = None
+    lora_target_modules: list[str] | str | None = None  # None or "attn": the family's; "attn+ffn"; or names
     # data
     data: Path | None = None
     video_column: str = "video"
@@ -70,6 +77,7 @@ class TrainConfig:
     width: int = 720
     num_frames: int = 49
     cache_dir: Path | None = None
+    latents: str | None = None  # "mean" or "sample" of the cached VAE posterior; None: the family's
     vae_tiling: bool = False
     precompute: bool = False
     dataloader_num_workers: int = 0
@@ -97,7 +105,7 @@ class TrainConfig:
     predictor_prompt_pooling: str = "all"
     motion_drift_eps: float = 1e-8
     # optimisation
-    learning_rate: float = 2e-6
+    learning_rate: float | None = None  # None: 2e-6 for a full fine-tune, 1e-4 for LoRA
     lr_scheduler: str = "constant_with_warmup"
     lr_warmup_steps: int = 100
     adam_beta1: float = 0.9
@@ -205,14 +213,19 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
                                  if config.preset else f"{option_flag(name)} is required without --preset tiny")
         if config.align in alignment.ALIGNMENT_METHODS and config.teacher_path is None:
             raise UsageError(f"--teacher-path is required with --align {config.align}")
-    modules = config.lora_target_modules
-    if modules is None:
-        modules = list(family.default_lora_target_modules)
-    if isinstance(modules, str):
-        modules = modules.split(",")
-    config.lora_target_modules = [name.strip() for name in modules if name.strip()]
+    for name, value in (LORA_DEFAULTS if config.finetune == "lora" else FULL_FINETUNE_DEFAULTS).items():
+        if getattr(config, name) is None:
+            setattr(config, name, value)
+    try:
+        config.lora_target_modules = family.lora_target_modules(config.lora_target_modules)
+    except ValueError as error:
+        raise UsageError(f"--lora-target-modules: {error}") from None
     if config.cache_dir is None:
         config.cache_dir = config.output_dir / "cache"
+    if config.latents is None:
+        config.latents = family.default_latents
+    if config.latents not in LATENTS:
+        raise UsageError(f"--latents must be one of {LATENTS}, got {config.latents!r}")
     check_ranges(config, TRAINING_RANGES)
     for option in alignment.alignment_options().values():  # also the options of methods registered at run time
         value = config.method_options()[option.name]

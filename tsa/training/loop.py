@@ -167,9 +167,10 @@ def _step_seed(seed, step, micro_step, process_index):
     return (((seed * 1_000_003 + step) * 1_009 + micro_step) * 1_013 + process_index) % (2**63)
 
 
-def sample_latents(batch, family, vae_config, dtype):
-    """Draw from the cached latent distributions (B, 2C, F, h, w) -> normalised latents (B, F, C, h, w)."""
-    return family.latents_from_distribution(batch["latent_dist"], vae_config).to(dtype)
+def sample_latents(batch, family, vae_config, dtype, latents="sample"):
+    """The cached latent distributions (B, 2C, F, h, w) -> normalised latents (B, F, C, h, w): a fresh draw
+    (`latents="sample"`) or the posterior mean ("mean", deterministic)."""
+    return family.latents_from_distribution(batch["latent_dist"], vae_config, sample=latents == "sample").to(dtype)
 
 
 def compute_losses(objective, lamo, drift_weight, batch, latents, dtype):
@@ -284,7 +285,7 @@ def train(config: TrainConfig):
         for batch in batches:
             torch.manual_seed(_step_seed(config.seed, step, micro_step, accelerator.process_index))
             with accelerator.accumulate(objective):
-                latents = sample_latents(batch, family, vae_config, weight_dtype)
+                latents = sample_latents(batch, family, vae_config, weight_dtype, config.latents)
                 loss, losses = compute_losses(objective, lamo, config.motion_drift_weight, batch, latents,
                                               weight_dtype)
                 accelerator.backward(loss)
