@@ -153,3 +153,73 @@ def test_mean_latents_are_the_normalised_posterior_mean_and_deterministic(family
     torch.testing.assert_close(first.double(), expected, rtol=1e-6, atol=1e-6)
     drawn = sample_latents(batch, get_family(family), config, torch.float32, "sample")
     assert not torch.allclose(drawn, first)
+
+
+# ----------------------------------------------------------------------------------- --frame-sampling fps
+@pytest.mark.parametrize(
+    "source_fps, expected",  # nearest source frame to i / 16 s, written out by hand
+    [(24, [0, 2, 3, 5, 6, 8, 9, 11, 12]), (30, [0, 2, 4, 6, 8, 9, 11, 13, 15]), (60, [0, 4, 8, 11, 15, 19, 23, 26, 30])],
+)
+def test_fps_sampling_picks_the_nearest_frames_at_the_target_rate(source_fps, expected):
+    from tsa.training.data import clip_frame_indices
+
+    assert clip_frame_indices(100, source_fps, 9, 16) == expected
+    assert clip_frame_indices(100, source_fps, 9, 16, start=5) == [index + 5 for index in expected]
+
+
+def grey_clip(path, count, fps):
+    """A clip whose frame k is uniformly grey at level 8 k (so a decoded frame tells its index)."""
+    import numpy as np
+
+    from tsa.training.data import write_video
+
+    write_video(path, [np.full((32, 32, 3), 8 * k, dtype=np.uint8) for k in range(count)], fps=fps)
+    return path
+
+
+def decoded_indices(video):
+    return [round(((float(frame.mean()) + 1) * 127.5) / 8) for frame in video]
+
+
+@pytest.mark.parametrize(
+    "source_fps, expected", [(24, [0, 2, 3, 5, 6]), (30, [0, 2, 4, 6, 8]), (60, [0, 4, 8, 11, 15])]
+)
+def test_read_video_at_a_target_fps_decodes_those_frames(source_fps, expected, tmp_path):
+    from tsa.training.data import read_video
+
+    clip = grey_clip(tmp_path / "clip.mp4", 24, source_fps)
+    assert decoded_indices(read_video(clip, 5, 32, 32, fps=16)) == expected
+    starts = set()
+    for seed in range(6):
+        picked = decoded_indices(read_video(clip, 5, 32, 32, fps=16, clip_start="random", seed=seed))
+        start = picked[0]
+        assert picked == [index + start for index in expected] and 0 <= start <= 24 - (expected[-1] + 1)
+        starts.add(start)
+    assert len(starts) > 1
+
+
+def test_a_clip_too_short_for_the_request_is_refused_by_name(tmp_path):
+    from tsa.training.data import ClipTooShortError, VideoCaptionDataset, VideoCaption, read_video
+
+    clip = grey_clip(tmp_path / "short.mp4", 10, 24)  # 9 frames at 16 fps need 13 frames at 24 fps
+    with pytest.raises(ClipTooShortError, match="short.mp4 is too short: 9 frames at 16 fps need 13"):
+        read_video(clip, 9, 32, 32, fps=16)
+    dataset = VideoCaptionDataset([VideoCaption(clip, "grey")], 32, 32, 9, fps=16)
+    with pytest.raises(ClipTooShortError, match="short.mp4"):
+        dataset.pixels(0)  # not skipped or padded: the cache refuses it
+    assert len(read_video(clip, 9, 32, 32)) == 9  # spread pads by repeating the last frame
+
+
+def test_frame_sampling_defaults_follow_the_model():
+    assert parse_config(["--model-family", "wan"]).fps == 16
+    assert parse_config(["--model-family", "cogvideox"]).fps == 8
+    assert parse_config([]).frame_sampling == "spread"  # the tiny preset's clips are short on purpose
+    config = parse_config(["--model-family", "wan", "--frame-sampling", "fps", "--fps", "24", "--clip-start", "random"])
+    assert (config.frame_sampling, config.fps, config.clip_start) == ("fps", 24.0, "random")
+
+
+def test_ti2v_5b_trains_at_its_24_fps(tmp_path):
+    model = get_family("wan").save_tiny_pipeline(tmp_path / "ti2v", num_layers=1, ti2v=True)
+    config = parse_config(["--model-path", str(model), "--data", "videos", "--align", "none", "--height", "64",
+                           "--width", "64"])
+    assert (config.frame_sampling, config.fps, config.latents) == ("fps", 24.0, "mean")

@@ -15,6 +15,7 @@ from tsa.cli.common import OneLineArgumentParser, positive_int
 from tsa.errors import UsageError
 from tsa.models import DEFAULT_FAMILY, FAMILIES, TIMESTEP_SAMPLING, all_experts, family_class
 from tsa.training.config import LATENTS, PRESETS, TrainConfig, resolve_config
+from tsa.training.data import CLIP_START, FRAME_SAMPLING
 
 DEFAULTS = {item.name: item.default for item in dataclasses.fields(TrainConfig)
             if item.default is not dataclasses.MISSING}  # the one place defaults live is TrainConfig
@@ -64,6 +65,15 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
     data.add_argument("--num-frames", type=positive_int, default=DEFAULTS["num_frames"], help="4k+1 frames per clip.")
     data.add_argument("--cache-dir", type=Path, default=DEFAULTS["cache_dir"],
                       help="Latent and T5 embedding cache (default: OUTPUT_DIR/cache).")
+    data.add_argument("--frame-sampling", choices=FRAME_SAMPLING, default=DEFAULTS["frame_sampling"],
+                      help="fps: consecutive frames at --fps, resampled from each clip's own rate (a clip too short "
+                           "is refused by name); spread: frames spread evenly over the whole clip.")
+    data.add_argument("--fps", type=float, default=DEFAULTS["fps"],
+                      help="Frame rate of the training clips with --frame-sampling fps (default: the model's "
+                           "sampling fps: CogVideoX 8, Wan 16, Wan2.2 TI2V-5B 24).")
+    data.add_argument("--clip-start", choices=CLIP_START, default=DEFAULTS["clip_start"],
+                      help="With --frame-sampling fps: start at the first frame, or at a random one per clip "
+                           "(drawn from --seed).")
     data.add_argument("--latents", choices=LATENTS, default=DEFAULTS["latents"],
                       help="Train on the VAE posterior's mean (deterministic) or a fresh sample of it each step "
                            "(default: the family's reference, "

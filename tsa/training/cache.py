@@ -52,12 +52,14 @@ class CacheLayout:
     max_sequence_length: int
     dtype: str = "float32"
     tiling: bool = False
+    frames: str = "spread"  # how frames are taken from a clip: "spread", or "fps{rate}-{first|random}{seed}"
 
     @property
     def directory(self):
         encode = self.dtype + ("-tiled" if self.tiling else "")
-        return self.root / (f"{self.num_frames}x{self.height}x{self.width}-{self.model}-t{self.max_sequence_length}"
-                            f"-{encode}")
+        frames = "" if self.frames == "spread" else f"-{self.frames}"
+        return self.root / (f"{self.num_frames}x{self.height}x{self.width}{frames}-{self.model}"
+                            f"-t{self.max_sequence_length}-{encode}")
 
     def path(self, sample):
         stat = sample.video.stat() if sample.video.exists() else None
@@ -69,9 +71,12 @@ def cache_layout(config, dtype):
     """The CacheLayout of a TrainConfig, encoding in `dtype`."""
     from tsa.models import detect_family
 
+    frames = "spread"
+    if config.frame_sampling == "fps":
+        frames = f"fps{config.fps:g}-" + ("first" if config.clip_start == "first" else f"random{config.seed}")
     return CacheLayout(Path(config.cache_dir), config.height, config.width, config.num_frames,
                        model_fingerprint(config.model_path), detect_family(config.model_path).max_sequence_length(
-                           config.model_path), str(dtype).removeprefix("torch."), config.vae_tiling)
+                           config.model_path), str(dtype).removeprefix("torch."), config.vae_tiling, frames)
 
 
 class LatentEncoder:
@@ -182,7 +187,8 @@ def build_cache(config, accelerator):
     """Fill the cache for `config` on every process of `accelerator` (sharded); returns the
     CachedLatentDataset of everything that is cached once all processes are done."""
     videos = VideoCaptionDataset(load_video_captions(config.data, config.video_column, config.caption_column),
-                                 config.height, config.width, config.num_frames)
+                                 config.height, config.width, config.num_frames,
+                                 config.fps if config.frame_sampling == "fps" else None, config.clip_start, config.seed)
     dtype = precision_dtype(accelerator.mixed_precision)
     layout = cache_layout(config, dtype)
     encoded, hits = fill_cache(

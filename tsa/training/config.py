@@ -20,12 +20,14 @@ from typing import Any
 
 from tsa import alignment
 from tsa.errors import UsageError
+from tsa.training.data import CLIP_START, FRAME_SAMPLING
 from tsa.training.validation import TRAINING_RANGES, check_ranges, option_flag, pipeline_family
 
 TINY_PRESET = dict(
     # Tiny random models and a synthetic mp4 dataset built in the output dir; CPU, about two minutes. The tiny
     # models are those of --model-family (OUTPUT_DIR/tiny/FAMILY), by default tsa.models.DEFAULT_FAMILY's.
-    height=96, width=144, num_frames=9, align="mtsa", align_layer=2, projector_hidden_dim=64,
+    # the synthetic clips are shorter than 9 frames at 8 fps on purpose (padding is tested), so they are spread
+    height=96, width=144, num_frames=9, frame_sampling="spread", align="mtsa", align_layer=2, projector_hidden_dim=64,
     finetune="full", learning_rate=1e-3, lr_warmup_steps=5, train_batch_size=2, max_steps=100,
     checkpointing_steps=50, num_videos=8, predictor_channels=16, predictor_blocks=2,
 )
@@ -78,6 +80,9 @@ class TrainConfig:
     num_frames: int = 49
     cache_dir: Path | None = None
     latents: str | None = None  # "mean" or "sample" of the cached VAE posterior; None: the family's
+    frame_sampling: str = "fps"  # "fps": consecutive frames at --fps; "spread": evenly over the whole clip
+    fps: float | None = None  # frame rate of the training clips (None: the model's sampling fps)
+    clip_start: str = "first"  # "first" frame, or a "random" start per clip drawn from --seed
     vae_tiling: bool = False
     precompute: bool = False
     dataloader_num_workers: int = 0
@@ -224,6 +229,13 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         config.cache_dir = config.output_dir / "cache"
     if config.latents is None:
         config.latents = family.default_latents
+    if config.frame_sampling not in FRAME_SAMPLING or config.clip_start not in CLIP_START:
+        raise UsageError(f"--frame-sampling must be one of {FRAME_SAMPLING} and --clip-start one of {CLIP_START}, got "
+                         f"{config.frame_sampling!r} and {config.clip_start!r}")
+    if config.fps is None:
+        path = config.model_path
+        config.fps = float(family.sampling_defaults(path).fps if path is not None and model_index(path)
+                           else family.default_fps)
     if config.latents not in LATENTS:
         raise UsageError(f"--latents must be one of {LATENTS}, got {config.latents!r}")
     check_ranges(config, TRAINING_RANGES)
