@@ -127,7 +127,8 @@ def read_settings(path) -> dict:
         "height": settings["height"], "width": settings["width"], "num_frames": settings["num_frames"],
         "num_inference_steps": settings["num_inference_steps"], "guidance_scale": settings["guidance_scale"],
         "guidance_scale_2": settings.get("guidance_scale_2"), "flow_shift": settings.get("flow_shift"),
-        "negative_prompt": settings["negative_prompt"], "seed": settings["seed"], "fps": settings["fps"],
+        "negative_prompt": settings["negative_prompt"], "image": settings.get("image"), "seed": settings["seed"],
+        "fps": settings["fps"],
         "dtype": settings["dtype"], "motion_guidance": guidance.get("scale", 0.0),
         "motion_guidance_rho": guidance.get("rho", 0.8), "motion_guidance_lag": guidance.get("lag", 1),
         "motion_guidance_start": guidance.get("start", "floor"), "predictor": guidance.get("predictor"),
@@ -156,6 +157,7 @@ def sample(
     guidance_scale_2: float | None = None,
     flow_shift: float | None = None,
     negative_prompt: str | None = None,
+    image=None,
     seed: int = 0,
     fps: int | None = None,
     dtype: str = "fp32",
@@ -166,7 +168,8 @@ def sample(
     motion_guidance_start: str = "floor",
     predictor=None,
 ) -> list[Path]:
-    """Write one mp4 per prompt (seed + its index), each with a settings file beside it (same name, .json, see
+    """Write one mp4 per prompt (seed + its index; an image-to-video model starts each from `image`, a file),
+    each with a settings file beside it (same name, .json, see
     `read_settings`), and return the mp4 paths. Size and frame count left None take the run's
     (training_args.json); steps, guidance scale(s), flow shift, negative prompt and fps left None take the
     model variant's own recipe (ModelFamily.sampling_defaults). `motion_guidance` > 0 turns on LaMo's Motion
@@ -211,6 +214,12 @@ def sample(
             family.lora_expert(run_dir, expert)
         except ValueError as error:
             raise UsageError(str(error)) from None
+    if family.image_to_video and image is None:
+        raise UsageError(f"--image is needed: {model_path} is an image-to-video model (the first frame)")
+    if image is not None and not family.image_to_video:
+        raise UsageError(f"--image needs an image-to-video model, and {model_path} is text-to-video")
+    if image is not None and not Path(image).is_file():
+        raise UsageError(f"--image {image} does not exist")
     recipe = family.sampling_defaults(model_path, size["height"], size["width"])
     if guidance_scale_2 is not None and recipe.guidance_scale_2 is None:
         raise UsageError(f"--guidance-scale-2 sets a two-expert model's second expert, and {model_path} "
@@ -238,6 +247,10 @@ def sample(
                **size}
     if guidance_scale_2 is not None:
         options["guidance_scale_2"] = guidance_scale_2
+    if image is not None:
+        from diffusers.utils import load_image
+
+        options["image"] = load_image(str(image))
     if motion_guidance:
         from tsa.lamo import MotionPredictor, enable_motion_guidance
 
@@ -250,7 +263,7 @@ def sample(
         "model_path": str(Path(model_path).resolve()),
         "variant": recipe.variant,
         "weights": {"kind": "lora" if lora else "full", "experts": [expert], "lora_scale": 1.0 if lora else None},
-        "image": None,
+        "image": str(Path(image).resolve()) if image is not None else None,
         "negative_prompt": negative_prompt,
         "num_inference_steps": steps,
         "guidance_scale": guidance_scale,
@@ -272,7 +285,7 @@ def sample(
     paths = []
     for index, prompt in enumerate(prompts):
         generator = torch.Generator(device).manual_seed(seed + index)
-        frames = pipe(prompt, generator=generator, output_type="np", **options).frames[0]
+        frames = pipe(prompt=prompt, generator=generator, output_type="np", **options).frames[0]
         path = output_dir / f"{index:02d}-{re.sub(r'[^a-z0-9]+', '-', prompt.lower()).strip('-')[:60]}.mp4"
         write_video(path, [(frame * 255).round().clip(0, 255).astype("uint8") for frame in frames], fps=fps)
         record = {**settings, "video": path.name, "prompt": prompt, "seed": seed + index}

@@ -14,7 +14,7 @@ from tsa.choices import GRID_MODES, TEACHER_KINDS
 from tsa.cli.common import OneLineArgumentParser, positive_int
 from tsa.errors import UsageError
 from tsa.models import DEFAULT_FAMILY, FAMILIES, TIMESTEP_SAMPLING, all_experts, family_class
-from tsa.training.config import LATENTS, PRESETS, TrainConfig, resolve_config
+from tsa.training.config import LATENTS, PRESETS, TASKS, TrainConfig, resolve_config
 from tsa.training.data import CLIP_START, FRAME_SAMPLING
 
 DEFAULTS = {item.name: item.default for item in dataclasses.fields(TrainConfig)
@@ -42,6 +42,9 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
     model.add_argument("--expert", choices=all_experts(), default=DEFAULTS["expert"],
                        help="Two-expert pipelines (Wan2.2 A14B): the denoiser this run trains, on its own timestep "
                             "range (transformer: high noise, t >= boundary_ratio * 1000; transformer_2: low noise).")
+    model.add_argument("--task", choices=TASKS, default=DEFAULTS["task"],
+                       help="t2v, or i2v (first-frame conditioned, the image-to-video pipelines); default: the model "
+                            "folder's (model_index.json), t2v for tiny (i2v builds a tiny image-to-video model).")
     model.add_argument("--output-dir", type=Path, default=DEFAULTS["output_dir"])
     model.add_argument("--finetune", choices=("full", "lora"), default=DEFAULTS["finetune"])
     model.add_argument("--lora-rank", type=positive_int, default=DEFAULTS["lora_rank"],

@@ -1,8 +1,9 @@
-"""tsa-sample: text-to-video with the weights tsa-train wrote, through the model family's diffusers pipeline.
+"""tsa-sample: text- and image-to-video with the weights tsa-train wrote, through the model family's diffusers pipeline.
 
     tsa-sample tsa-output --prompt "a red ball falls and bounces on the floor"
     tsa-sample runs/lamo --prompts-file prompts.txt --motion-guidance 15     # LaMo motion prior guidance
     tsa-sample --settings tsa-output/samples/00-a-red-ball.json              # the same video again
+    tsa-sample runs/i2v --image first.png --prompt "the ball rolls away"     # image-to-video runs
 
 RUN_DIR is a tsa-train output folder: the base pipeline comes from its training_args.json (or --model-path), the
 fine-tuned weights from RUN_DIR/transformer (full fine-tune; transformer_2 for a two-expert model's second expert)
@@ -48,6 +49,8 @@ def build_parser():
                              "Wan2.2 T2V-A14B 12).")
     parser.add_argument("--negative-prompt", default=None,
                         help="Default: the model's (Wan's sample_neg_prompt; none for CogVideoX).")
+    parser.add_argument("--image", type=Path, default=None,
+                        help="First frame of the video (image-to-video models; required there).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=int, default=None,
                         help="Default: the model's (CogVideoX 8, Wan 16, Wan2.2 TI2V-5B 24).")

@@ -177,6 +177,8 @@ class ModelFamily:
     default_lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # --lora-target-modules attn
     ffn_lora_target_modules: tuple[str, ...] = ()  # added by --lora-target-modules attn+ffn
     default_latents: str = "sample"  # tsa-train --latents: train on a VAE posterior "sample" or its "mean"
+    image_pipeline_class_names: tuple[str, ...] = ()  # the image-to-video pipelines among pipeline_class_names
+    image_to_video: bool = False  # set per folder by from_model_path: the model takes a first-frame condition
     temporal_compression: int = 4
     spatial_multiple: int = 16
     default_guidance_scale: float = 6.0
@@ -203,7 +205,14 @@ class ModelFamily:
         the model's values)."""
         if expert not in cls.experts:
             raise ValueError(f"{cls.name} pipelines have the denoisers {cls.experts}, got expert={expert!r}")
-        return cls._with_options(**options)
+        family = cls._with_options(**options)
+        family.image_to_video = cls.is_image_to_video(model_path)
+        return family
+
+    @classmethod
+    def is_image_to_video(cls, model_path) -> bool:
+        """Whether a pipeline folder holds an image-to-video model (model_index.json's class)."""
+        return model_index(model_path).get("_class_name") in cls.image_pipeline_class_names
 
     @classmethod
     def options_from(cls, values) -> dict:
@@ -247,7 +256,12 @@ class ModelFamily:
         return getattr(diffusers, config["_class_name"]).from_pretrained(model_path, subfolder="scheduler")
 
     def load_pipeline(self, model_path, dtype=torch.float32):
-        return self.pipeline_class().from_pretrained(model_path, torch_dtype=dtype)
+        """The folder's own pipeline class (text- or image-to-video) with its weights."""
+        import diffusers
+
+        name = model_index(model_path).get("_class_name")
+        cls = getattr(diffusers, name) if name in self.pipeline_class_names else self.pipeline_class()
+        return cls.from_pretrained(model_path, torch_dtype=dtype)
 
     def load_encoders(self, model_path, device="cpu", dtype=torch.float32, tiling: bool = False):
         """A pipeline holding only the VAE, tokenizer and text encoder (for the latent cache)."""
@@ -270,6 +284,18 @@ class ModelFamily:
         if not names:
             raise ValueError(f"give attn, attn+ffn or module names, got {spec!r}")
         return names
+
+    # ------------------------------------------------------------------------------------------- image-to-video
+    def encode_image_condition(self, encoders, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cache-time tensors of the first-frame condition of a clip `video` (1, 3, T, H, W) in [-1, 1], with the
+        pipeline `load_encoders` returns (image-to-video models only; each tensor without the batch axis)."""
+        raise NotImplementedError(f"the {self.name} family has no image-to-video conditioning")
+
+    def image_condition(self, batch: dict, vae_config: dict, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The keyword arguments of `denoise_and_loss` that condition a batch on its first frames (from the cached
+        tensors of `encode_image_condition`, stacked), built as the family's image-to-video pipeline builds them;
+        {} for a text-to-video model."""
+        return {}
 
     # ------------------------------------------------------------------------------------------- sampling
     def sampling_defaults(self, model_path, height: int | None = None, width: int | None = None) -> SamplingDefaults:
@@ -448,5 +474,10 @@ class ModelFamily:
     def save_tiny_pipeline(self, path, num_layers: int = 2, seed: int = 0, **options) -> Path:
         """Save a tiny random pipeline folder of this family's real classes (CPU tests, --preset tiny)."""
         path = Path(path)
-        self.pipeline_class()(**self.tiny_components(num_layers=num_layers, seed=seed, **options)).save_pretrained(path)
+        pipeline = self.tiny_pipeline_class(**options)
+        pipeline(**self.tiny_components(num_layers=num_layers, seed=seed, **options)).save_pretrained(path)
         return path
+
+    def tiny_pipeline_class(self, **options):
+        """The pipeline class of a tiny model with `options` (the image-to-video one for `i2v=True`)."""
+        return self.pipeline_class()

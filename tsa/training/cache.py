@@ -92,6 +92,7 @@ class LatentEncoder:
         if max_sequence_length is None:
             max_sequence_length = family.max_sequence_length(model_path)
         self.device, self.dtype, self.max_sequence_length = torch.device(device), dtype, max_sequence_length
+        self.family = family
 
     @torch.no_grad()
     def __call__(self, pixels, caption):
@@ -107,8 +108,11 @@ class LatentEncoder:
             caption, padding="max_length", max_length=self.max_sequence_length, truncation=True,
             return_tensors="pt",
         ).attention_mask[0]
-        return {"latent_dist": latent_dist.contiguous().cpu(), "prompt_embeds": prompt_embeds[0].contiguous().cpu(),
-                "prompt_mask": prompt_mask.bool()}
+        entry = {"latent_dist": latent_dist.contiguous().cpu(), "prompt_embeds": prompt_embeds[0].contiguous().cpu(),
+                 "prompt_mask": prompt_mask.bool()}
+        if self.family.image_to_video:  # what the first-frame condition needs
+            entry.update(self.family.encode_image_condition(self.pipe, video))
+        return entry
 
 
 def fill_cache(dataset, layout, encoder, process_index=0, num_processes=1, progress=True):

@@ -66,6 +66,7 @@ class TrainConfig:
     model_path: Path | None = None
     model_family: str | None = None
     expert: str = "transformer"
+    task: str | None = None  # "t2v" or "i2v" (first-frame conditioned); None: the model folder's, tiny t2v
     output_dir: Path = Path("tsa-output")
     finetune: str = "full"
     lora_rank: int | None = None  # None: LORA_DEFAULTS
@@ -191,6 +192,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     config = dataclasses.replace(config, extra_alignment_options=dict(config.extra_alignment_options))
     _resolve_family(config)
     family = get_family(config.model_family or DEFAULT_FAMILY)
+    _resolve_task(config, family)
     message = family.check_frames(config.num_frames)
     if message:
         raise UsageError(message)
@@ -272,6 +274,26 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         except ValueError as error:
             raise UsageError(str(error)) from None
     return config
+
+
+TASKS = ("t2v", "i2v")
+
+
+def _resolve_task(config: TrainConfig, family) -> None:
+    """task from the model folder's pipeline class (tiny: t2v unless --task i2v); a mismatch is an error."""
+    from tsa.models import model_index
+
+    if config.task is not None and config.task not in TASKS:
+        raise UsageError(f"--task must be one of {TASKS}, got {config.task!r}")
+    if config.model_path is not None and model_index(config.model_path):
+        detected = "i2v" if family.is_image_to_video(config.model_path) else "t2v"
+        if config.task not in (None, detected):
+            raise UsageError(f"--task {config.task}: {config.model_path} holds a {detected} model "
+                             f"({model_index(config.model_path).get('_class_name')})")
+        config.task = detected
+    config.task = config.task or "t2v"
+    if config.task == "i2v" and not family.image_pipeline_class_names:
+        raise UsageError(f"--task i2v: the {family.name} family has no image-to-video pipeline")
 
 
 def _resolve_family(config: TrainConfig) -> None:

@@ -270,9 +270,10 @@ def prepare_tiny_assets(config):
     assets = config.output_dir / "tiny"
     if config.model_path is None:
         config.model_family = config.model_family or DEFAULT_FAMILY
-        config.model_path = assets / config.model_family
+        i2v = config.task == "i2v"
+        config.model_path = assets / (config.model_family + ("-i2v" if i2v else ""))
         if not (config.model_path / "model_index.json").is_file():
-            tiny.save_tiny_pipeline(config.model_path, family=config.model_family)
+            tiny.save_tiny_pipeline(config.model_path, family=config.model_family, **({"i2v": True} if i2v else {}))
     if config.teacher_path is None:
         config.teacher_path = assets / config.teacher
         if not (config.teacher_path / "config.json").is_file():

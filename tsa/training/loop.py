@@ -173,10 +173,12 @@ def sample_latents(batch, family, vae_config, dtype, latents="sample"):
     return family.latents_from_distribution(batch["latent_dist"], vae_config, sample=latents == "sample").to(dtype)
 
 
-def compute_losses(objective, lamo, drift_weight, batch, latents, dtype):
-    """Total loss of one micro-batch and its components: diffusion + weight * align (+ LaMo drift)."""
+def compute_losses(objective, lamo, drift_weight, batch, latents, dtype, condition=None):
+    """Total loss of one micro-batch and its components: diffusion + weight * align (+ LaMo drift);
+    `condition`: an image-to-video model's first-frame condition."""
     pixels = batch.get("pixels")
-    out = objective(latents, batch["prompt_embeds"].to(dtype), pixels)  # pixels stay float32 for the teacher
+    out = objective(latents, batch["prompt_embeds"].to(dtype), pixels,  # pixels stay float32 for the teacher
+                    condition=condition)
     loss, drift = out["loss"], torch.zeros((), device=latents.device)
     if lamo is not None:
         drift = lamo.drift_loss(out["x0_pred"].float(), out["x0"].float(), out["timesteps"])
@@ -286,8 +288,9 @@ def train(config: TrainConfig):
             torch.manual_seed(_step_seed(config.seed, step, micro_step, accelerator.process_index))
             with accelerator.accumulate(objective):
                 latents = sample_latents(batch, family, vae_config, weight_dtype, config.latents)
+                condition = family.image_condition(batch, vae_config, latents)
                 loss, losses = compute_losses(objective, lamo, config.motion_drift_weight, batch, latents,
-                                              weight_dtype)
+                                              weight_dtype, condition)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     check_finite_gradients(accelerator, objective, config.max_grad_norm, step + 1, losses)

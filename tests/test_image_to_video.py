@@ -1,0 +1,88 @@
+"""Image-to-video: the first-frame condition built as each family's image-to-video pipeline builds it, a tiny
+I2V run (M-TSA + LoRA) whose LoRA loads into that pipeline, and tsa-sample --image."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tsa.models import get_family
+from tests.tsa_helpers import QUIET, train_cli
+
+
+def test_cogvideox_image_condition_is_the_pipelines(tmp_path):
+    """image_latents from the cached first-frame posterior equal CogVideoXImageToVideoPipeline.prepare_latents'."""
+    from diffusers import CogVideoXImageToVideoPipeline
+
+    from tsa.models import detect_family
+
+    model = get_family("cogvideox").save_tiny_pipeline(tmp_path / "i2v", num_layers=1, i2v=True)
+    family = detect_family(model)
+    assert family.image_to_video and family.sampling_defaults(model).variant == "cogvideox-5b-i2v"
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(model)
+    video = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        entry = family.encode_image_condition(pipe, video)
+        _, expected = pipe.prepare_latents(video[:, :, 0], 1, 4, 9, 32, 32, torch.float32, "cpu",
+                                           torch.Generator().manual_seed(5))
+    latents = torch.zeros(1, 3, 4, 4, 4)
+    torch.manual_seed(5)
+    condition = family.image_condition({"image_latent_dist": entry["image_latent_dist"][None]}, dict(pipe.vae.config),
+                                       latents)
+    assert condition["image_latents"].shape == expected.shape == (1, 3, 4, 4, 4)
+    torch.testing.assert_close(condition["image_latents"], expected, rtol=1e-5, atol=1e-6)
+    assert get_family("cogvideox").image_condition({}, {}, latents) == {}  # text-to-video: no condition
+
+
+@pytest.fixture(scope="module")
+def cogvideox_i2v_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("i2v") / "run"
+    train_cli(["--preset", "tiny", "--model-family", "cogvideox", "--task", "i2v", "--align", "mtsa", "--finetune",
+               "lora", "--lora-rank", "4", "--lora-alpha", "4", "--max-steps", "2", "--checkpointing-steps", "2",
+               "--num-videos", "4", "--output-dir", str(output), *QUIET])
+    return output
+
+
+def test_tiny_cogvideox_i2v_run_trains_and_its_lora_loads_into_the_i2v_pipeline(cogvideox_i2v_run):
+    from diffusers import CogVideoXImageToVideoPipeline
+
+    run = cogvideox_i2v_run
+    args = json.loads((run / "training_args.json").read_text())
+    assert args["task"] == "i2v" and args["finetune"] == "lora" and args["align"] == "mtsa"
+    assert json.loads((run / "tiny" / "cogvideox-i2v" / "model_index.json").read_text())["_class_name"] == (
+        "CogVideoXImageToVideoPipeline")
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(run / "tiny" / "cogvideox-i2v")
+    pipe.load_lora_weights(run)  # the diffusers loader alone
+    assert getattr(pipe.transformer, "peft_config", None)
+
+
+def test_tsa_sample_image_renders_and_is_required(cogvideox_i2v_run, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from tsa.cli.sample import main
+    from tsa.training.data import read_video
+
+    image = tmp_path / "first.png"
+    Image.fromarray(np.full((96, 144, 3), 200, dtype=np.uint8)).save(image)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(cogvideox_i2v_run), "--prompt", "a ball", "--device", "cpu"])
+    assert exit_info.value.code == 2 and "--image is needed" in capsys.readouterr().err
+    main([str(cogvideox_i2v_run), "--prompt", "a ball", "--image", str(image), "--num-inference-steps", "2",
+          "--device", "cpu", "--output-dir", str(tmp_path / "samples")])
+    (video,) = (tmp_path / "samples").glob("*.mp4")
+    assert read_video(video, 9, 96, 144).shape == (9, 3, 96, 144)
+    settings = json.loads(video.with_suffix(".json").read_text())
+    assert settings["image"] == str(image.resolve()) and settings["variant"] == "cogvideox-5b-i2v"
+
+
+def test_task_must_match_the_model_folder(tmp_path, capsys):
+    from tsa.cli.options import parse_config
+
+    model = get_family("cogvideox").save_tiny_pipeline(tmp_path / "t2v", num_layers=1)
+    with pytest.raises(SystemExit):
+        parse_config(["--model-path", str(model), "--data", "videos", "--align", "none", "--task", "i2v"])
+    assert "--task i2v" in capsys.readouterr().err
+    assert parse_config(["--model-path", str(model), "--data", "videos", "--align", "none"]).task == "t2v"
