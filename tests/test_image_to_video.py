@@ -36,6 +36,41 @@ def test_cogvideox_image_condition_is_the_pipelines(tmp_path):
     assert get_family("cogvideox").image_condition({}, {}, latents) == {}  # text-to-video: no condition
 
 
+@pytest.mark.parametrize("options, variant", [({"i2v": True}, "wan2.1-i2v-480p"),
+                                              ({"i2v": True, "two_experts": True}, "wan2.2-i2v-a14b")])
+def test_wan_image_condition_is_the_pipelines(options, variant, tmp_path):
+    """condition (mask + normalised first-frame latents) and Wan2.1's CLIP image_embeds equal
+    WanImageToVideoPipeline.prepare_latents' and encode_image's for the same first frame."""
+    import numpy as np
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    from tsa.models import detect_family
+
+    model = get_family("wan").save_tiny_pipeline(tmp_path / "i2v", num_layers=1, **options)
+    family = detect_family(model)
+    assert family.image_to_video and family.sampling_defaults(model, 32, 32).variant == variant
+    pipe = WanImageToVideoPipeline.from_pretrained(model)
+    frames = np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)  # decoded frames are uint8
+    video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    first = Image.fromarray(frames[0])
+    with torch.no_grad():
+        entry = family.encode_image_condition(family.load_encoders(model), video)
+        image = pipe.video_processor.preprocess(first, height=32, width=32)
+        _, expected = pipe.prepare_latents(image, 1, 4, 32, 32, 9, torch.float32, "cpu", torch.Generator())
+    latents = torch.zeros(1, 3, 4, 4, 4)
+    condition = family.image_condition({key: value[None] for key, value in entry.items()}, dict(pipe.vae.config),
+                                       latents)
+    assert condition["condition"].shape == expected.shape == (1, 8, 3, 4, 4)
+    torch.testing.assert_close(condition["condition"], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(condition["condition"][:, :4, 0], torch.ones(1, 4, 4, 4))  # first latent frame: 4 frames
+    assert not condition["condition"][:, :4, 1:].any()
+    if pipe.transformer.config.image_dim is None:
+        assert "image_embeds" not in condition
+    else:
+        torch.testing.assert_close(condition["image_embeds"], pipe.encode_image(first, "cpu"), rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def cogvideox_i2v_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("i2v") / "run"
@@ -76,6 +111,28 @@ def test_tsa_sample_image_renders_and_is_required(cogvideox_i2v_run, tmp_path, c
     assert read_video(video, 9, 96, 144).shape == (9, 3, 96, 144)
     settings = json.loads(video.with_suffix(".json").read_text())
     assert settings["image"] == str(image.resolve()) and settings["variant"] == "cogvideox-5b-i2v"
+
+
+def test_tiny_wan_i2v_run_trains_its_lora_loads_and_tsa_sample_renders(tmp_path):
+    import numpy as np
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    from tsa.cli.sample import main
+
+    output = tmp_path / "run"
+    train_cli(["--preset", "tiny", "--model-family", "wan", "--task", "i2v", "--align", "mtsa", "--finetune", "lora",
+               "--lora-rank", "4", "--lora-alpha", "4", "--max-steps", "2", "--checkpointing-steps", "2",
+               "--num-videos", "4", "--output-dir", str(output), *QUIET])
+    model = output / "tiny" / "wan-i2v"
+    pipe = WanImageToVideoPipeline.from_pretrained(model)
+    pipe.load_lora_weights(output)
+    assert getattr(pipe.transformer, "peft_config", None)
+    image = tmp_path / "first.png"
+    Image.fromarray(np.full((96, 144, 3), 90, dtype=np.uint8)).save(image)
+    main([str(output), "--prompt", "a ball", "--image", str(image), "--num-inference-steps", "2", "--device", "cpu"])
+    (video,) = (output / "samples").glob("*.mp4")
+    assert json.loads(video.with_suffix(".json").read_text())["variant"] == "wan2.1-i2v-480p"
 
 
 def test_task_must_match_the_model_folder(tmp_path, capsys):
