@@ -135,6 +135,52 @@ def test_tiny_wan_i2v_run_trains_its_lora_loads_and_tsa_sample_renders(tmp_path)
     assert json.loads(video.with_suffix(".json").read_text())["variant"] == "wan2.1-i2v-480p"
 
 
+def test_ti2v_5b_first_frame_condition_is_the_pipelines_and_trains(tmp_path):
+    """TI2V-5B: the first latent frame is the image's (normalised VAE mode of the first frame alone) at timestep 0,
+    as WanImageToVideoPipeline with expand_timesteps builds it; the loss leaves that frame out."""
+    import numpy as np
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    from tsa.models.wan import WanFamily
+
+    model = get_family("wan").save_tiny_pipeline(tmp_path / "ti2v", num_layers=1, ti2v=True)
+    family = WanFamily.from_model_path(model)
+    assert WanFamily.tasks(model) == ("t2v", "i2v") and not family.image_to_video
+    family.image_to_video = True
+    pipe = WanImageToVideoPipeline.from_pretrained(model)
+    frames = np.random.default_rng(1).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        entry = family.encode_image_condition(family.load_encoders(model), video)
+        image = pipe.video_processor.preprocess(Image.fromarray(frames[0]), height=64, width=64)
+        _, expected, first_frame_mask = pipe.prepare_latents(image, 1, 6, 64, 64, 5, torch.float32, "cpu",
+                                                             torch.Generator())
+    latents = torch.randn(1, 2, 6, 4, 4)
+    condition = family.image_condition({key: value[None] for key, value in entry.items()}, dict(pipe.vae.config),
+                                       latents)
+    torch.testing.assert_close(condition["first_frame_latents"], expected, rtol=1e-5, atol=1e-5)
+
+    seen = {}
+
+    def spy(module, args, kwargs):
+        seen.update(hidden_states=kwargs["hidden_states"].clone(), timestep=kwargs["timestep"].clone())
+
+    handle = pipe.transformer.register_forward_pre_hook(spy, with_kwargs=True)
+    scheduler = family.load_scheduler(model)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2))
+    out = family.denoise_and_loss(pipe.transformer, scheduler, latents, torch.randn(1, 5, 32),
+                                  timesteps=torch.tensor([500.0]), noise=noise, **condition)
+    handle.remove()
+    torch.testing.assert_close(seen["hidden_states"][:, :, :1], expected)
+    noisy = 0.5 * latents + 0.5 * noise  # sigma = 500 / 1000
+    torch.testing.assert_close(seen["hidden_states"][:, :, 1:], noisy.permute(0, 2, 1, 3, 4)[:, :, 1:])
+    tokens_per_frame = 2 * 2  # 4 x 4 latents, patch 2 x 2
+    assert torch.equal(seen["timestep"][0, :tokens_per_frame], torch.zeros(tokens_per_frame))
+    assert torch.equal(seen["timestep"][0, tokens_per_frame:], torch.full((tokens_per_frame,), 500.0))
+    assert torch.isfinite(out["loss"])
+
+
 def test_task_must_match_the_model_folder(tmp_path, capsys):
     from tsa.cli.options import parse_config
 

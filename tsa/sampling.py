@@ -44,12 +44,13 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_pipeline(run_dir, model_path, dtype, expert="transformer"):
-    """The family's pipeline from `model_path` with the run's fine-tuned `expert` or its LoRA weights."""
+def load_pipeline(run_dir, model_path, dtype, expert="transformer", image_to_video=False):
+    """The family's pipeline from `model_path` (its image-to-video one with `image_to_video`) with the run's
+    fine-tuned `expert` or its LoRA weights."""
     from tsa.models import detect_family
 
     family = detect_family(model_path)
-    pipe = family.load_pipeline(model_path, dtype)
+    pipe = family.load_pipeline(model_path, dtype, image_to_video=image_to_video)
     return family.load_run_weights(pipe, Path(run_dir), expert, dtype)
 
 
@@ -214,9 +215,10 @@ def sample(
             family.lora_expert(run_dir, expert)
         except ValueError as error:
             raise UsageError(str(error)) from None
-    if family.image_to_video and image is None:
+    tasks = family.tasks(model_path)
+    if "t2v" not in tasks and image is None:
         raise UsageError(f"--image is needed: {model_path} is an image-to-video model (the first frame)")
-    if image is not None and not family.image_to_video:
+    if image is not None and "i2v" not in tasks:
         raise UsageError(f"--image needs an image-to-video model, and {model_path} is text-to-video")
     if image is not None and not Path(image).is_file():
         raise UsageError(f"--image {image} does not exist")
@@ -238,7 +240,7 @@ def sample(
     negative_prompt = recipe.negative_prompt if negative_prompt is None else negative_prompt
     fps = recipe.fps if fps is None else fps
 
-    pipe = load_pipeline(run_dir, Path(model_path), DTYPES[dtype], expert).to(device)
+    pipe = load_pipeline(run_dir, Path(model_path), DTYPES[dtype], expert, image_to_video=image is not None).to(device)
     if flow_shift is not None:
         from tsa.models.base import with_flow_shift
 

@@ -215,6 +215,11 @@ class ModelFamily:
         return model_index(model_path).get("_class_name") in cls.image_pipeline_class_names
 
     @classmethod
+    def tasks(cls, model_path) -> tuple[str, ...]:
+        """The tasks a pipeline folder's model does, its default first: ("t2v",), ("i2v",) or both."""
+        return ("i2v",) if cls.is_image_to_video(model_path) else ("t2v",)
+
+    @classmethod
     def options_from(cls, values) -> dict:
         """The family's objective options (constructor keywords) out of a run config (an object with attributes
         or a mapping, e.g. a TrainConfig or a run's training_args.json); options left None are left out."""
@@ -255,11 +260,14 @@ class ModelFamily:
         config = json.loads(path.read_text())
         return getattr(diffusers, config["_class_name"]).from_pretrained(model_path, subfolder="scheduler")
 
-    def load_pipeline(self, model_path, dtype=torch.float32):
-        """The folder's own pipeline class (text- or image-to-video) with its weights."""
+    def load_pipeline(self, model_path, dtype=torch.float32, image_to_video: bool = False):
+        """The folder's own pipeline class (text- or image-to-video) with its weights; `image_to_video` loads a
+        model that does both (Wan2.2 TI2V-5B) into the family's image-to-video pipeline."""
         import diffusers
 
         name = model_index(model_path).get("_class_name")
+        if image_to_video and name not in self.image_pipeline_class_names:
+            name = self.image_pipeline_class_names[0]
         cls = getattr(diffusers, name) if name in self.pipeline_class_names else self.pipeline_class()
         return cls.from_pretrained(model_path, torch_dtype=dtype)
 

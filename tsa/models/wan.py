@@ -337,13 +337,21 @@ class WanFamily(ModelFamily):
         return timesteps[:, None].expand(-1, math.prod(grid))
 
     # ------------------------------------------------------------------------------------------- image-to-video
+    @classmethod
+    def tasks(cls, model_path):
+        """TI2V-5B (expand_timesteps in a WanPipeline folder) does both: text-to-video by default."""
+        if model_index(model_path).get("expand_timesteps") and not cls.is_image_to_video(model_path):
+            return ("t2v", "i2v")
+        return super().tasks(model_path)
+
     def encode_image_condition(self, encoders, video):
         """As WanImageToVideoPipeline.prepare_latents: the VAE mode (z, F, h, w) of the clip's first frame followed
         by zero frames ("condition_latents", normalised at training time), and with Wan2.1 I2V's CLIP encoder the
         penultimate hidden states of the first frame ("image_embeds", encode_image)."""
         frames = video.shape[2]
         first = video[:, :, :1]
-        video_condition = torch.cat([first, first.new_zeros(*first.shape[:2], frames - 1, *first.shape[3:])], dim=2)
+        video_condition = first if self.expand_timesteps else torch.cat(
+            [first, first.new_zeros(*first.shape[:2], frames - 1, *first.shape[3:])], dim=2)
         entry = {"condition_latents": encoders.vae.encode(video_condition).latent_dist.mode()[0].contiguous().cpu()}
         if getattr(encoders, "image_encoder", None) is not None:
             from PIL import Image
@@ -365,6 +373,8 @@ class WanFamily(ModelFamily):
         mean = torch.tensor(vae_config["latents_mean"]).view(shape).to(latents.device, torch.float32)
         inverse_std = 1.0 / torch.tensor(vae_config["latents_std"]).view(shape).to(latents.device, torch.float32)
         condition_latents = (batch["condition_latents"].to(latents.device).float() - mean) * inverse_std
+        if self.expand_timesteps:  # TI2V-5B: the first latent frame is the image's, at timestep 0
+            return {"first_frame_latents": condition_latents.to(latents.dtype)}
         num_frames = (latent_frames - 1) * temporal + 1
         mask = torch.ones(batch_size, 1, num_frames, height, width, device=latents.device)
         mask[:, :, 1:] = 0
@@ -377,11 +387,14 @@ class WanFamily(ModelFamily):
 
     def denoise_and_loss(
         self, transformer, scheduler, latents, prompt_embeds, *, timesteps=None, noise=None, generator=None,
-        condition=None, image_embeds=None,
+        condition=None, image_embeds=None, first_frame_latents=None,
     ):
         """x_t = (1 - sigma) x0 + sigma eps; v_hat = transformer(x_t, prompt, t); x0_hat = x_t - sigma v_hat.
         Image-to-video (see image_condition): `condition` (B, 4 + z, F, h, w) joins x_t on the channel axis and
-        `image_embeds` enter as encoder_hidden_states_image, as WanImageToVideoPipeline's transformer call."""
+        `image_embeds` enter as encoder_hidden_states_image, as WanImageToVideoPipeline's transformer call.
+        TI2V-5B: `first_frame_latents` (B, z, 1, h, w) replace x_t's first latent frame, whose tokens get
+        timestep 0 (the pipeline's first_frame_mask), and the loss leaves that frame out (DiffSynth-Studio's
+        FlowMatchSFTLoss)."""
         self.check_scheduler(scheduler)
         batch = latents.shape[0]
         if timesteps is None:
@@ -396,6 +409,14 @@ class WanFamily(ModelFamily):
         module = self.unwrap(transformer)
         grid = self.token_grid(module.config, tuple(latents.shape))
         model_input, extra = noisy_latents.permute(0, 2, 1, 3, 4), {}
+        transformer_timesteps = self.transformer_timesteps(timesteps, module, grid)
+        if first_frame_latents is not None:
+            mask = torch.ones_like(model_input[:1, :1])
+            mask[:, :, 0] = 0
+            model_input = (1 - mask) * first_frame_latents.to(model_input) + mask * model_input
+            _, patch_h, patch_w = module.config.patch_size
+            token_mask = mask[0, 0][:, ::patch_h, ::patch_w].flatten()
+            transformer_timesteps = transformer_timesteps * token_mask.to(transformer_timesteps)
         if condition is not None:
             model_input = torch.cat([model_input, condition.to(model_input)], dim=1)
         if image_embeds is not None:
@@ -403,12 +424,13 @@ class WanFamily(ModelFamily):
         velocity = transformer(
             hidden_states=model_input,
             encoder_hidden_states=prompt_embeds,
-            timestep=self.transformer_timesteps(timesteps, module, grid),
+            timestep=transformer_timesteps,
             return_dict=False,
             **extra,
         )[0].permute(0, 2, 1, 3, 4)
         target = noise.float() - latents.float()
-        loss = (velocity.float() - target).pow(2).flatten(1).mean(1).mean()
+        first = 1 if first_frame_latents is not None else 0  # TI2V: the given first frame is not learned
+        loss = (velocity.float() - target)[:, first:].pow(2).flatten(1).mean(1).mean()
         x0_pred = noisy_latents.float() - sigma * velocity.float()
         return {
             "loss": loss,

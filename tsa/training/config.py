@@ -286,11 +286,11 @@ def _resolve_task(config: TrainConfig, family) -> None:
     if config.task is not None and config.task not in TASKS:
         raise UsageError(f"--task must be one of {TASKS}, got {config.task!r}")
     if config.model_path is not None and model_index(config.model_path):
-        detected = "i2v" if family.is_image_to_video(config.model_path) else "t2v"
-        if config.task not in (None, detected):
-            raise UsageError(f"--task {config.task}: {config.model_path} holds a {detected} model "
+        tasks = family.tasks(config.model_path)
+        if config.task not in (None, *tasks):
+            raise UsageError(f"--task {config.task}: {config.model_path} holds a {'/'.join(tasks)} model "
                              f"({model_index(config.model_path).get('_class_name')})")
-        config.task = detected
+        config.task = config.task or tasks[0]
     config.task = config.task or "t2v"
     if config.task == "i2v" and not family.image_pipeline_class_names:
         raise UsageError(f"--task i2v: the {family.name} family has no image-to-video pipeline")

@@ -38,7 +38,9 @@ def build_family(config):
     from tsa.models import detect_family_name, family_class
 
     cls = family_class(config.model_family or detect_family_name(config.model_path))
-    return cls.from_model_path(config.model_path, config.expert, **cls.options_from(config))
+    family = cls.from_model_path(config.model_path, config.expert, **cls.options_from(config))
+    family.image_to_video = config.task == "i2v"  # a model doing both (TI2V-5B) trains the run's task
+    return family
 
 
 def load_transformer(config, weight_dtype, family):
