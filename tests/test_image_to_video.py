@@ -76,7 +76,7 @@ def cogvideox_i2v_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("i2v") / "run"
     train_cli(["--preset", "tiny", "--model-family", "cogvideox", "--task", "i2v", "--align", "mtsa", "--finetune",
                "lora", "--lora-rank", "4", "--lora-alpha", "4", "--max-steps", "2", "--checkpointing-steps", "2",
-               "--num-videos", "4", "--output-dir", str(output), *QUIET])
+               "--num-videos", "4", "--viz-steps", "2", "--output-dir", str(output), *QUIET])
     return output
 
 
@@ -86,6 +86,7 @@ def test_tiny_cogvideox_i2v_run_trains_and_its_lora_loads_into_the_i2v_pipeline(
     run = cogvideox_i2v_run
     args = json.loads((run / "training_args.json").read_text())
     assert args["task"] == "i2v" and args["finetune"] == "lora" and args["align"] == "mtsa"
+    assert list((run / "viz").glob("step-*.png"))  # the correspondence maps see the condition too
     assert json.loads((run / "tiny" / "cogvideox-i2v" / "model_index.json").read_text())["_class_name"] == (
         "CogVideoXImageToVideoPipeline")
     pipe = CogVideoXImageToVideoPipeline.from_pretrained(run / "tiny" / "cogvideox-i2v")

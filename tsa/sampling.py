@@ -50,7 +50,9 @@ def load_pipeline(run_dir, model_path, dtype, expert="transformer", image_to_vid
     from tsa.models import detect_family
 
     family = detect_family(model_path)
-    pipe = family.load_pipeline(model_path, dtype, image_to_video=image_to_video)
+    # families whose folders do one task need not take image_to_video
+    pipe = family.load_pipeline(model_path, dtype, image_to_video=True) if image_to_video else family.load_pipeline(
+        model_path, dtype)
     return family.load_run_weights(pipe, Path(run_dir), expert, dtype)
 
 

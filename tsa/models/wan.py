@@ -276,7 +276,7 @@ class WanFamily(ModelFamily):
                 f"{tuple(config.patch_size)} (F, h, w)"
             )
         if latents.shape[2] != config.out_channels:
-            raise ValueError(f"latents have {latents.shape[2]} channels, the transformer denoises {config.out_channels}")
+            raise ValueError(f"latents have {latents.shape[2]} channels, the transformer takes {config.out_channels}")
 
     # ------------------------------------------------------------------------------------------- objective
     def check_scheduler(self, scheduler):
