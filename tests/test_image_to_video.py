@@ -182,6 +182,26 @@ def test_ti2v_5b_first_frame_condition_is_the_pipelines_and_trains(tmp_path):
     assert torch.isfinite(out["loss"])
 
 
+def test_tiny_ti2v_i2v_run_trains_and_tsa_sample_image_renders(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tsa.cli.sample import main
+
+    model = get_family("wan").save_tiny_pipeline(tmp_path / "ti2v", ti2v=True)  # 2 blocks: the tiny preset aligns 2
+    output = tmp_path / "run"
+    train_cli(["--preset", "tiny", "--model-path", str(model), "--task", "i2v", "--align", "mtsa", "--finetune",
+               "lora", "--lora-rank", "4", "--lora-alpha", "4", "--max-steps", "2", "--checkpointing-steps", "2",
+               "--num-videos", "4", "--height", "128", "--width", "192", "--output-dir", str(output), *QUIET])
+    assert json.loads((output / "training_args.json").read_text())["task"] == "i2v"
+    image = tmp_path / "first.png"
+    Image.fromarray(np.full((128, 192, 3), 60, dtype=np.uint8)).save(image)
+    main([str(output), "--prompt", "a ball", "--image", str(image), "--num-inference-steps", "2", "--device", "cpu"])
+    (video,) = (output / "samples").glob("*.mp4")
+    settings = json.loads(video.with_suffix(".json").read_text())
+    assert settings["variant"] == "wan2.2-ti2v-5b" and settings["fps"] == 24
+
+
 def test_task_must_match_the_model_folder(tmp_path, capsys):
     from tsa.cli.options import parse_config
 
