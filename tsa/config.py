@@ -149,6 +149,15 @@ def build_parser(prog="tsa-train"):
     optim.add_argument("--flow-shift", type=float, default=None,
                        help="Flow families: timestep shift (default: the model scheduler's).")
 
+    parallel = parser.add_argument_group("past one GPU (docs/distributed.md)")
+    parallel.add_argument("--context-parallel", type=_positive_int, default=1,
+                          help="Ranks per context-parallel group: the transformer's tokens are split over them "
+                               "(diffusers' context parallelism with the family's plan; Wan), the alignment loss runs "
+                               "on the token slices; data parallel over the remaining ranks.")
+    parallel.add_argument("--fsdp", action="store_true",
+                          help="Shard parameters, gradients and optimizer state over all ranks with PyTorch FSDP2 "
+                               "(fully_shard per transformer block; CPU / gloo too). Sharded checkpoints.")
+
     ckpt = parser.add_argument_group("checkpoints and logging")
     ckpt.add_argument("--checkpointing-steps", type=_positive_int, default=500)
     ckpt.add_argument("--checkpoints-total-limit", type=int, default=None,
@@ -224,6 +233,9 @@ def _finalise(args, parser):
     if args.viz_steps and args.align not in alignment.ALIGNMENT_METHODS:
         parser.error(f"--viz-steps needs a teacher alignment (--align {', '.join(alignment.ALIGNMENT_METHODS)}), "
                      f"not {args.align}")
+    if args.fsdp and args.viz_steps:
+        parser.error("--viz-steps draws from the full weights on the main process: not with --fsdp (run tsa-viz on "
+                     "the saved run instead)")
     for option in ("lr_warmup_steps", "dataloader_num_workers", "viz_steps"):
         if getattr(args, option) < 0:
             parser.error(f"--{option.replace('_', '-')} must be >= 0, got {getattr(args, option)}")

@@ -38,10 +38,12 @@ class BlockFeatureCapture:
         feats = capture.features
 
     With `local=True` (context parallelism: the block outputs a contiguous slice of the frame-major tokens on
-    each rank), `.features` is that slice as it comes, (B, n, C), and `.grid` the whole sequence's (F, H, W).
+    each rank), `.features` is that slice as it comes, (B, n, C), and `.grid` the whole sequence's (F, H, W);
+    with `gather_group` (that group) the slices are gathered into the whole (B, F, H, W, C) on every rank.
     """
 
-    def __init__(self, transformer: torch.nn.Module, block_index: int = 18, family=None, *, local: bool = False):
+    def __init__(self, transformer: torch.nn.Module, block_index: int = 18, family=None, *, local: bool = False,
+                 gather_group=None):
         from tsa.models import family_of
 
         self.family = family_of(transformer) if family is None else family
@@ -59,7 +61,7 @@ class BlockFeatureCapture:
         self._grid: tuple[int, int, int] | None = None
         self._grad_enabled = False
         self._features: torch.Tensor | None = None
-        self.local = local
+        self.local, self.gather_group = local, gather_group
         self.grid: tuple[int, int, int] | None = None
 
     def __enter__(self) -> BlockFeatureCapture:
@@ -103,6 +105,11 @@ class BlockFeatureCapture:
             self._features = output[0] if isinstance(output, tuple) else output
             self._grid = None
             return
+        if self.gather_group is not None:
+            from tsa.sharding import gather_replicated
+
+            hidden_states = output[0] if isinstance(output, tuple) else output
+            output = gather_replicated(hidden_states, self.gather_group)
         try:
             self._features = self.family.video_tokens(output, self._grid)
         except RuntimeError as error:

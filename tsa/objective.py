@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -89,6 +91,7 @@ class AlignmentObjective(nn.Module):
         self.align, self.weight, self.block_index = align, float(weight), block_index
         self.projector = self.alignment_loss = self.method = None
         self.token_shard = None
+        self._gather_group = None
         self._teacher = (None,)  # a tuple hides the frozen teacher from the module tree
         if align == "none":
             return
@@ -122,6 +125,17 @@ class AlignmentObjective(nn.Module):
             raise ValueError(f"align={self.align!r} has no context-parallel (token-sharded) form")
         self.token_shard = sharding.TokenShard.of(process_group)
 
+    @contextlib.contextmanager
+    def gathered_tokens(self):
+        """Within: the block features are gathered whole on every rank of the context-parallel group and the
+        alignment runs as on one process (for inspection, e.g. --viz-steps; call the objective on every rank)."""
+        shard, self.token_shard = self.token_shard, None
+        self._gather_group = None if shard is None else shard.group
+        try:
+            yield self
+        finally:
+            self.token_shard, self._gather_group = shard, None
+
     def save_projector(self, path) -> None:
         """Save the projector with save_pretrained (reload with AlignmentProjector.from_pretrained)."""
         if self.projector is None:
@@ -145,7 +159,8 @@ class AlignmentObjective(nn.Module):
             align = out["loss"].new_zeros(())
         else:
             local = self.token_shard is not None
-            with BlockFeatureCapture(self.transformer, self.block_index, self.family, local=local) as capture:
+            with BlockFeatureCapture(self.transformer, self.block_index, self.family, local=local,
+                                     gather_group=self._gather_group) as capture:
                 out = self.family.denoise_and_loss(self.transformer, self.scheduler, latents, prompt_embeds, **step)
             if local:
                 align = self._sharded_alignment(capture.features, capture.grid, pixels)

@@ -103,6 +103,12 @@ class _GatherReplicated(torch.autograd.Function):
         return grad[:, ctx.start : ctx.stop], None
 
 
+def gather_replicated(local: torch.Tensor, group) -> torch.Tensor:
+    """(B, n_r, ...) slices of any sizes -> (B, sum n_r, ...) on every rank, differentiable for a loss that every
+    rank computes alike from the gathered tensor: the gradient of the local slice is its part of the whole."""
+    return _GatherReplicated.apply(local, group)
+
+
 def _gathered_inputs(student, teacher, query_mask, group):
     gather = _GatherReplicated.apply
     student_all = gather(student, group)

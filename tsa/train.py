@@ -12,6 +12,7 @@ model's second expert -- in diffusers format, or pytorch_lora_weights.safetensor
 projector/ and, with LaMo, motion_predictor/.
 """
 
+import contextlib
 import itertools
 import json
 import math
@@ -169,7 +170,11 @@ def load_trainable_weights(accelerator, model, checkpoint):
 def check_finite_gradients(accelerator, model, max_grad_norm, step, losses=None):
     """Clip (max_grad_norm > 0) and raise NonFiniteError naming `step` when the gradient norm is NaN or inf,
     before the optimizer step. Skipped under fp16 loss scaling, whose scaler skips such steps by design."""
-    if max_grad_norm > 0:
+    from tsa.parallel import gradient_norm, is_sharded
+
+    if is_sharded(model):  # FSDP2: DTensor gradients, the norm over all shards
+        norm = gradient_norm(model.parameters(), max_grad_norm)
+    elif max_grad_norm > 0:
         norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     else:
         grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
@@ -193,18 +198,28 @@ def check_finite_losses(losses, step):
                              "(lower --learning-rate, or check the data and --resume checkpoint)")
 
 
-def save_checkpoint(accelerator, args, step, history, lamo):
+def save_checkpoint(accelerator, args, step, history, lamo, sharded=None):
     """accelerate state (+ LaMo predictor, loss history) in checkpoints/checkpoint-STEP, written under a
-    temporary name first so a run killed while saving never leaves a partial checkpoint; prunes old ones."""
+    temporary name first so a run killed while saving never leaves a partial checkpoint; prunes old ones.
+    `sharded` = (objective, optimizer) under --fsdp: their shards go to a torch.distributed.checkpoint folder."""
+    from tsa.parallel import any_non_finite, save_sharded_state
+
     path = checkpoint_dir(args.output_dir, step)
     partial = path.with_name(path.name + ".partial")
     if lamo is not None:
         check_finite_parameters(lamo.predictor, f"checkpoint at step {step} (motion predictor)")
+    if sharded is not None:
+        bad = any_non_finite(sharded[0])
+        if bad is not None:
+            raise NonFiniteError(f"checkpoint at step {step}: parameter {bad} holds non-finite values; nothing was "
+                                 "saved")
     try:
         accelerator.save_state(partial)  # _keep_trainable_state refuses non-finite weights
     except NonFiniteError as error:
         shutil.rmtree(partial, ignore_errors=True)
         raise NonFiniteError(f"checkpoint at step {step}: {error}") from None
+    if sharded is not None:
+        save_sharded_state(*sharded, partial)
     accelerator.wait_for_everyone()  # every process writes its random_states_{i}.pkl into `partial`
     if accelerator.is_main_process:
         (partial / "losses.json").write_text(json.dumps(history))
@@ -234,10 +249,17 @@ def _materialise(model, state):
 def save_final_weights(accelerator, args, objective, lamo):
     """Diffusers-format weights: transformer/ (full; transformer_2/ for that expert) or the pipeline's LoRA file,
     plus projector/ and motion_predictor/. Call on every process (FSDP gathers the full state dict)."""
-    check_finite_parameters(objective, "final weights")
+    from tsa.parallel import any_non_finite, full_state_dict, is_sharded
+
+    if is_sharded(objective):
+        bad = any_non_finite(objective)
+        if bad is not None:
+            raise NonFiniteError(f"final weights: parameter {bad} holds non-finite values; nothing was saved")
+    else:
+        check_finite_parameters(objective, "final weights")
     if lamo is not None:
         check_finite_parameters(lamo.predictor, "final weights (motion predictor)")
-    state = accelerator.get_state_dict(objective)
+    state = full_state_dict(objective) if is_sharded(objective) else accelerator.get_state_dict(objective)
     if not accelerator.is_main_process:
         return
     module = accelerator.unwrap_model(objective)
@@ -318,18 +340,44 @@ def compute_losses(objective, lamo, drift_weight, batch, latents, dtype):
                   "drift": drift.item()}
 
 
-def prepare_training(args, accelerator):
-    """Models, optimizer, schedule and data loader, prepared by accelerate; LaMo trainer or None."""
+def check_context_parallel_shapes(args):
+    """UsageError when the transformer's token grid or heads do not split over --context-parallel ranks (from
+    the configs, before any model loads)."""
+    from types import SimpleNamespace
+
+    from tsa.parallel import check_context_parallel
+
+    family = build_family(args)
+    config = json.loads((args.model_path / args.expert / "config.json").read_text())
+    shape = family.latent_shape(args.model_path, args.num_frames, args.height, args.width, args.expert)
+    message = check_context_parallel(family, config, family.token_grid(SimpleNamespace(**config), shape),
+                                     args.context_parallel)
+    if message:
+        raise UsageError(message)
+
+
+def prepare_training(args, accelerator, layout):
+    """Models, optimizer, schedule and data loader, prepared by accelerate (under --fsdp the objective is sharded
+    with FSDP2 instead of wrapped in DDP); LaMo trainer or None."""
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
+
+    from tsa.parallel import apply_fsdp, enable_context_parallel
 
     dataset = build_cache(args, accelerator)
     set_seed(args.seed)
     weight_dtype = precision_dtype(accelerator.mixed_precision)
     family = build_family(args)
     transformer = load_transformer(args, weight_dtype, family)
+    if layout.context_parallel > 1:
+        enable_context_parallel(transformer, layout, family)
     objective = build_objective(args, transformer, weight_dtype, family)
+    if layout.context_parallel > 1:
+        objective.shard_tokens(layout.cp_group)
     lamo = build_lamo(args, objective, accelerator)
+    if layout.fsdp:
+        objective.to(accelerator.device)
+        apply_fsdp(objective, family)
     optimizer = torch.optim.AdamW([parameter for parameter in objective.parameters() if parameter.requires_grad],
                                   lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -338,11 +386,31 @@ def prepare_training(args, accelerator):
                                  num_training_steps=args.max_steps * accelerator.num_processes)
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
                                              collate_fn=collate_entries, num_workers=args.dataloader_num_workers)
-    prepared = accelerator.prepare(objective, optimizer, dataloader, lr_scheduler)
+    if layout.context_parallel > 1:  # the ranks of a context-parallel group read the same clips
+        from accelerate.data_loader import prepare_data_loader
+
+        dataloader = prepare_data_loader(
+            dataloader, accelerator.device, num_processes=layout.data_parallel, process_index=layout.dp_rank,
+            put_on_device=True, rng_types=accelerator.rng_types.copy(), even_batches=accelerator.even_batches,
+            use_seedable_sampler=True, data_seed=args.seed,
+        )
+    else:
+        dataloader = accelerator.prepare(dataloader)
+    if layout.fsdp:
+        # Not accelerator.prepare: that wraps the model in DDP and saves the optimizer from the main process only;
+        # the sharded state goes to torch.distributed.checkpoint instead (save_checkpoint).
+        from accelerate.optimizer import AcceleratedOptimizer
+        from accelerate.scheduler import AcceleratedScheduler
+
+        optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
+        lr_scheduler = AcceleratedScheduler(lr_scheduler, optimizer, step_with_optimizer=True, split_batches=False)
+        accelerator.register_for_checkpointing(lr_scheduler)
+    else:
+        objective, optimizer, lr_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
     accelerator.register_save_state_pre_hook(_keep_trainable_state)
     if lamo is not None:
         accelerator.register_for_checkpointing(lamo)
-    return (*prepared, lamo)
+    return objective, optimizer, dataloader, lr_scheduler, lamo
 
 
 def train(args):
@@ -351,6 +419,7 @@ def train(args):
     from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration
 
     from tsa.data import prepare_tiny_assets
+    from tsa.parallel import build_layout, load_sharded_state
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
@@ -365,10 +434,13 @@ def train(args):
     if args.precompute:
         build_cache(args, accelerator)
         return None
+    layout = build_layout(accelerator, args.context_parallel, args.fsdp)
+    if args.context_parallel > 1:
+        check_context_parallel_shapes(args)
     resume_from = resolve_resume(args)
     if resume_from is not None:
         verify_checkpoint(resume_from)  # before any model is built: every tensor loads and is finite
-    objective, optimizer, dataloader, lr_scheduler, lamo = prepare_training(args, accelerator)
+    objective, optimizer, dataloader, lr_scheduler, lamo = prepare_training(args, accelerator, layout)
     weight_dtype = precision_dtype(accelerator.mixed_precision)
     vae_config = json.loads((args.model_path / "vae" / "config.json").read_text())
     family = accelerator.unwrap_model(objective).family
@@ -380,11 +452,15 @@ def train(args):
         viz = TrainingViz(accelerator, dataloader.dataset, args.output_dir, family, vae_config, weight_dtype)
     step, history = 0, []
     if resume_from is not None:
-        if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):  # own formats
+        if layout.fsdp:
+            accelerator.load_state(str(resume_from))  # schedule, random states, LaMo
+            load_sharded_state(objective, optimizer, resume_from)
+        elif accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):  # own formats
             load_trainable_weights(accelerator, objective, resume_from)
-        # Checkpoints hold only the trainable tensors (see _keep_trainable_state); DeepSpeed has no `strict`.
-        strict = {} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
-        accelerator.load_state(str(resume_from), **strict)
+        if not layout.fsdp:
+            # Checkpoints hold only the trainable tensors (see _keep_trainable_state); DeepSpeed has no `strict`.
+            strict = {} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
+            accelerator.load_state(str(resume_from), **strict)
         step = _checkpoint_step(resume_from)
         history = [row for row in json.loads((resume_from / "losses.json").read_text()) if row["step"] <= step]
     if accelerator.is_main_process:
@@ -410,12 +486,14 @@ def train(args):
         if epoch == first_epoch and skip_batches:
             batches = accelerator.skip_first_batches(dataloader, skip_batches * args.gradient_accumulation_steps)
         for batch in batches:
-            torch.manual_seed(_step_seed(args.seed, step, micro_step, accelerator.process_index))
+            # The ranks of a context-parallel group draw the same noise and timesteps (their data-parallel rank).
+            torch.manual_seed(_step_seed(args.seed, step, micro_step, layout.dp_rank))
             with accelerator.accumulate(objective):
                 latents = sample_latents(batch, family, vae_config, weight_dtype)
-                loss, losses = compute_losses(objective, lamo, args.motion_drift_weight, batch, latents,
-                                              weight_dtype)
-                accelerator.backward(loss)
+                with accelerator.autocast() if layout.fsdp else contextlib.nullcontext():
+                    loss, losses = compute_losses(objective, lamo, args.motion_drift_weight, batch, latents,
+                                                  weight_dtype)
+                accelerator.backward(loss * layout.gradient_scale)
                 if accelerator.sync_gradients:
                     check_finite_gradients(accelerator, objective, args.max_grad_norm, step + 1, losses)
                 optimizer.step()
@@ -439,7 +517,8 @@ def train(args):
             progress.update(1)
             progress.set_postfix({name: f"{row[name]:.4g}" for name in LOSS_NAMES if row[name] or name == "loss"})
             if step % args.checkpointing_steps == 0 or step == args.max_steps:
-                save_checkpoint(accelerator, args, step, history, lamo)
+                save_checkpoint(accelerator, args, step, history, lamo,
+                                sharded=(objective, optimizer) if layout.fsdp else None)
             if viz is not None and step % args.viz_steps == 0:
                 viz(objective, step)
             if step >= args.max_steps:

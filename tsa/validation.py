@@ -196,8 +196,19 @@ def check_training_args(args, *, needs_teacher: bool = True) -> None:
         path = Path(args.resume)
         if not (path.is_dir() and path.name.rsplit("-", 1)[-1].isdigit()):
             raise UsageError(f"--resume {path} is not a checkpoint-STEP folder written by tsa-train")
-        if not (path / "model.safetensors").is_file():
-            raise UsageError(f"--resume {path} has no model.safetensors")
+        sharded = getattr(args, "fsdp", False)
+        expected = "fsdp/.metadata" if sharded else "model.safetensors"
+        if not (path / expected).is_file():
+            raise UsageError(f"--resume {path} has no {expected}" + (
+                " (a checkpoint of a run without --fsdp)" if sharded else
+                " (a checkpoint of a --fsdp run resumes with --fsdp)" if (path / "fsdp").is_dir() else ""))
+    if getattr(args, "context_parallel", 1) > 1:
+        from tsa.models import get_family
+        from tsa.parallel import check_context_parallel
+
+        message = check_context_parallel(get_family(args.model_family or "cogvideox"), {}, (), args.context_parallel)
+        if message:
+            raise UsageError(message)
 
 
 def check_sampling_args(args) -> None:
