@@ -7,8 +7,8 @@ over its ranks (each rank's gradient comes from its own tokens), while DDP and F
 loss is multiplied by cp before backward, so the average over dp * cp ranks becomes the mean over replicas of the
 per-group sums.
 
-FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each transformer block, the projector's layers and the rest
-of the objective over all ranks; it runs on CPU with gloo. Checkpoints are torch.distributed.checkpoint folders
+FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each transformer block and the rest of the objective (the
+projector included) over all ranks; it runs on CPU with gloo. Checkpoints are torch.distributed.checkpoint folders
 (each rank writes its shards) of the trainable tensors and the optimizer state; the final weights are gathered
 into full state dicts.
 """
@@ -126,24 +126,16 @@ def _families():
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2
-def apply_fsdp(objective, family, mixed_precision=None) -> None:
-    """fully_shard each transformer block, each projector layer, then the objective (the remaining parameters)
-    over all ranks. `mixed_precision`: the compute dtype (bf16 / fp16) of an FSDP2 MixedPrecisionPolicy whose
-    gradient reduction stays float32."""
+def apply_fsdp(objective, family) -> None:
+    """fully_shard each transformer block, then the objective: its root group holds the remaining transformer
+    parameters and the projector (small beside the blocks), all sharded over every rank."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(_device_type(objective), (dist.get_world_size(),))
-    options = {"mesh": mesh}
-    if mixed_precision is not None:
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
     for block in family.blocks(objective.transformer):
-        fully_shard(block, **options)
-    if objective.projector is not None:
-        for layer in (objective.projector.mlp, objective.projector.downsample):
-            if layer is not None:
-                fully_shard(layer, **options)
-    fully_shard(objective, **options)
+        fully_shard(block, mesh=mesh)
+    fully_shard(objective, mesh=mesh)
 
 
 def _device_type(module) -> str:
