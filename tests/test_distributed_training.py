@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tsa_helpers import QUIET, assets, reset_accelerate, train_cli
 
-from tsa.config import parse_args
+from tsa.cli.train import main
 from tsa.sharding import TokenShard
-from tsa.train import main, train
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-QUIET = ["--no-progress"]
 LOSS_TOLERANCE = 1e-5  # relative, per logged loss term (fp32 round-off of a different summation order)
 # Relative to each tensor's largest entry: Adam divides by sqrt(v), which magnifies round-off in the near-zero
 # gradients of the first steps (LoRA's zero-initialised B).
@@ -30,35 +29,26 @@ WEIGHT_TOLERANCE = 1e-3
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """The one-process reference: tiny Wan, M-TSA + LoRA, 3 steps, maps drawn at step 3; also the models, clips
-    and latent cache every launch below reuses."""
-    output = tmp_path_factory.mktemp("one")
-    train(parse_args(["--output-dir", str(output), "--model-family", "wan", *LORA, "--num-videos", "4",
-                      "--viz-steps", "3", *QUIET]))
-    from accelerate.state import AcceleratorState, GradientState
+def wan(tiny_runs):
+    """Options that reuse the shared tiny Wan run's models, teacher, clips and latent cache."""
+    return [*assets(tiny_runs("wan")[0], "wan"), *QUIET]
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+
+@pytest.fixture(scope="module")
+def one_process(wan, tmp_path_factory):
+    """The one-process reference: tiny Wan, M-TSA + LoRA, 3 steps, maps drawn at step 3."""
+    output = tmp_path_factory.mktemp("one")
+    train_cli([*wan, *LORA, "--viz-steps", "3", "--output-dir", output])
     return output
 
 
 LORA = ["--finetune", "lora", "--lora-rank", "4", "--lora-alpha", "8", "--max-steps", "3", "--checkpointing-steps",
         "2", "--lr-warmup-steps", "0"]
 FULL = ["--finetune", "full", "--max-steps", "3", "--checkpointing-steps", "2", "--lr-warmup-steps", "0"]
-
-
-def reuse(run):
-    tiny = run / "tiny"
-    return ["--preset", "tiny", "--model-path", str(tiny / "wan"), "--teacher-path", str(tiny / "videomae"),
-            "--data", str(tiny / "data"), "--cache-dir", str(run / "cache"), *QUIET]
 
 
 def launch(arguments, processes=2):
@@ -68,7 +58,7 @@ def launch(arguments, processes=2):
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
-               "--dynamo_backend", "no", "-m", "tsa.train", *arguments]
+               "--dynamo_backend", "no", "-m", "tsa.cli.train", *map(str, arguments)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -97,11 +87,10 @@ LORA_FILES = ("pytorch_lora_weights.safetensors", "projector/diffusion_pytorch_m
 FULL_FILES = ("transformer/diffusion_pytorch_model.safetensors", "projector/diffusion_pytorch_model.safetensors")
 
 
-def test_context_parallel_run_equals_one_process(one_process, tmp_path):
+def test_context_parallel_run_equals_one_process(wan, one_process, tmp_path):
     """M-TSA + LoRA with the tokens split over 2 ranks: the losses, weights and the maps' statistics are the
     one-process run's (the CP group's gradients are summed, not averaged)."""
-    launch([*reuse(one_process), *LORA, "--context-parallel", "2", "--viz-steps", "3", "--output-dir",
-            str(tmp_path)])
+    launch([*wan, *LORA, "--context-parallel", "2", "--viz-steps", "3", "--output-dir", tmp_path])
     assert_same_run(one_process, tmp_path, LORA_FILES)
     want = json.loads((one_process / "viz" / "stats.jsonl").read_text())
     got = json.loads((tmp_path / "viz" / "stats.jsonl").read_text())
@@ -111,24 +100,24 @@ def test_context_parallel_run_equals_one_process(one_process, tmp_path):
     assert (tmp_path / "checkpoints" / "checkpoint-2" / "model.safetensors").is_file()
 
 
-def test_fsdp_with_context_parallel_equals_one_process(one_process, tmp_path):
+def test_fsdp_with_context_parallel_equals_one_process(wan, one_process, tmp_path):
     """FSDP2 over the 2 ranks of one context-parallel group (LoRA): still the one-process run."""
-    launch([*reuse(one_process), *LORA, "--fsdp", "--context-parallel", "2", "--output-dir", str(tmp_path)])
+    launch([*wan, *LORA, "--fsdp", "--context-parallel", "2", "--output-dir", tmp_path])
     assert_same_run(one_process, tmp_path, LORA_FILES)
     assert (tmp_path / "checkpoints" / "checkpoint-2" / "fsdp" / ".metadata").is_file()
 
 
 @pytest.fixture(scope="module")
-def ddp_full(one_process, tmp_path_factory):
+def ddp_full(wan, tmp_path_factory):
     output = tmp_path_factory.mktemp("ddp")
-    launch([*reuse(one_process), *FULL, "--output-dir", str(output)])
+    launch([*wan, *FULL, "--output-dir", output])
     return output
 
 
 @pytest.fixture(scope="module")
-def fsdp_full(one_process, tmp_path_factory):
+def fsdp_full(wan, tmp_path_factory):
     output = tmp_path_factory.mktemp("fsdp")
-    launch([*reuse(one_process), *FULL, "--fsdp", "--output-dir", str(output)])
+    launch([*wan, *FULL, "--fsdp", "--output-dir", output])
     return output
 
 
@@ -140,11 +129,11 @@ def test_fsdp_full_finetune_equals_ddp(ddp_full, fsdp_full):
     assert not (checkpoint / "model.safetensors").exists()
 
 
-def test_fsdp_checkpoint_resumes(one_process, fsdp_full, tmp_path):
+def test_fsdp_checkpoint_resumes(wan, fsdp_full, tmp_path):
     """Resuming the FSDP run from its step-2 checkpoint finishes with the uninterrupted run's losses and weights."""
     resumed = tmp_path / "resumed"
     shutil.copytree(fsdp_full / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
-    launch([*reuse(one_process), *FULL, "--fsdp", "--resume", "latest", "--output-dir", str(resumed)])
+    launch([*wan, *FULL, "--fsdp", "--resume", "latest", "--output-dir", resumed])
     assert_same_run(fsdp_full, resumed, FULL_FILES)
 
 
@@ -154,16 +143,15 @@ def run_main(argv, capsys):
     return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
-def test_refusals_are_one_line(one_process, capsys):
+def test_refusals_are_one_line(wan, tmp_path, capsys):
     """A family without a context-parallel plan, --context-parallel that does not divide the processes, and
     --fsdp with --viz-steps are refused in one line, exit 2."""
     code, lines = run_main(["--model-family", "cogvideox", "--context-parallel", "2", "--output-dir",
-                            str(one_process / "refused"), *QUIET], capsys)
+                            str(tmp_path), *QUIET], capsys)
     assert code == 2 and len(lines) == 1 and "cogvideox" in lines[0] and "wan" in lines[0], lines
-    code, lines = run_main([*reuse(one_process), "--context-parallel", "2", "--output-dir",
-                            str(one_process / "refused")], capsys)
+    code, lines = run_main([*wan, "--context-parallel", "2", "--output-dir", str(tmp_path)], capsys)
     assert code == 2 and len(lines) == 1 and "must divide the number of processes (1)" in lines[0], lines
-    code, lines = run_main([*reuse(one_process), "--fsdp", "--viz-steps", "1"], capsys)
+    code, lines = run_main([*wan, "--fsdp", "--viz-steps", "1", "--output-dir", str(tmp_path)], capsys)
     assert code == 2 and len(lines) == 1 and "--fsdp" in lines[0], lines
 
 

@@ -6,7 +6,7 @@ of the frame-major token sequence per rank, in rank order (docs/distributed.md).
 split: the projector's token-wise MLP runs on the local slice, the teacher features and motion masks are cut the
 same way, and the sharded loss ops (`process_group=`) compute the global loss. Every rank of the group ends with
 its slice of the single-process gradient; summing parameter gradients over the group gives the one-process
-gradient (see tsa/parallel.py for the data-parallel scaling).
+gradient (see tsa/training/parallel.py for the data-parallel scaling).
 """
 
 from __future__ import annotations

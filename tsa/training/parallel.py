@@ -55,7 +55,7 @@ class ParallelLayout:
 
 def build_layout(accelerator, context_parallel: int = 1, fsdp: bool = False) -> ParallelLayout:
     """The run's process grid; UsageError (on every rank) when --context-parallel does not divide the ranks."""
-    from tsa.validation import UsageError
+    from tsa.errors import UsageError
 
     world, rank = accelerator.num_processes, accelerator.process_index
     if world % context_parallel:
@@ -189,7 +189,7 @@ def load_sharded_state(objective, optimizer, folder: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    from tsa.validation import CheckpointError
+    from tsa.errors import CheckpointError
 
     path = Path(folder) / SHARDED_STATE_DIR
     if not (path / ".metadata").is_file():
