@@ -244,8 +244,6 @@ def prepare_training(config, accelerator, layout=None):
             put_on_device=True, rng_types=accelerator.rng_types.copy(), even_batches=accelerator.even_batches,
             use_seedable_sampler=True, data_seed=config.seed,
         )
-    else:
-        dataloader = accelerator.prepare(dataloader)
     if layout.fsdp:
         # Not accelerator.prepare: that wraps the model in DDP and saves the optimizer from the main process only;
         # the sharded state goes to torch.distributed.checkpoint instead (save_checkpoint).
@@ -255,8 +253,13 @@ def prepare_training(config, accelerator, layout=None):
         optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
         lr_scheduler = AcceleratedScheduler(lr_scheduler, optimizer, step_with_optimizer=True, split_batches=False)
         accelerator.register_for_checkpointing(lr_scheduler)
-    else:
+        if layout.context_parallel == 1:
+            dataloader = accelerator.prepare(dataloader)
+    elif layout.context_parallel > 1:
         objective, optimizer, lr_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
+    else:  # one call: DeepSpeed reads its micro-batch size from the data loader
+        objective, optimizer, dataloader, lr_scheduler = accelerator.prepare(objective, optimizer, dataloader,
+                                                                             lr_scheduler)
     accelerator.register_save_state_pre_hook(keep_trainable_state)
     if lamo is not None:
         accelerator.register_for_checkpointing(lamo)

@@ -60,9 +60,11 @@ def build_layout(accelerator, context_parallel: int = 1, fsdp: bool = False) -> 
     world, rank = accelerator.num_processes, accelerator.process_index
     if world % context_parallel:
         raise UsageError(f"--context-parallel {context_parallel} must divide the number of processes ({world})")
-    if fsdp and accelerator.distributed_type.value not in ("NO", "MULTI_CPU", "MULTI_GPU"):
-        raise UsageError(f"--fsdp applies PyTorch's FSDP2 itself: launch without an accelerate "
-                         f"{accelerator.distributed_type.value} config (e.g. configs/ddp.yaml or none)")
+    own = accelerator.distributed_type.value not in ("NO", "MULTI_CPU", "MULTI_GPU")  # DeepSpeed, accelerate FSDP
+    if own and (fsdp or context_parallel > 1):
+        flag = "--fsdp applies PyTorch's FSDP2 itself" if fsdp else "--context-parallel runs under DDP or --fsdp"
+        raise UsageError(f"{flag}: launch without an accelerate {accelerator.distributed_type.value} config (e.g. "
+                         "configs/ddp.yaml)")
     if fsdp and world < 2:
         raise UsageError("--fsdp shards over several processes: launch at least 2 (accelerate launch --num_processes)")
     if fsdp and accelerator.mixed_precision == "fp16":
