@@ -285,10 +285,13 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(default_run, tmp_path, 
     assert not (output / "transformer").exists() and not (output / "losses.json").exists()
 
 
-def test_resume_matches_an_uninterrupted_run(tiny_run, family, tmp_path, monkeypatch):
-    """In process, with the LaMo drift loss: the state a run left at step 2, resumed in a fresh output dir."""
+@pytest.mark.parametrize("other_family", [name for name in FAMILIES if name != DEFAULT_FAMILY])
+def test_resume_matches_an_uninterrupted_run(tiny_runs, other_family, tmp_path, monkeypatch):
+    """In process, with the LaMo drift loss: the state a run left at step 2, resumed in a fresh output dir (the
+    default family's resume is the killed-and-resumed test's)."""
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    run = tiny_run[0]
+    family = other_family
+    run = tiny_runs(family)[0]
     common = [*assets(run, family), "--train-batch-size", "1", "--checkpointing-steps", "2", "--motion-drift-weight",
               "0.4", "--lr-scheduler", "cosine", "--lr-warmup-steps", "1", "--max-steps", "3", *QUIET]
     straight = train_cli([*common, "--output-dir", tmp_path / "straight"])

@@ -20,7 +20,6 @@ from tsa.teachers import load_teacher
 from tsa.tiny import tiny_videomae
 from tsa.training.config import PRESETS, TrainConfig
 
-NUM_FRAMES, HEIGHT, WIDTH = 9, 96, 80  # pixels; every family's tiny VAE maps them to 3 x 12 x 10 latents
 NUM_LAYERS, BLOCK = 3, 2  # tiny transformers of 3 blocks, aligned at block 2 (block 3 comes after it)
 
 
@@ -37,14 +36,21 @@ def teacher_path(tmp_path_factory):
     return tiny_videomae(tmp_path_factory.mktemp("videomae"))
 
 
+def _clip_size(family) -> tuple[int, int, int]:
+    """Pixel frames, height and width of a small clip the family takes: 3 latent frames, a 6 x 5 grid of the
+    VAE x patch multiple (height != width, so a transposed grid shows)."""
+    return 2 * family.temporal_compression + 1, 6 * family.spatial_multiple, 5 * family.spatial_multiple
+
+
 def _inputs(family, path, transformer, batch=2, seed=0):
     """Latents (B, F, C, h, w), prompt embeddings (B, L, D) and pixels (B, T, 3, H, W) in [-1, 1] of the family."""
     generator = torch.Generator().manual_seed(seed)
-    _, frames, channels, height, width = family.latent_shape(path, NUM_FRAMES, HEIGHT, WIDTH)
+    num_frames, pixel_height, pixel_width = _clip_size(family)
+    _, frames, channels, height, width = family.latent_shape(path, num_frames, pixel_height, pixel_width)
     latents = torch.randn(batch, frames, channels, height, width, generator=generator)
     length, dim = family.max_sequence_length(path), family.text_dim(transformer.config)
     prompt = torch.randn(batch, length, dim, generator=generator)
-    pixels = torch.rand(batch, NUM_FRAMES, 3, HEIGHT, WIDTH, generator=generator) * 2 - 1
+    pixels = torch.rand(batch, num_frames, 3, pixel_height, pixel_width, generator=generator) * 2 - 1
     return latents, prompt, pixels
 
 
@@ -61,7 +67,8 @@ def test_tiny_pipeline_is_found_by_folder_pipeline_and_transformer(tiny):
     assert type(pipe).__name__ in family.pipeline_class_names and family_for_pipeline(pipe).name == family.name
     assert family_of(pipe.transformer).name == family.name and family.unwrap(pipe.transformer) is pipe.transformer
     assert "transformer" in family.experts and all(hasattr(pipe, expert) for expert in family.experts)
-    assert family.check_frames(NUM_FRAMES) is None and family.check_frames(NUM_FRAMES + 1)
+    num_frames = _clip_size(family)[0]
+    assert family.check_frames(num_frames) is None and family.check_frames(num_frames + 1)
 
 
 def test_family_options_and_presets_are_run_config_fields(tiny):
@@ -150,10 +157,11 @@ def test_one_sampling_step_through_the_pipeline(tiny):
     family, path = tiny
     pipe = family.load_pipeline(path)
     pipe.set_progress_bar_config(disable=True)
-    latents = pipe("a red ball falls", num_inference_steps=1, num_frames=NUM_FRAMES, height=HEIGHT, width=WIDTH,
+    num_frames, height, width = _clip_size(family)
+    latents = pipe("a red ball falls", num_inference_steps=1, num_frames=num_frames, height=height, width=width,
                    guidance_scale=family.default_guidance_scale, generator=torch.Generator().manual_seed(0),
                    output_type="latent").frames  # decoding is tsa-sample's end-to-end test's
-    shape = family.latent_shape(path, NUM_FRAMES, HEIGHT, WIDTH)
+    shape = family.latent_shape(path, num_frames, height, width)
     assert sorted(latents.shape) == sorted(shape) and latents.numel() == torch.Size(shape).numel()
     assert torch.isfinite(latents).all() and latents.std() > 0
 

@@ -1,9 +1,9 @@
 """The configuration of one training run: a dataclass built by tsa-train / tsa-cache from options, YAML and a
 preset (tsa/cli/options.py), or by a user in Python:
 
-    from tsa.training import TrainConfig
+    from tsa.training import TrainConfig, train
     config = TrainConfig.from_preset("tiny", output_dir="runs/tiny", align="tsa", max_steps=20)
-    history = tsa.train(config)
+    history = train(config)                 # also tsa.train(config)
 
 The defaults are the papers' values (docs/method.md). `resolve_config` fills in what depends on other fields
 (model family, default alignment block, LoRA targets, cache folder, LaMo drift weight) and checks the fields
