@@ -20,10 +20,8 @@ from tsa.sharding import TokenShard
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-LOSS_TOLERANCE = 1e-5  # relative, per logged loss term (fp32 round-off of a different summation order)
-# Relative to each tensor's largest entry: Adam divides by sqrt(v), which magnifies round-off in the near-zero
-# gradients of the first steps (LoRA's zero-initialised B).
-WEIGHT_TOLERANCE = 1e-3
+LOSS_TOLERANCE = 1e-5  # relative, per logged loss term (fp32 round-off of another summation order)
+WEIGHT_TOLERANCE = 1e-4  # relative to each tensor's largest entry
 
 
 @pytest.fixture(autouse=True)
@@ -46,9 +44,12 @@ def one_process(wan, tmp_path_factory):
     return output
 
 
-LORA = ["--finetune", "lora", "--lora-rank", "4", "--lora-alpha", "8", "--max-steps", "3", "--checkpointing-steps",
-        "2", "--lr-warmup-steps", "0"]
-FULL = ["--finetune", "full", "--max-steps", "3", "--checkpointing-steps", "2", "--lr-warmup-steps", "0"]
+# Adam's update of a gradient entry far below epsilon is close to its sign, which fp32 round-off can flip (LoRA's
+# zero-initialised B gets such entries in step 1): a large epsilon keeps the update a smooth function of the
+# gradient, so the weights differ by round-off only.
+STEPS = ["--max-steps", "3", "--checkpointing-steps", "2", "--lr-warmup-steps", "0", "--adam-epsilon", "1e-3"]
+LORA = ["--finetune", "lora", "--lora-rank", "4", "--lora-alpha", "8", *STEPS]
+FULL = ["--finetune", "full", *STEPS]
 
 
 def launch(arguments, processes=2):
@@ -233,6 +234,9 @@ def test_objective_on_token_slices_equals_one_process(tmp_path):
                            str(script), str(tmp_path / "videomae"), str(result)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Gradients relative to each parameter's largest entry: a bias gradient sums the tokens' gradients, which
+    # cancel to ~1e-3 here, so fp32 round-off of another summation order shows at ~1e-5.
+    tolerances = {"loss": 1e-5, "diffusion": 1e-5, "align": 1e-5, "gradient": 1e-4}
     for case, errors in json.loads(result.read_text()).items():
         for name, error in errors.items():
-            assert error < 1e-5, (case, name, error)
+            assert error < tolerances[name], (case, name, error)
