@@ -42,7 +42,7 @@ class TSALoss(nn.Module):
 
     Context parallelism: with `process_group`, student and teacher are this rank's (B, n, C) slices of the
     frame-major tokens, `frames` the whole sequence's frame count and `query_mask` the local slice; the result is
-    the global loss on every rank (`tsa.sharding.tempered_kl`).
+    the global loss on every rank (`stss_kernels.tempered_kl` with `process_group`).
     """
 
     def __init__(self, tau: float = 0.1, tau_teacher: float | None = None, masked: bool = False,
@@ -61,7 +61,7 @@ class TSALoss(nn.Module):
         if process_group is not None:
             if self.masked and query_mask is None:
                 raise ValueError("masked TSALoss on token slices needs the local `query_mask`")
-            return sharding.tempered_kl(
+            return stss_kernels.tempered_kl(
                 student, teacher.to(student.dtype), frames=frames, tau_student=self.tau,
                 tau_teacher=self.tau_teacher, query_mask=query_mask, backend=self.backend,
                 process_group=process_group,
@@ -109,7 +109,7 @@ class TRDLoss(nn.Module):
         """(B, F, H, W, C) features, or with `process_group` (B, n, C) token slices and the global `frames`."""
         check_feature_pair(student, teacher, sharded=process_group is not None)
         if process_group is not None:
-            return sharding.relation_distance(
+            return stss_kernels.relation_distance(
                 student, teacher.to(student.dtype), frames=frames, margin=self.margin, variant=self.variant,
                 backend=self.backend, process_group=process_group,
             )

@@ -4,7 +4,8 @@ gradients exact.
 Under diffusers' context parallelism (a family's `_cp_plan`, e.g. Wan's) every block output is a contiguous slice
 of the frame-major token sequence per rank, in rank order (docs/distributed.md). The alignment path keeps that
 split: the projector's token-wise MLP runs on the local slice, the teacher features and motion masks are cut the
-same way, and the sharded loss ops (`process_group=`) compute the global loss. Every rank of the group ends with
+same way, and the sharded loss ops (`stss_kernels.tempered_kl` / `relation_distance` with `process_group=`) compute
+the global loss. Every rank of the group ends with
 its slice of the single-process gradient; summing parameter gradients over the group gives the one-process
 gradient (see tsa/training/parallel.py for the data-parallel scaling).
 """
@@ -107,54 +108,6 @@ def gather_replicated(local: torch.Tensor, group) -> torch.Tensor:
     """(B, n_r, ...) slices of any sizes -> (B, sum n_r, ...) on every rank, differentiable for a loss that every
     rank computes alike from the gathered tensor: the gradient of the local slice is its part of the whole."""
     return _GatherReplicated.apply(local, group)
-
-
-def _gathered_inputs(student, teacher, query_mask, group):
-    gather = _GatherReplicated.apply
-    student_all = gather(student, group)
-    teacher_all = gather(teacher, group) if teacher.requires_grad else gather_uneven(teacher, group)[0]
-    if query_mask is None:
-        return student_all, teacher_all, None
-    mask_all = gather(query_mask, group) if query_mask.requires_grad else gather_uneven(query_mask, group)[0]
-    return student_all, teacher_all, mask_all
-
-
-def _local_rows(value, student, group):
-    """The rows of a (B, N) "none" result that belong to this rank's queries."""
-    sizes = gather_uneven(student.new_zeros(1, student.shape[1]), group)[1]
-    rank = dist.get_rank(group)
-    return value[:, sum(sizes[:rank]) : sum(sizes[: rank + 1])]
-
-
-def tempered_kl(student, teacher, *, process_group=None, reduction="mean", **options):
-    """`stss_kernels.tempered_kl` on token slices (B, n_r, C) of a context-parallel group (`frames` counts the
-    whole sequence; the query mask is local): the global value on every rank, local gradients.
-
-    Stand-in until the op takes `process_group` itself: it gathers the slices and evaluates the one-process op on
-    every rank (O(N^2) work per rank), with the same contract.
-    """
-    import stss_kernels
-
-    if process_group is None:
-        return stss_kernels.tempered_kl(student, teacher, reduction=reduction, **options)
-    query_mask = options.pop("query_mask", None)
-    student_all, teacher_all, mask_all = _gathered_inputs(student, teacher, query_mask, process_group)
-    value = stss_kernels.tempered_kl(student_all, teacher_all, query_mask=mask_all, reduction=reduction, **options)
-    return _local_rows(value, student, process_group) if reduction == "none" else value
-
-
-def relation_distance(student, teacher, *, process_group=None, reduction="mean", **options):
-    """`stss_kernels.relation_distance` on token slices of a context-parallel group (see `tempered_kl`)."""
-    import stss_kernels
-
-    if process_group is None:
-        return stss_kernels.relation_distance(student, teacher, reduction=reduction, **options)
-    query_mask = options.pop("query_mask", None)
-    student_all, teacher_all, mask_all = _gathered_inputs(student, teacher, query_mask, process_group)
-    if mask_all is not None:
-        options["query_mask"] = mask_all
-    value = stss_kernels.relation_distance(student_all, teacher_all, reduction=reduction, **options)
-    return _local_rows(value, student, process_group) if reduction == "none" else value
 
 
 def global_mean(local_sum: torch.Tensor, count: int, group) -> torch.Tensor:
