@@ -5,9 +5,9 @@ Under diffusers' context parallelism (a family's `_cp_plan`, e.g. Wan's) every b
 of the frame-major token sequence per rank, in rank order (docs/distributed.md). The alignment path keeps that
 split: the projector's token-wise MLP runs on the local slice, the teacher features and motion masks are cut the
 same way, and the sharded loss ops (`stss_kernels.tempered_kl` / `relation_distance` with `process_group=`) compute
-the global loss. Every rank of the group ends with
-its slice of the single-process gradient; summing parameter gradients over the group gives the one-process
-gradient (see tsa/training/parallel.py for the data-parallel scaling).
+the global loss. Every rank of the group ends with its slice of the single-process gradient; summing parameter
+gradients over the group gives the one-process gradient (see tsa/training/parallel.py for the data-parallel
+scaling).
 """
 
 from __future__ import annotations
