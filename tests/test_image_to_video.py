@@ -202,9 +202,11 @@ def test_tiny_ti2v_i2v_run_trains_and_tsa_sample_image_renders(tmp_path):
     assert settings["variant"] == "wan2.2-ti2v-5b" and settings["fps"] == 24
 
 
-def test_task_must_match_the_model_folder(tmp_path, capsys):
+def test_task_must_match_the_model_folder(tmp_path, capsys, monkeypatch):
     from tsa.cli.options import parse_config
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "videos").mkdir()  # the paths an option names exist (they are checked first)
     model = get_family("cogvideox").save_tiny_pipeline(tmp_path / "t2v", num_layers=1)
     with pytest.raises(SystemExit):
         parse_config(["--model-path", str(model), "--data", "videos", "--align", "none", "--task", "i2v"])
