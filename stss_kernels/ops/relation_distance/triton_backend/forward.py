@@ -28,6 +28,8 @@ FORWARD_CONFIGS = hopper_only_configs(
 )
 # A program walks at least this many keys: splitting the keys further costs more partial sums than it gains.
 MIN_KEYS_PER_SPLIT = 1024
+# Relative time a smaller split count may lose to the best one (fewer partial sums, fewer pipeline starts).
+SPLIT_SLACK = 0.02
 # Query-tile size the split count is planned with (the autotuned BLOCK_M is 64 or 128).
 PLANNED_BLOCK_M = 128
 
@@ -98,12 +100,16 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def plan_key_splits(batch: int, num_tokens: int, frames: int, variant: str, multiprocessors: int) -> int:
-    """Key runs per query tile: enough programs for two waves of `multiprocessors`, at least MIN_KEYS_PER_SPLIT
-    keys each."""
+    """Key runs per query tile: the count whose programs fill their waves best, at least MIN_KEYS_PER_SPLIT keys
+    each. With P query programs and s runs each, the forward takes ceil(P s / multiprocessors) waves of 1 / s of
+    a query tile's keys; the fewest runs within SPLIT_SLACK of the shortest such time win (a partial last wave,
+    e.g. 2.09 waves at P = 138 and s = 2 on 132 SMs, costs as much as a full one)."""
     span = min(num_tokens, 2 * (num_tokens // frames)) if variant == "spatial" else num_tokens
     query_programs = batch * triton.cdiv(num_tokens, PLANNED_BLOCK_M)
-    wanted = triton.cdiv(2 * multiprocessors, query_programs)
-    return max(1, min(wanted, span // MIN_KEYS_PER_SPLIT))
+    candidates = range(1, max(1, span // MIN_KEYS_PER_SPLIT) + 1)
+    time = {splits: triton.cdiv(query_programs * splits, multiprocessors) / splits for splits in candidates}
+    shortest = min(time.values())
+    return min(splits for splits in candidates if time[splits] <= shortest * (1 + SPLIT_SLACK))
 
 
 def key_splits(batch: int, num_tokens: int, frames: int, variant: str, device: torch.device) -> int:

@@ -74,41 +74,84 @@ def grouped_tile(pid, query_tiles, frames, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def online_update(
-    logits_s,
-    logits_t,
+def side_logits(
+    features_ptr,
+    query,
+    rows,
+    row_valid,
+    keys,
     key_valid,
-    max_t,
-    max_s,
-    sum_t,
-    sum_s,
-    weighted_gap,
+    num_channels,
+    scale,
+    C_PAD: tl.constexpr,
+    NARROW: tl.constexpr,
     MASK_KEYS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """Fold one tile of base-2 logits into the running maxima, sums and P_t-weighted gap.
-
-    Masked keys get a finite floor (not -inf): exp2 gives 0 and their gap is exactly 0, with no inf - inf.
-    The gap is kept relative to the running maxima (small numbers, little cancellation): moving them
-    shifts every earlier term by the same amount.
-    """
+    """fp32 base-2 logits of one side on (rows, keys): against its resident query tile (NARROW) or by channel
+    chunks. Keys past the frame get a finite floor (not -inf): exp2 gives 0 and their gap is exactly 0, with no
+    inf - inf anywhere; real logits are never that low."""
+    if NARROW:
+        cols = tl.arange(0, C_PAD)
+        key_tile = tl.load(
+            features_ptr + keys[:, None] * num_channels + cols[None, :],
+            mask=key_valid[:, None] & (cols < num_channels)[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            key_tile = key_tile.to(tl.float32)
+        gram = tl.dot(query, tl.trans(key_tile), input_precision=PRECISION)
+    else:
+        gram = gram_tile(features_ptr, rows, keys, row_valid, key_valid, num_channels, BLOCK_M, BLOCK_N, BLOCK_K,
+                         UPCAST, PRECISION)  # fmt: skip
+    logits = gram * scale
     if MASK_KEYS:
-        logits_t = tl.where(key_valid[None, :], logits_t, LOGIT_FLOOR)
-        logits_s = tl.where(key_valid[None, :], logits_s, LOGIT_FLOOR)
-    new_max_t = tl.maximum(max_t, tl.max(logits_t, axis=1))
-    new_max_s = tl.maximum(max_s, tl.max(logits_s, axis=1))
-    centred_t = logits_t - new_max_t[:, None]
-    centred_s = logits_s - new_max_s[:, None]
-    exp_t = tl.exp2(centred_t)
-    rescale_t = tl.exp2(max_t - new_max_t)
-    shift = (new_max_t - max_t) - (new_max_s - max_s)
-    weighted_gap = rescale_t * (weighted_gap - sum_t * shift) + tl.sum(exp_t * (centred_t - centred_s), axis=1)
-    sum_t = sum_t * rescale_t + tl.sum(exp_t, axis=1)
-    sum_s = sum_s * tl.exp2(max_s - new_max_s) + tl.sum(tl.exp2(centred_s), axis=1)
-    return new_max_t, new_max_s, sum_t, sum_s, weighted_gap
+        logits = tl.where(key_valid[None, :], logits, LOGIT_FLOOR)
+    return logits
 
 
 @triton.jit
-def key_tile_logits(
+def fold_teacher(logits_t, max_t, sum_t, WEIGHT_FP16: tl.constexpr):
+    """Fold a tile of teacher logits into the running max and sum, before the student's tile is computed.
+
+    Returns the new max and sum, the rescale of earlier terms, the tile's P_t weights exp2(x_t - max_t) (fp16
+    when WEIGHT_FP16: values in [0, 1], half the registers of fp32, so that the teacher's fp32 tile is dead
+    while the student's is accumulated) and the row sums of weight * (x_t - max_t) with those same weights.
+    """
+    new_max_t = tl.maximum(max_t, tl.max(logits_t, axis=1))
+    centred_t = logits_t - new_max_t[:, None]
+    exp_t = tl.exp2(centred_t)
+    rescale_t = tl.exp2(max_t - new_max_t)
+    if WEIGHT_FP16:
+        weight = exp_t.to(tl.float16)
+    else:
+        weight = exp_t
+    gap_t = tl.sum(weight.to(tl.float32) * centred_t, axis=1)
+    return new_max_t, sum_t * rescale_t + tl.sum(exp_t, axis=1), rescale_t, weight, gap_t
+
+
+@triton.jit
+def fold_student(logits_s, weight, gap_t, max_t, new_max_t, rescale_t, sum_t, max_s, sum_s, weighted_gap):
+    """Fold a tile of student logits into the running max, sum and P_t-weighted gap (see fold_teacher).
+
+    sum_t is the teacher's sum before this tile. The gap E_{P_t}[(x_t - max_t) - (x_s - max_s)] is kept relative
+    to the running maxima (small numbers): moving them shifts every earlier term by the same amount. The tile's
+    part is the difference of two row sums with the same weights, so it is exactly 0 where x_t = x_s.
+    """
+    new_max_s = tl.maximum(max_s, tl.max(logits_s, axis=1))
+    centred_s = logits_s - new_max_s[:, None]
+    shift = (new_max_t - max_t) - (new_max_s - max_s)
+    weighted_gap = rescale_t * (weighted_gap - sum_t * shift) + (gap_t - tl.sum(weight.to(tl.float32) * centred_s, 1))
+    sum_s = sum_s * tl.exp2(max_s - new_max_s) + tl.sum(tl.exp2(centred_s), axis=1)
+    return new_max_s, sum_s, weighted_gap
+
+
+@triton.jit
+def fold_key_tile(
     student_ptr,
     teacher_ptr,
     query_s,
@@ -121,40 +164,33 @@ def key_tile_logits(
     Ct,
     scale_s,
     scale_t,
+    max_t,
+    max_s,
+    sum_t,
+    sum_s,
+    weighted_gap,
     CS_PAD: tl.constexpr,
     CT_PAD: tl.constexpr,
     NARROW: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
+    WEIGHT_FP16: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Base-2 logits of both sides on (rows, keys): against the resident query tiles (NARROW) or by channel chunks."""
-    if NARROW:
-        cols_s = tl.arange(0, CS_PAD)
-        cols_t = tl.arange(0, CT_PAD)
-        keys_s = tl.load(
-            student_ptr + keys[:, None] * Cs + cols_s[None, :],
-            mask=key_valid[:, None] & (cols_s < Cs)[None, :],
-            other=0.0,
-        )
-        keys_t = tl.load(
-            teacher_ptr + keys[:, None] * Ct + cols_t[None, :],
-            mask=key_valid[:, None] & (cols_t < Ct)[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            keys_s = keys_s.to(tl.float32)
-            keys_t = keys_t.to(tl.float32)
-        gram_s = tl.dot(query_s, tl.trans(keys_s), input_precision=PRECISION)
-        gram_t = tl.dot(query_t, tl.trans(keys_t), input_precision=PRECISION)
-    else:
-        gram_s = gram_tile(student_ptr, rows, keys, row_valid, key_valid, Cs, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST,
-                           PRECISION)  # fmt: skip
-        gram_t = gram_tile(teacher_ptr, rows, keys, row_valid, key_valid, Ct, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST,
-                           PRECISION)  # fmt: skip
-    return gram_s * scale_s, gram_t * scale_t
+    """The running statistics after one key tile: the teacher's logits first, folded and dropped, then the
+    student's, so one fp32 (BLOCK_M, BLOCK_N) tile is live at a time."""
+    logits_t = side_logits(teacher_ptr, query_t, rows, row_valid, keys, key_valid, Ct, scale_t, CT_PAD, NARROW,
+                           MASK_KEYS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    new_max_t, new_sum_t, rescale_t, weight, gap_t = fold_teacher(logits_t, max_t, sum_t, WEIGHT_FP16)
+    logits_s = side_logits(student_ptr, query_s, rows, row_valid, keys, key_valid, Cs, scale_s, CS_PAD, NARROW,
+                           MASK_KEYS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    max_s, sum_s, weighted_gap = fold_student(
+        logits_s, weight, gap_t, max_t, new_max_t, rescale_t, sum_t, max_s, sum_s, weighted_gap
+    )
+    return new_max_t, max_s, new_sum_t, sum_s, weighted_gap
 
 
 @triton.jit
@@ -175,6 +211,7 @@ def _tempered_kl_forward_kernel(
     CT_PAD: tl.constexpr,
     NARROW: tl.constexpr,
     HAS_INDEX: tl.constexpr,
+    WEIGHT_FP16: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -232,25 +269,21 @@ def _tempered_kl_forward_kernel(
         for key_start in range(0, full_keys, BLOCK_N):
             keys = frame_start + key_start + tl.arange(0, BLOCK_N)
             key_valid = tl.full((BLOCK_N,), 1, tl.int1)
-            logits_s, logits_t = key_tile_logits(
-                student_ptr, teacher_ptr, query_s, query_t, rows, row_valid, keys, key_valid, Cs, Ct,
-                scale_s, scale_t, CS_PAD, CT_PAD, NARROW, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            max_t, max_s, sum_t, sum_s, weighted_gap = fold_key_tile(
+                student_ptr, teacher_ptr, query_s, query_t, rows, row_valid, keys, key_valid, Cs, Ct, scale_s,
+                scale_t, max_t, max_s, sum_t, sum_s, weighted_gap, CS_PAD, CT_PAD, NARROW, False, WEIGHT_FP16,
+                UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
-            max_t, max_s, sum_t, sum_s, weighted_gap = online_update(
-                logits_s, logits_t, key_valid, max_t, max_s, sum_t, sum_s, weighted_gap, False
-            )
         # The frame's last HW - full_keys keys in narrower tiles.
         for key_start in range(full_keys, HW, BLOCK_TAIL):
             keys_in_frame = key_start + tl.arange(0, BLOCK_TAIL)
             key_valid = keys_in_frame < HW
             keys = frame_start + keys_in_frame
-            logits_s, logits_t = key_tile_logits(
-                student_ptr, teacher_ptr, query_s, query_t, rows, row_valid, keys, key_valid, Cs, Ct,
-                scale_s, scale_t, CS_PAD, CT_PAD, NARROW, UPCAST, PRECISION, BLOCK_M, BLOCK_TAIL, BLOCK_K,
+            max_t, max_s, sum_t, sum_s, weighted_gap = fold_key_tile(
+                student_ptr, teacher_ptr, query_s, query_t, rows, row_valid, keys, key_valid, Cs, Ct, scale_s,
+                scale_t, max_t, max_s, sum_t, sum_s, weighted_gap, CS_PAD, CT_PAD, NARROW, True, WEIGHT_FP16,
+                UPCAST, PRECISION, BLOCK_M, BLOCK_TAIL, BLOCK_K,
             )  # fmt: skip
-            max_t, max_s, sum_t, sum_s, weighted_gap = online_update(
-                logits_s, logits_t, key_valid, max_t, max_s, sum_t, sum_s, weighted_gap, True
-            )
         frame_stats = stats_ptr + (b * frames + f) * NUM_STATS * N + rows
         tl.store(frame_stats + STAT_MAX_T * N, max_t, mask=row_valid)
         tl.store(frame_stats + STAT_INV_SUM_T * N, 1.0 / sum_t, mask=row_valid)
@@ -270,10 +303,11 @@ FORWARD = {
 }
 
 
-def forward_constants(channels_s: int, channels_t: int, has_index: bool) -> dict:
+def forward_constants(channels_s: int, channels_t: int, has_index: bool, dtype: torch.dtype) -> dict:
     """The constexprs the launcher passes besides the config's blocks (also used by the AOT report)."""
     narrow = is_narrow(channels_s, channels_t)
     return dict(
+        WEIGHT_FP16=dtype.itemsize == 2,
         CS_PAD=max(16, next_power_of_two(channels_s)) if narrow else 16,
         CT_PAD=max(16, next_power_of_two(channels_t)) if narrow else 16,
         NARROW=narrow,
@@ -306,7 +340,7 @@ def tempered_kl_forward(
     if stats.numel() == 0:
         return torch.zeros(batch, num_tokens, dtype=torch.float32, device=student.device), stats
     has_index = query_index is not None
-    constants = forward_constants(channels_s, channels_t, has_index)
+    constants = forward_constants(channels_s, channels_t, has_index, student.dtype)
     arguments = dict(
         student_ptr=student, teacher_ptr=teacher, index_ptr=query_index if has_index else stats,
         count_ptr=query_count if has_index else stats, stats_ptr=stats, N=num_tokens, HW=num_tokens // frames,
