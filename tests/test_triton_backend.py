@@ -69,6 +69,7 @@ def backward_path(request, monkeypatch):
         (2, 3, 7, 5, 12),  # frame smaller than a key tile
         (2, 3, 20, 37, 12),  # frame spans two key tiles; student channels span two chunks
         (1, 1, 23, 6, 9),  # frames=1: one softmax over the whole clip
+        (2, 3, 23, 40, 36),  # 16-byte rows: the wide forward loads through tensor descriptors (zero-filled edges)
     ],
 )
 def test_fp32_matches_fp64_reference(batch, frames, hw, cs, ct, backward_path):
@@ -110,6 +111,15 @@ def test_half_precision_no_worse_than_pytorch(dtype, upstream_kind, backward_pat
         for name, ours, theirs, expected in zip(("kl", "grad student", "grad teacher"), triton_out, pytorch_out, truth):
             tol = 2e-3 * expected.abs().max().item()
             assert _max_error(ours, expected) <= _max_error(theirs, expected) + tol, (name, cs)
+
+
+def test_wide_forward_takes_descriptors_only_for_aligned_unmasked_rows(monkeypatch):
+    monkeypatch.setattr(forward, "NARROW_CHANNELS", 0)
+    assert forward.forward_constants(40, 36, False, torch.float32)["DESCRIPTORS"]
+    assert forward.forward_constants(768, 768, False, torch.bfloat16)["DESCRIPTORS"]
+    assert not forward.forward_constants(768, 768, True, torch.bfloat16)["DESCRIPTORS"]  # gathered query rows
+    assert not forward.forward_constants(37, 12, False, torch.float32)["DESCRIPTORS"]  # 148-byte rows
+    assert not forward.forward_constants(12, 20, False, torch.float16)["DESCRIPTORS"]  # 24-byte rows
 
 
 def test_zero_weight_rows_are_skipped_and_exact_elsewhere(backward_path):

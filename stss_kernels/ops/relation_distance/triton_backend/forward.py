@@ -11,20 +11,22 @@ from stss_kernels._core.tiles import DOT_PRECISION, autotune_configs, num_querie
 from stss_kernels._core.tuning import hopper_only_configs, shape_class, tuned_kernel
 from stss_kernels.ops.relation_distance.triton_backend.tiles import VARIANT_IDS, gap_tile, pair_tile, paired_key_range
 
-# python -m bench.compile (bf16): 128 x 128 spilled on sm_90a (spatial / temporal pairs) and was dropped;
-# 128 x 32 and 64 x 32 x 128 spill on sm_80 only: timed on Hopper only.
+# S - T is one fp32 accumulator ([s | t] [s | -t]^T), so 128 x 256 tiles fit: ~85 FLOP per byte of L2 traffic
+# against ~43 at 128 x 64. python -m bench.compile (bf16, cogvideox-native): the first config spills on neither
+# sm_90a nor sm_80; 128 x 256 with 64-channel chunks and 128 x 128 spill on sm_80 only: timed on Hopper only.
 FORWARD_CONFIGS = hopper_only_configs(
     autotune_configs(
         [
+            (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32), 8, 4),
+            (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), 8, 3),
+            (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3),
             (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), 8, 3),
-            (dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64), 4, 3),
             (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3),
-            (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128), 4, 4),
             (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), 8, 4),
         ],
         dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32),
     ),
-    (1, 3),
+    (1, 2),
 )
 # A program walks at least this many keys: splitting the keys further costs more partial sums than it gains.
 MIN_KEYS_PER_SPLIT = 1024

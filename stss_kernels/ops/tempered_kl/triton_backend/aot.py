@@ -206,7 +206,8 @@ def product_arguments(row_kernel: bool, for_teacher: bool):
         values = dict(
             block_ptr=Pointer(dtype), features_ptr=Pointer(dtype), index_ptr=index, count_ptr=index, grad_ptr=fp32,
             N=problem.tokens, C=problem.ct if for_teacher else problem.cs, chunk_start=0,
-            chunk_rows=_chunks(problem, dtype)[0], block_stride=backward.block_stride(problem.tokens), UPCAST=False, PRECISION=DOT_PRECISION,
+            chunk_rows=_chunks(problem, dtype)[0], block_stride=backward.block_stride(problem.tokens), UPCAST=False,
+            PRECISION=DOT_PRECISION,
         )  # fmt: skip
         if not row_kernel:
             values.update(HAS_INDEX=masked, ACCUMULATE=False)

@@ -365,8 +365,8 @@ def _dual_product_kernel(
 
     Program (channel tile D, token tile T, video); channel tiles fastest so the programs sharing a strip of G
     run together. block (B, chunk_rows, N), rows block_stride apart; its rows are the kept positions
-    chunk_start .. (query tokens themselves without HAS_INDEX). fp32 accumulation in registers; one store (a load-add-store after the
-    first chunk).
+    chunk_start .. (query tokens themselves without HAS_INDEX). fp32 accumulation in registers; one store (a
+    load-add-store after the first chunk).
     """
     b = tl.program_id(2).to(tl.int64)
     count = num_queries(count_ptr, b, N, HAS_INDEX)

@@ -77,15 +77,19 @@ def grouped_tile(pid, query_tiles, frames, GROUP_M: tl.constexpr):
 def side_logits(
     features_ptr,
     query,
+    key_descriptor,
     rows,
     row_valid,
+    row_start,
     keys,
     key_valid,
+    key_start,
     num_channels,
     scale,
     C_PAD: tl.constexpr,
     NARROW: tl.constexpr,
     MASK_KEYS: tl.constexpr,
+    DESCRIPTORS: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -93,7 +97,9 @@ def side_logits(
     BLOCK_K: tl.constexpr,
 ):
     """fp32 base-2 logits of one side on (rows, keys): against its resident query tile (NARROW) or by channel
-    chunks. Keys past the frame get a finite floor (not -inf): exp2 gives 0 and their gap is exactly 0, with no
+    chunks, loaded through tensor descriptors when DESCRIPTORS (`query` is then the query tiles' descriptor, and
+    rows / keys are row_start / key_start + arange: TMA copies on sm_90, no per-element pointers or masks).
+    Keys past the frame get a finite floor (not -inf): exp2 gives 0 and their gap is exactly 0, with no
     inf - inf anywhere; real logits are never that low."""
     if NARROW:
         cols = tl.arange(0, C_PAD)
@@ -105,6 +111,15 @@ def side_logits(
         if UPCAST:
             key_tile = key_tile.to(tl.float32)
         gram = tl.dot(query, tl.trans(key_tile), input_precision=PRECISION)
+    elif DESCRIPTORS:
+        gram = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, num_channels, BLOCK_K):
+            query_chunk = query.load([row_start, k])
+            key_chunk = key_descriptor.load([key_start, k])
+            if UPCAST:
+                query_chunk = query_chunk.to(tl.float32)
+                key_chunk = key_chunk.to(tl.float32)
+            gram = tl.dot(query_chunk, tl.trans(key_chunk), gram, input_precision=PRECISION)
     else:
         gram = gram_tile(features_ptr, rows, keys, row_valid, key_valid, num_channels, BLOCK_M, BLOCK_N, BLOCK_K,
                          UPCAST, PRECISION)  # fmt: skip
@@ -156,10 +171,14 @@ def fold_key_tile(
     teacher_ptr,
     query_s,
     query_t,
+    keys_s,
+    keys_t,
     rows,
     row_valid,
+    row_start,
     keys,
     key_valid,
+    key_start,
     Cs,
     Ct,
     scale_s,
@@ -173,6 +192,7 @@ def fold_key_tile(
     CT_PAD: tl.constexpr,
     NARROW: tl.constexpr,
     MASK_KEYS: tl.constexpr,
+    DESCRIPTORS: tl.constexpr,
     WEIGHT_FP16: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -182,11 +202,13 @@ def fold_key_tile(
 ):
     """The running statistics after one key tile: the teacher's logits first, folded and dropped, then the
     student's, so one fp32 (BLOCK_M, BLOCK_N) tile is live at a time."""
-    logits_t = side_logits(teacher_ptr, query_t, rows, row_valid, keys, key_valid, Ct, scale_t, CT_PAD, NARROW,
-                           MASK_KEYS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    logits_t = side_logits(teacher_ptr, query_t, keys_t, rows, row_valid, row_start, keys, key_valid, key_start, Ct,
+                           scale_t, CT_PAD, NARROW, MASK_KEYS, DESCRIPTORS, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
+                           BLOCK_K)  # fmt: skip
     new_max_t, new_sum_t, rescale_t, weight, gap_t = fold_teacher(logits_t, max_t, sum_t, WEIGHT_FP16)
-    logits_s = side_logits(student_ptr, query_s, rows, row_valid, keys, key_valid, Cs, scale_s, CS_PAD, NARROW,
-                           MASK_KEYS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    logits_s = side_logits(student_ptr, query_s, keys_s, rows, row_valid, row_start, keys, key_valid, key_start, Cs,
+                           scale_s, CS_PAD, NARROW, MASK_KEYS, DESCRIPTORS, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
+                           BLOCK_K)  # fmt: skip
     max_s, sum_s, weighted_gap = fold_student(
         logits_s, weight, gap_t, max_t, new_max_t, rescale_t, sum_t, max_s, sum_s, weighted_gap
     )
@@ -211,6 +233,7 @@ def _tempered_kl_forward_kernel(
     CT_PAD: tl.constexpr,
     NARROW: tl.constexpr,
     HAS_INDEX: tl.constexpr,
+    DESCRIPTORS: tl.constexpr,
     WEIGHT_FP16: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -255,9 +278,23 @@ def _tempered_kl_forward_kernel(
             if UPCAST:
                 query_s = query_s.to(tl.float32)
                 query_t = query_t.to(tl.float32)
+        elif DESCRIPTORS:  # row-major (N, C) of this video; rows past N read as zeros
+            query_s = tl.make_tensor_descriptor(student_ptr, [N, Cs], [Cs, 1], [BLOCK_M, BLOCK_K])
+            query_t = tl.make_tensor_descriptor(teacher_ptr, [N, Ct], [Ct, 1], [BLOCK_M, BLOCK_K])
         else:
             query_s = 0.0
             query_t = 0.0
+        if DESCRIPTORS:
+            keys_s = tl.make_tensor_descriptor(student_ptr, [N, Cs], [Cs, 1], [BLOCK_N, BLOCK_K])
+            keys_t = tl.make_tensor_descriptor(teacher_ptr, [N, Ct], [Ct, 1], [BLOCK_N, BLOCK_K])
+            tail_s = tl.make_tensor_descriptor(student_ptr, [N, Cs], [Cs, 1], [BLOCK_TAIL, BLOCK_K])
+            tail_t = tl.make_tensor_descriptor(teacher_ptr, [N, Ct], [Ct, 1], [BLOCK_TAIL, BLOCK_K])
+        else:
+            keys_s = 0.0
+            keys_t = 0.0
+            tail_s = 0.0
+            tail_t = 0.0
+        row_start = tile * BLOCK_M
         max_t = tl.full((BLOCK_M,), LOGIT_FLOOR, dtype=tl.float32)
         max_s = tl.full((BLOCK_M,), LOGIT_FLOOR, dtype=tl.float32)
         sum_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -270,9 +307,10 @@ def _tempered_kl_forward_kernel(
             keys = frame_start + key_start + tl.arange(0, BLOCK_N)
             key_valid = tl.full((BLOCK_N,), 1, tl.int1)
             max_t, max_s, sum_t, sum_s, weighted_gap = fold_key_tile(
-                student_ptr, teacher_ptr, query_s, query_t, rows, row_valid, keys, key_valid, Cs, Ct, scale_s,
-                scale_t, max_t, max_s, sum_t, sum_s, weighted_gap, CS_PAD, CT_PAD, NARROW, False, WEIGHT_FP16,
-                UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                student_ptr, teacher_ptr, query_s, query_t, keys_s, keys_t, rows, row_valid, row_start, keys,
+                key_valid, (frame_start + key_start).to(tl.int32), Cs, Ct, scale_s, scale_t, max_t, max_s, sum_t, sum_s,
+                weighted_gap, CS_PAD, CT_PAD, NARROW, False, DESCRIPTORS, WEIGHT_FP16, UPCAST, PRECISION, BLOCK_M,
+                BLOCK_N, BLOCK_K,
             )  # fmt: skip
         # The frame's last HW - full_keys keys in narrower tiles.
         for key_start in range(full_keys, HW, BLOCK_TAIL):
@@ -280,9 +318,10 @@ def _tempered_kl_forward_kernel(
             key_valid = keys_in_frame < HW
             keys = frame_start + keys_in_frame
             max_t, max_s, sum_t, sum_s, weighted_gap = fold_key_tile(
-                student_ptr, teacher_ptr, query_s, query_t, rows, row_valid, keys, key_valid, Cs, Ct, scale_s,
-                scale_t, max_t, max_s, sum_t, sum_s, weighted_gap, CS_PAD, CT_PAD, NARROW, True, WEIGHT_FP16,
-                UPCAST, PRECISION, BLOCK_M, BLOCK_TAIL, BLOCK_K,
+                student_ptr, teacher_ptr, query_s, query_t, tail_s, tail_t, rows, row_valid, row_start, keys,
+                key_valid, (frame_start + key_start).to(tl.int32), Cs, Ct, scale_s, scale_t, max_t, max_s, sum_t, sum_s,
+                weighted_gap, CS_PAD, CT_PAD, NARROW, True, DESCRIPTORS, WEIGHT_FP16, UPCAST, PRECISION, BLOCK_M,
+                BLOCK_TAIL, BLOCK_K,
             )  # fmt: skip
         frame_stats = stats_ptr + (b * frames + f) * NUM_STATS * N + rows
         tl.store(frame_stats + STAT_MAX_T * N, max_t, mask=row_valid)
@@ -297,6 +336,28 @@ def is_narrow(channels_s: int, channels_t: int) -> bool:
     return max(next_power_of_two(channels_s), next_power_of_two(channels_t)) <= NARROW_CHANNELS
 
 
+def descriptors_apply(channels_s: int, channels_t: int, dtype: torch.dtype) -> bool:
+    """Whether the wide forward loads through tensor descriptors: Triton has them (3.4+; older versions take the
+    pointer path) and every row starts 16-byte aligned (TMA's stride rule). Gathered (masked) query rows use
+    pointers."""
+    return hasattr(tl, "make_tensor_descriptor") and all(c * dtype.itemsize % 16 == 0 for c in (channels_s, channels_t))
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device=torch.device("cuda", torch.cuda.current_device()))
+
+
+def ensure_descriptor_allocator() -> None:
+    """Descriptors made on the device need a little global scratch per program: give Triton a torch allocator
+    unless the application has set one (triton.set_allocator)."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    current = current.get() if hasattr(current, "get") else current
+    if current is None or isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(_descriptor_scratch)
+
+
 FORWARD = {
     True: tuned_kernel("tempered_kl.forward.narrow", _tempered_kl_forward_kernel, NARROW_CONFIGS),
     False: tuned_kernel("tempered_kl.forward.wide", _tempered_kl_forward_kernel, WIDE_CONFIGS),
@@ -307,6 +368,7 @@ def forward_constants(channels_s: int, channels_t: int, has_index: bool, dtype: 
     """The constexprs the launcher passes besides the config's blocks (also used by the AOT report)."""
     narrow = is_narrow(channels_s, channels_t)
     return dict(
+        DESCRIPTORS=not narrow and not has_index and descriptors_apply(channels_s, channels_t, dtype),
         WEIGHT_FP16=dtype.itemsize == 2,
         CS_PAD=max(16, next_power_of_two(channels_s)) if narrow else 16,
         CT_PAD=max(16, next_power_of_two(channels_t)) if narrow else 16,
@@ -341,6 +403,8 @@ def tempered_kl_forward(
         return torch.zeros(batch, num_tokens, dtype=torch.float32, device=student.device), stats
     has_index = query_index is not None
     constants = forward_constants(channels_s, channels_t, has_index, student.dtype)
+    if constants["DESCRIPTORS"] and student.is_cuda:
+        ensure_descriptor_allocator()
     arguments = dict(
         student_ptr=student, teacher_ptr=teacher, index_ptr=query_index if has_index else stats,
         count_ptr=query_count if has_index else stats, stats_ptr=stats, N=num_tokens, HW=num_tokens // frames,
