@@ -51,10 +51,11 @@ COLUMN_CONFIGS = hopper_only_configs(
     ),
     (1, 2, 3),
 )
+# The first row-pass config is the smallest tile that takes wgmma on sm_90a (64 rows; 32-row tiles compile to
+# mma.sync only) and spills on neither arch at the native grid (N = 17,550).
 ROW_CONFIGS = hopper_only_configs(
     autotune_configs(
         [
-            (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_TAIL=16), 4, 3),
             (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_TAIL=16), 4, 2),
             (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_TAIL=16), 4, 4),
             (dict(BLOCK_M=128, BLOCK_N=32, BLOCK_TAIL=16), 8, 3),
@@ -63,7 +64,7 @@ ROW_CONFIGS = hopper_only_configs(
         ],
         dict(BLOCK_M=16, BLOCK_N=16, BLOCK_TAIL=8),
     ),
-    (1, 2, 3, 4, 5),
+    (1, 2, 3, 4),
 )
 SIMILARITY_GRAD_CONFIGS = autotune_configs(
     [
@@ -84,6 +85,7 @@ PRODUCT_CONFIGS = autotune_configs(
     ],
     dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=16),
 )
+hopper_only_configs(PRODUCT_CONFIGS, (1,))  # BLOCK_D 256 spills on sm_80 (mma.sync)
 # Elements the rows of the wide backward's block of G are aligned to (64 x 2 bytes: 128-byte rows).
 BLOCK_STRIDE_ALIGN = 64
 # The row product gathers kept rows (int64 offsets): wider tiles spill there (ptxas, sm_90a, bf16).
