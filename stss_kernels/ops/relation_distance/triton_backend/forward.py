@@ -11,9 +11,9 @@ from stss_kernels._core.tiles import DOT_PRECISION, autotune_configs, num_querie
 from stss_kernels._core.tuning import hopper_only_configs, shape_class, tuned_kernel
 from stss_kernels.ops.relation_distance.triton_backend.tiles import VARIANT_IDS, gap_tile, pair_tile, paired_key_range
 
-# S - T is one fp32 accumulator ([s | t] [s | -t]^T), so 128 x 256 tiles fit: ~85 FLOP per byte of L2 traffic
-# against ~43 at 128 x 64. python -m bench.compile (bf16, cogvideox-native): the first config spills on neither
-# sm_90a nor sm_80; 128 x 256 with 64-channel chunks and 128 x 128 spill on sm_80 only: timed on Hopper only.
+# S - T is one fp32 accumulator ([s | t] [s | -t]^T), so 128 x 256 tiles fit for all pairs: ~85 FLOP per byte of
+# L2 traffic against ~43 at 128 x 64. python -m bench.compile (bf16, cogvideox-native): the first config spills on
+# neither sm_90a nor sm_80; 128 x 256 with 64-channel chunks and 128 x 128 spill on sm_80 only: timed on Hopper only.
 FORWARD_CONFIGS = hopper_only_configs(
     autotune_configs(
         [
@@ -27,6 +27,16 @@ FORWARD_CONFIGS = hopper_only_configs(
         dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32),
     ),
     (1, 2),
+)
+# Spatial and temporal pairs also hold the tile of (row frame == key frame): 128 x 256 spills 0.7-1.4 KB and
+# 128 x 128 64 B on sm_90a there.
+PAIRED_FORWARD_CONFIGS = autotune_configs(
+    [
+        (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), 8, 3),
+        (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3),
+        (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), 8, 4),
+    ],
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32),
 )
 # A program walks at least this many keys: splitting the keys further costs more partial sums than it gains.
 MIN_KEYS_PER_SPLIT = 1024
@@ -95,6 +105,14 @@ def _relation_distance_forward_kernel(
 FORWARD = tuned_kernel(
     "relation_distance.forward", _relation_distance_forward_kernel.fn, _relation_distance_forward_kernel.configs
 )
+PAIRED_FORWARD = tuned_kernel(
+    "relation_distance.forward.paired", _relation_distance_forward_kernel.fn, PAIRED_FORWARD_CONFIGS
+)
+
+
+def forward_configs(variant: str) -> list:
+    """The launch-config list of the forward for `variant` ("full", "spatial" or "temporal")."""
+    return (FORWARD if variant == "full" else PAIRED_FORWARD).configs
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -144,7 +162,7 @@ def relation_distance_forward(
     )  # fmt: skip
     key = shape_class(tokens=num_tokens, hw=num_tokens // frames, channels=(channels_s, teacher.shape[-1]),
                       dtype=student.dtype, masked=has_index, variant=variant, splits=splits)  # fmt: skip
-    FORWARD(
+    (FORWARD if variant == "full" else PAIRED_FORWARD)(
         lambda blocks: (triton.cdiv(num_tokens, blocks["BLOCK_M"]), splits, batch),
         key,
         arguments,

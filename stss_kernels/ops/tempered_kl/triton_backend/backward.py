@@ -51,13 +51,13 @@ COLUMN_CONFIGS = hopper_only_configs(
     ),
     (1, 2, 3),
 )
-# The first row-pass config is the smallest tile that takes wgmma on sm_90a (64 rows; 32-row tiles compile to
-# mma.sync only) and spills on neither arch at the native grid (N = 17,550).
+# The first row-pass config takes wgmma on sm_90a (64 rows; 32-row tiles compile to mma.sync only) and spills on
+# neither arch at the native grid (N = 17,550), masked or not.
 ROW_CONFIGS = hopper_only_configs(
     autotune_configs(
         [
+            (dict(BLOCK_M=64, BLOCK_N=16, BLOCK_TAIL=16), 4, 2),
             (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_TAIL=16), 4, 2),
-            (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_TAIL=16), 4, 4),
             (dict(BLOCK_M=128, BLOCK_N=32, BLOCK_TAIL=16), 8, 3),
             (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_TAIL=32), 4, 2),
             (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_TAIL=32), 8, 3),

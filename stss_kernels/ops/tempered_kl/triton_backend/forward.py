@@ -48,18 +48,20 @@ NARROW_CONFIGS = autotune_configs(
 # trade when the forward is bound by L2 traffic rather than by tensor-core time, so both are candidates.
 WIDE_CONFIGS = autotune_configs(
     [
-        (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_TAIL=32, BLOCK_K=64, GROUP_M=32), 8, 3),
+        (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_TAIL=32, BLOCK_K=32, GROUP_M=32), 8, 3),
         (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_TAIL=32, BLOCK_K=64, GROUP_M=32), 8, 3),
         (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_TAIL=128, BLOCK_K=64, GROUP_M=32), 8, 3),
         (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_TAIL=32, BLOCK_K=32, GROUP_M=32), 8, 4),
         (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_TAIL=32, BLOCK_K=64, GROUP_M=32), 4, 3),
+        (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_TAIL=32, BLOCK_K=64, GROUP_M=32), 8, 3),
         (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_TAIL=32, BLOCK_K=64, GROUP_M=8), 8, 3),
     ],
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_TAIL=8, BLOCK_K=32, GROUP_M=2),
 )
 # The first config of each list is the one used untuned (CUDA-graph capture, tracing, STSS_AUTOTUNE=0): one that
-# does not spill on sm_90a nor sm_80 (ptxas, bf16). Configs whose tiles spill with sm_80's mma.sync are hopper-only.
-hopper_only_configs(WIDE_CONFIGS, (1, 2, 3, 4))
+# does not spill on sm_90a nor sm_80 (ptxas, bf16, native grid; with descriptors the wide one holds 128 registers
+# on sm_90a: 2 CTAs per SM). Configs whose tiles spill with sm_80's mma.sync are hopper-only.
+hopper_only_configs(WIDE_CONFIGS, (1, 2, 3, 4, 5, 6))
 hopper_only_configs(NARROW_CONFIGS, (3,))
 
 
