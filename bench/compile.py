@@ -65,10 +65,13 @@ def _problems() -> dict:
         problems[name] = Problem(name, w.batch, w.frames, w.hw, w.cs, w.ct)
     tsa = problems["tsa-grid"]
     problems["tsa-grid-c64"] = dataclasses.replace(tsa, name="tsa-grid-c64", cs=64, ct=64)
+    # Wan2.1 at 480 x 832 x 81 frames: 21 x 60 x 104 latents, patch (1, 2, 2) -> 21 x 30 x 52 = 32,760 tokens.
+    native = problems["cogvideox-native"]
+    problems["wan-480p"] = dataclasses.replace(native, name="wan-480p", frames=21, hw=30 * 52)
     return problems
 
 
-PRESET_NAMES = ("tsa-grid", "cogvideox-native", "tsa-grid-c64")
+PRESET_NAMES = ("tsa-grid", "cogvideox-native", "wan-480p", "tsa-grid-c64")
 
 
 def discover_kernels() -> list:

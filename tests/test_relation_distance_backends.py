@@ -202,6 +202,23 @@ def test_torch_native_cogvideox_size_memory_stays_far_below_one_similarity_matri
 # ---- Triton backend ---------------------------------------------------------------------------------------
 
 
+def test_key_splits_fill_the_last_wave():
+    """At the native grid (138 query tiles of 128 on 132 SMs) two splits would run 2.09 waves, i.e. three at half
+    the work each; the plan takes the fewest splits within 2 % of the best wave-rounded time."""
+    import math
+
+    from stss_kernels.ops.relation_distance.triton_backend import forward
+
+    def time(splits, programs=138, sms=132):
+        return math.ceil(programs * splits / sms) / splits
+
+    splits = forward.plan_key_splits(1, 17550, 13, "full", 132)
+    assert splits == 13 and time(splits) <= 1.02 * min(time(s) for s in range(1, 18)) < time(2) == 1.5
+    assert all(time(s) > 1.02 * min(time(s) for s in range(1, 18)) for s in range(1, splits))
+    assert forward.plan_key_splits(1, 17550, 13, "spatial", 132) == 2  # 2 HW keys: 2 runs of >= 1,024
+    assert forward.plan_key_splits(4, 3600, 24, "full", 132) == 1  # 116 query tiles: one wave already
+
+
 @pytest.fixture(params=["one_split", "key_splits"])
 def key_split(request, monkeypatch):
     """Run the forward with one program per query tile, or with the keys split across several programs."""

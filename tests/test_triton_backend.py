@@ -66,6 +66,7 @@ def backward_path(request, monkeypatch):
         (2, 3, 7, 5, 12),  # frame smaller than a key tile
         (2, 3, 20, 37, 12),  # frame spans two key tiles; student channels span two chunks
         (1, 1, 23, 6, 9),  # frames=1: one softmax over the whole clip
+        (2, 3, 23, 40, 36),  # 16-byte rows: the wide forward loads through tensor descriptors (zero-filled edges)
     ],
 )
 def test_fp32_matches_fp64_reference(batch, frames, hw, cs, ct, backward_path):
@@ -92,7 +93,9 @@ def test_half_precision_no_worse_than_pytorch(dtype, upstream_kind, backward_pat
     "mean" is the upstream gradient of reduction="mean", 1 / (B N): tiny dL/dS entries that must not
     underflow when the kernels round them to the input dtype.
     """
-    for batch, frames, hw, cs, ct in [(2, 3, 20, 12, 37)] if not CUDA else GPU_HALF_SHAPES:
+    # The second CPU shape has 16-byte rows: the wide forward's tensor-descriptor loads.
+    cpu_shapes = [(2, 3, 20, 12, 37), (2, 3, 23, 24, 40)]
+    for batch, frames, hw, cs, ct in cpu_shapes if not CUDA else GPU_HALF_SHAPES:
         tokens = frames * hw
         student, teacher = _unit_pair(batch, tokens, cs, ct, dtype, 3)
         if upstream_kind == "mean":
@@ -107,6 +110,15 @@ def test_half_precision_no_worse_than_pytorch(dtype, upstream_kind, backward_pat
         for name, ours, theirs, expected in zip(("kl", "grad student", "grad teacher"), triton_out, pytorch_out, truth):
             tol = 2e-3 * expected.abs().max().item()
             assert max_error(ours, expected) <= max_error(theirs, expected) + tol, (name, cs)
+
+
+def test_wide_forward_takes_descriptors_only_for_aligned_unmasked_rows(monkeypatch):
+    monkeypatch.setattr(forward, "NARROW_CHANNELS", 0)
+    assert forward.forward_constants(40, 36, False, torch.float32)["DESCRIPTORS"]
+    assert forward.forward_constants(768, 768, False, torch.bfloat16)["DESCRIPTORS"]
+    assert not forward.forward_constants(768, 768, True, torch.bfloat16)["DESCRIPTORS"]  # gathered query rows
+    assert not forward.forward_constants(37, 12, False, torch.float32)["DESCRIPTORS"]  # 148-byte rows
+    assert not forward.forward_constants(12, 20, False, torch.float16)["DESCRIPTORS"]  # 24-byte rows
 
 
 def test_zero_weight_rows_are_skipped_and_exact_elsewhere(backward_path):

@@ -91,3 +91,35 @@ def gram_tile(
             targets = targets.to(tl.float32)
         acc = tl.dot(queries, tl.trans(targets), acc, input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def accumulate_gram(
+    acc,
+    ptr,
+    rows,
+    keys,
+    row_valid,
+    key_valid,
+    num_channels,
+    NEGATE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """acc + x[rows] @ x[keys]^T (acc - ... when NEGATE: the key rows' sign flipped, exact in any dtype), reduced
+    over the channels in BLOCK_K chunks. Two calls give [s | t] [s | -t]^T = S - T in one fp32 accumulator."""
+    row_ptrs = ptr + rows[:, None] * num_channels
+    key_ptrs = ptr + keys[:, None] * num_channels
+    for k in range(0, num_channels, BLOCK_K):
+        cols = k + tl.arange(0, BLOCK_K)
+        col_valid = (cols < num_channels)[None, :]
+        queries = tl.load(row_ptrs + cols[None, :], mask=row_valid[:, None] & col_valid, other=0.0)
+        targets = tl.load(key_ptrs + cols[None, :], mask=key_valid[:, None] & col_valid, other=0.0)
+        if NEGATE:
+            targets = -targets
+        if UPCAST:
+            queries = queries.to(tl.float32)
+            targets = targets.to(tl.float32)
+        acc = tl.dot(queries, tl.trans(targets), acc, input_precision=PRECISION)
+    return acc

@@ -189,7 +189,8 @@ def aot_kernels() -> list[AotKernel]:
     fn, configs = _autotuned(forward._relation_distance_forward_kernel)
     for variant in VARIANTS:
         kernels.append(
-            AotKernel(OP, "forward", variant, fn, configs, forward_arguments(variant), forward_model(variant))
+            AotKernel(OP, "forward", variant, fn, forward.forward_configs(variant), forward_arguments(variant),
+                      forward_model(variant))
         )
     fn, configs = _autotuned(backward._relation_distance_grad_kernel)
     passes = (("column", True, False), ("row", False, False), ("symmetric-row", False, True))

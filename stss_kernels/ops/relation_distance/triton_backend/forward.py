@@ -11,23 +11,38 @@ from stss_kernels._core.tiles import DOT_PRECISION, autotune_configs, num_querie
 from stss_kernels._core.tuning import hopper_only_configs, shape_class, tuned_kernel
 from stss_kernels.ops.relation_distance.triton_backend.tiles import VARIANT_IDS, gap_tile, pair_tile, paired_key_range
 
-# python -m bench.compile (bf16): 128 x 128 spilled on sm_90a (spatial / temporal pairs) and was dropped;
-# 128 x 32 and 64 x 32 x 128 spill on sm_80 only: timed on Hopper only.
+# S - T is one fp32 accumulator ([s | t] [s | -t]^T), so 128 x 256 tiles fit for all pairs on sm_90a: ~85 FLOP per
+# byte of L2 traffic against ~43 at 128 x 64. python -m bench.compile (bf16): the first config (the untuned default)
+# spills on neither sm_90a nor sm_80 at tsa-grid and cogvideox-native; 128 x 256 and 128 x 128 spill on sm_80 at
+# one of them (and 128 x 256 fp32 exceeds its shared memory): timed on Hopper only.
 FORWARD_CONFIGS = hopper_only_configs(
     autotune_configs(
         [
             (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), 8, 3),
-            (dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64), 4, 3),
+            (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32), 8, 4),
+            (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), 8, 3),
+            (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3),
             (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3),
-            (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128), 4, 4),
             (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), 8, 4),
         ],
         dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32),
     ),
-    (1, 3),
+    (1, 2, 3),
+)
+# Spatial and temporal pairs also hold the tile of (row frame == key frame): 128 x 256 spills 0.7-1.4 KB and
+# 128 x 128 64 B on sm_90a there.
+PAIRED_FORWARD_CONFIGS = autotune_configs(
+    [
+        (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), 8, 3),
+        (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4, 3),
+        (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), 8, 4),
+    ],
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32),
 )
 # A program walks at least this many keys: splitting the keys further costs more partial sums than it gains.
 MIN_KEYS_PER_SPLIT = 1024
+# Relative time a smaller split count may lose to the best one (fewer partial sums, fewer pipeline starts).
+SPLIT_SLACK = 0.02
 # Query-tile size the split count is planned with (the autotuned BLOCK_M is 64 or 128).
 PLANNED_BLOCK_M = 128
 
@@ -91,6 +106,14 @@ def _relation_distance_forward_kernel(
 FORWARD = tuned_kernel(
     "relation_distance.forward", _relation_distance_forward_kernel.fn, _relation_distance_forward_kernel.configs
 )
+PAIRED_FORWARD = tuned_kernel(
+    "relation_distance.forward.paired", _relation_distance_forward_kernel.fn, PAIRED_FORWARD_CONFIGS
+)
+
+
+def forward_configs(variant: str) -> list:
+    """The launch-config list of the forward for `variant` ("full", "spatial" or "temporal")."""
+    return (FORWARD if variant == "full" else PAIRED_FORWARD).configs
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -98,12 +121,16 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def plan_key_splits(batch: int, num_tokens: int, frames: int, variant: str, multiprocessors: int) -> int:
-    """Key runs per query tile: enough programs for two waves of `multiprocessors`, at least MIN_KEYS_PER_SPLIT
-    keys each."""
+    """Key runs per query tile: the count whose programs fill their waves best, at least MIN_KEYS_PER_SPLIT keys
+    each. With P query programs and s runs each, the forward takes ceil(P s / multiprocessors) waves of 1 / s of
+    a query tile's keys; the fewest runs within SPLIT_SLACK of the shortest such time win (a partial last wave,
+    e.g. 2.09 waves at P = 138 and s = 2 on 132 SMs, costs as much as a full one)."""
     span = min(num_tokens, 2 * (num_tokens // frames)) if variant == "spatial" else num_tokens
     query_programs = batch * triton.cdiv(num_tokens, PLANNED_BLOCK_M)
-    wanted = triton.cdiv(2 * multiprocessors, query_programs)
-    return max(1, min(wanted, span // MIN_KEYS_PER_SPLIT))
+    candidates = range(1, max(1, span // MIN_KEYS_PER_SPLIT) + 1)
+    time = {splits: triton.cdiv(query_programs * splits, multiprocessors) / splits for splits in candidates}
+    shortest = min(time.values())
+    return min(splits for splits in candidates if time[splits] <= shortest * (1 + SPLIT_SLACK))
 
 
 def key_splits(batch: int, num_tokens: int, frames: int, variant: str, device: torch.device) -> int:
@@ -136,7 +163,7 @@ def relation_distance_forward(
     )  # fmt: skip
     key = shape_class(tokens=num_tokens, hw=num_tokens // frames, channels=(channels_s, teacher.shape[-1]),
                       dtype=student.dtype, masked=has_index, variant=variant, splits=splits)  # fmt: skip
-    FORWARD(
+    (FORWARD if variant == "full" else PAIRED_FORWARD)(
         lambda blocks: (triton.cdiv(num_tokens, blocks["BLOCK_M"]), splits, batch),
         key,
         arguments,

@@ -19,7 +19,7 @@ from stss_kernels._core.backends import triton_interpreting
 from stss_kernels._core.chunking import rows_per_chunk
 from stss_kernels._core.library import host_sync_allowed
 from stss_kernels._core.tiles import DOT_PRECISION, autotune_configs, query_rows
-from stss_kernels._core.tuning import shape_class, tuned_kernel
+from stss_kernels._core.tuning import hopper_only_configs, shape_class, tuned_kernel
 from stss_kernels.ops.relation_distance.triton_backend.tiles import SPATIAL, TEMPORAL, VARIANT_IDS, sign_tile
 
 # Bytes per (row, key) entry of a chunk, in units of the features' itemsize: the sign block, its transpose's
@@ -35,6 +35,7 @@ SIGN_BLOCK_CONFIGS = autotune_configs(
     ],
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32),
 )
+hopper_only_configs(SIGN_BLOCK_CONFIGS, (3,))  # spills on sm_80 for spatial / temporal pairs (native grid)
 
 
 @triton.autotune(configs=SIGN_BLOCK_CONFIGS, key=["N", "HW", "Cs", "Ct", "VARIANT", "HAS_INDEX"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from stss_kernels._core.tiles import gram_tile
+from stss_kernels._core.tiles import accumulate_gram
 
 # The variant as a kernel constexpr.
 VARIANT_IDS = {"full": 0, "spatial": 1, "temporal": 2}
@@ -54,10 +54,10 @@ def gap_tile(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """fp32 S - T on a (rows, keys) tile."""
-    gram_s = gram_tile(student_ptr, rows, keys, row_valid, key_valid, Cs, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
-    gram_t = gram_tile(teacher_ptr, rows, keys, row_valid, key_valid, Ct, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
-    return gram_s - gram_t
+    """fp32 S - T on a (rows, keys) tile, as [s | t] [s | -t]^T: one accumulator for both sides' channels."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = accumulate_gram(acc, student_ptr, rows, keys, row_valid, key_valid, Cs, False, BLOCK_K, UPCAST, PRECISION)
+    return accumulate_gram(acc, teacher_ptr, rows, keys, row_valid, key_valid, Ct, True, BLOCK_K, UPCAST, PRECISION)
 
 
 @triton.jit

@@ -56,7 +56,7 @@ def forward_arguments(narrow: bool):
         problem = _as_launched(problem, narrow)
         stats = Pointer(torch.float32)
         index = Pointer(torch.int32) if masked else stats
-        constants = forward.forward_constants(problem.cs, problem.ct, masked)
+        constants = forward.forward_constants(problem.cs, problem.ct, masked, dtype)
         constants["UPCAST"] = False
         return dict(
             student_ptr=Pointer(dtype), teacher_ptr=Pointer(dtype), index_ptr=index, count_ptr=index, stats_ptr=stats,
@@ -162,7 +162,9 @@ def similarity_grad_arguments(for_teacher: bool):
             student_ptr=Pointer(dtype), teacher_ptr=Pointer(dtype), stats_ptr=fp32, row_grad_ptr=fp32,
             index_ptr=index, count_ptr=index, out_ptr=Pointer(dtype), **_sizes(problem), frames=problem.frames,
             **_SCALES, chunk_start=0, chunk_rows=_chunks(problem, dtype)[0],
-            FOR_TEACHER=for_teacher, HAS_INDEX=masked, UPCAST=False, PRECISION=DOT_PRECISION,
+            block_stride=backward.block_stride(problem.tokens),
+            FOR_TEACHER=for_teacher, HAS_INDEX=masked, HALF_TILES=dtype.itemsize == 2, UPCAST=False,
+            PRECISION=DOT_PRECISION,
         )  # fmt: skip
 
     return arguments
@@ -204,7 +206,8 @@ def product_arguments(row_kernel: bool, for_teacher: bool):
         values = dict(
             block_ptr=Pointer(dtype), features_ptr=Pointer(dtype), index_ptr=index, count_ptr=index, grad_ptr=fp32,
             N=problem.tokens, C=problem.ct if for_teacher else problem.cs, chunk_start=0,
-            chunk_rows=_chunks(problem, dtype)[0], UPCAST=False, PRECISION=DOT_PRECISION,
+            chunk_rows=_chunks(problem, dtype)[0], block_stride=backward.block_stride(problem.tokens), UPCAST=False,
+            PRECISION=DOT_PRECISION,
         )  # fmt: skip
         if not row_kernel:
             values.update(HAS_INDEX=masked, ACCUMULATE=False)

@@ -51,19 +51,20 @@ COLUMN_CONFIGS = hopper_only_configs(
     ),
     (1, 2, 3),
 )
+# The first row-pass config takes wgmma on sm_90a (64 rows; 32-row tiles compile to mma.sync only) and spills on
+# neither arch at the native grid (N = 17,550), masked or not.
 ROW_CONFIGS = hopper_only_configs(
     autotune_configs(
         [
-            (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_TAIL=16), 4, 3),
+            (dict(BLOCK_M=64, BLOCK_N=16, BLOCK_TAIL=16), 4, 2),
             (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_TAIL=16), 4, 2),
-            (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_TAIL=16), 4, 4),
             (dict(BLOCK_M=128, BLOCK_N=32, BLOCK_TAIL=16), 8, 3),
             (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_TAIL=32), 4, 2),
             (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_TAIL=32), 8, 3),
         ],
         dict(BLOCK_M=16, BLOCK_N=16, BLOCK_TAIL=8),
     ),
-    (1, 2, 3, 4, 5),
+    (1, 2, 3, 4),
 )
 SIMILARITY_GRAD_CONFIGS = autotune_configs(
     [
@@ -84,6 +85,9 @@ PRODUCT_CONFIGS = autotune_configs(
     ],
     dict(BLOCK_M=16, BLOCK_D=32, BLOCK_K=16),
 )
+hopper_only_configs(PRODUCT_CONFIGS, (1,))  # BLOCK_D 256 spills on sm_80 (mma.sync)
+# Elements the rows of the wide backward's block of G are aligned to (64 x 2 bytes: 128-byte rows).
+BLOCK_STRIDE_ALIGN = 64
 # The row product gathers kept rows (int64 offsets): wider tiles spill there (ptxas, sm_90a, bf16).
 ROW_PRODUCT_CONFIGS = autotune_configs(
     [
@@ -299,15 +303,18 @@ def _similarity_grad_kernel(
     scale_t,
     chunk_start,
     chunk_rows,
+    block_stride,
     FOR_TEACHER: tl.constexpr,
     HAS_INDEX: tl.constexpr,
+    HALF_TILES: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """out (B, chunk_rows, N) in the input dtype: G of the kept query positions chunk_start .. + chunk_rows.
+    """out (B, chunk_rows, N) in the input dtype, rows block_stride apart: G of the kept query positions
+    chunk_start .. + chunk_rows.
 
     Program (row tile of the chunk, key tile of one frame, video). Rows past the video's kept count are not
     written (the product kernels stop at the count).
@@ -328,11 +335,11 @@ def _similarity_grad_kernel(
         if tl.max((row_grad != 0).to(tl.int32), axis=0) > 0:
             grad = similarity_grad_tile(
                 student_ptr + b * N * Cs, teacher_ptr + b * N * Ct, stats_ptr + b * frames * NUM_STATS * N, rows,
-                keys, row_valid, key_valid, row_grad, frame, N, Cs, Ct, scale_s, scale_t, FOR_TEACHER, UPCAST,
-                PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                keys, row_valid, key_valid, row_grad, frame, N, Cs, Ct, scale_s, scale_t, FOR_TEACHER, HALF_TILES,
+                UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
         local = (local_start + tl.arange(0, BLOCK_M)).to(tl.int64)
-        offsets = (b * chunk_rows + local)[:, None] * N + keys[None, :]
+        offsets = (b * chunk_rows + local)[:, None] * block_stride + keys[None, :]
         tl.store(out_ptr + offsets, grad.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & key_valid[None, :])
 
 
@@ -347,6 +354,7 @@ def _dual_product_kernel(
     C,
     chunk_start,
     chunk_rows,
+    block_stride,
     HAS_INDEX: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -358,9 +366,9 @@ def _dual_product_kernel(
     """grad[T, D] (+)= G[:, T]^T x[rows, D] (+ G[T, :] x[:, D] without HAS_INDEX) for one chunk's block G.
 
     Program (channel tile D, token tile T, video); channel tiles fastest so the programs sharing a strip of G
-    run together. block (B, chunk_rows, N); its rows are the kept positions chunk_start .. (query tokens
-    themselves without HAS_INDEX). fp32 accumulation in registers; one store (a load-add-store after the
-    first chunk).
+    run together. block (B, chunk_rows, N), rows block_stride apart; its rows are the kept positions
+    chunk_start .. (query tokens themselves without HAS_INDEX). fp32 accumulation in registers; one store (a
+    load-add-store after the first chunk).
     """
     b = tl.program_id(2).to(tl.int64)
     count = num_queries(count_ptr, b, N, HAS_INDEX)
@@ -369,7 +377,7 @@ def _dual_product_kernel(
     token_valid = tokens < N
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_valid = cols < C
-    block_ptr += b * chunk_rows * N
+    block_ptr += b * chunk_rows * block_stride
     features_ptr += b * N * C
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if rows_here > 0:
@@ -377,7 +385,7 @@ def _dual_product_kernel(
             local = local_start + tl.arange(0, BLOCK_K)
             rows, row_valid = query_rows(index_ptr + b * N, chunk_start + rows_here, chunk_start + local_start,
                                          BLOCK_K, HAS_INDEX)  # fmt: skip
-            block_t = tl.load(block_ptr + local.to(tl.int64)[:, None] * N + tokens[None, :],
+            block_t = tl.load(block_ptr + local.to(tl.int64)[:, None] * block_stride + tokens[None, :],
                               mask=row_valid[:, None] & token_valid[None, :], other=0.0)  # fmt: skip
             sources = tl.load(features_ptr + rows[:, None] * C + cols[None, :],
                               mask=row_valid[:, None] & col_valid[None, :], other=0.0)  # fmt: skip
@@ -392,7 +400,7 @@ def _dual_product_kernel(
                 for key_start in range(0, N, BLOCK_K):
                     keys = key_start + tl.arange(0, BLOCK_K)
                     key_valid = keys < N
-                    block = tl.load(block_ptr + local_rows.to(tl.int64)[:, None] * N + keys[None, :],
+                    block = tl.load(block_ptr + local_rows.to(tl.int64)[:, None] * block_stride + keys[None, :],
                                     mask=in_chunk[:, None] & key_valid[None, :], other=0.0)  # fmt: skip
                     targets = tl.load(features_ptr + keys.to(tl.int64)[:, None] * C + cols[None, :],
                                       mask=key_valid[:, None] & col_valid[None, :], other=0.0)  # fmt: skip
@@ -420,6 +428,7 @@ def _row_product_kernel(
     C,
     chunk_start,
     chunk_rows,
+    block_stride,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -437,13 +446,13 @@ def _row_product_kernel(
                                      BLOCK_M, True)  # fmt: skip
         cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         col_valid = cols < C
-        block_ptr += b * chunk_rows * N
+        block_ptr += b * chunk_rows * block_stride
         features_ptr += b * N * C
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for key_start in range(0, N, BLOCK_K):
             keys = key_start + tl.arange(0, BLOCK_K)
             key_valid = keys < N
-            block = tl.load(block_ptr + local.to(tl.int64)[:, None] * N + keys[None, :],
+            block = tl.load(block_ptr + local.to(tl.int64)[:, None] * block_stride + keys[None, :],
                             mask=row_valid[:, None] & key_valid[None, :], other=0.0)  # fmt: skip
             targets = tl.load(features_ptr + keys.to(tl.int64)[:, None] * C + cols[None, :],
                               mask=key_valid[:, None] & col_valid[None, :], other=0.0)  # fmt: skip
@@ -473,7 +482,14 @@ def narrow_constants(channels_s: int, channels_t: int, for_teacher: bool) -> dic
 
 def chunk_rows(batch: int, num_tokens: int, dtype: torch.dtype) -> int:
     """Kept positions per chunk: the (B, rows, N) block of G in the input dtype within CHUNK_BUDGET_BYTES."""
-    return rows_per_chunk(num_tokens, dtype.itemsize * batch)
+    return rows_per_chunk(block_stride(num_tokens), dtype.itemsize * batch)
+
+
+def block_stride(num_tokens: int) -> int:
+    """Row stride (elements) of the block of G: N rounded up to BLOCK_STRIDE_ALIGN, so that every row starts on
+    a 128-byte boundary and the product kernels load G in 16-byte vectors at any N (N = 17,550 is not a multiple
+    of 8: an unpadded row stride makes the compiler fall back to one 2-byte load per element)."""
+    return -(-num_tokens // BLOCK_STRIDE_ALIGN) * BLOCK_STRIDE_ALIGN
 
 
 def tempered_kl_feature_grad(
@@ -530,7 +546,8 @@ def tempered_kl_feature_grad(
 
     channels = features.shape[-1]
     step = chunk_rows(batch, num_tokens, features.dtype)
-    block = torch.empty(batch, min(step, num_tokens), num_tokens, dtype=features.dtype, device=features.device)
+    stride = block_stride(num_tokens)
+    block = torch.empty(batch, min(step, num_tokens), stride, dtype=features.dtype, device=features.device)
     similarity_key = shape_class(**key, masked=has_index, teacher=for_teacher)
     channel_tiles = lambda blocks: triton.cdiv(channels, blocks["BLOCK_D"])
     key_tiles = lambda blocks: frames * triton.cdiv(hw, blocks["BLOCK_N"])
@@ -542,13 +559,13 @@ def tempered_kl_feature_grad(
             dict(
                 student_ptr=student, teacher_ptr=teacher, stats_ptr=stats, row_grad_ptr=scaled_row_grad,
                 index_ptr=index, count_ptr=count, out_ptr=block, **sizes, frames=frames, **scales,
-                chunk_start=start, chunk_rows=block.shape[1],
+                chunk_start=start, chunk_rows=block.shape[1], block_stride=stride,
             ),
-            dict(FOR_TEACHER=for_teacher, HAS_INDEX=has_index, **common),
+            dict(FOR_TEACHER=for_teacher, HAS_INDEX=has_index, HALF_TILES=features.dtype.itemsize == 2, **common),
         )  # fmt: skip
         products = dict(
             block_ptr=block, features_ptr=features, index_ptr=index, count_ptr=count, grad_ptr=grad, N=num_tokens,
-            C=channels, chunk_start=start, chunk_rows=block.shape[1],
+            C=channels, chunk_start=start, chunk_rows=block.shape[1], block_stride=stride,
         )  # fmt: skip
         product_key = shape_class(
             tokens=num_tokens, hw=hw, channels=(channels,), dtype=features.dtype, masked=has_index,

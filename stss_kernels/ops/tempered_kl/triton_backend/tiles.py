@@ -1,4 +1,4 @@
-"""Tempered-KL tile helpers: the logit tiles of both sides, the saved statistics' slots, dL/dS on a tile."""
+"""Tempered-KL tile helpers: the saved statistics' slots and dL/dS on a tile."""
 
 from __future__ import annotations
 
@@ -20,30 +20,6 @@ LOGIT_FLOOR: tl.constexpr = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def logit_tiles(
-    student_ptr,
-    teacher_ptr,
-    rows,
-    keys,
-    row_valid,
-    key_valid,
-    Cs,
-    Ct,
-    scale_s,
-    scale_t,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Student and teacher logits S/tau_s and T/tau_t of a (rows, keys) tile, in base-2 units (x log2 e)."""
-    gram_s = gram_tile(student_ptr, rows, keys, row_valid, key_valid, Cs, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
-    gram_t = gram_tile(teacher_ptr, rows, keys, row_valid, key_valid, Ct, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
-    return gram_s * scale_s, gram_t * scale_t
-
-
-@triton.jit
 def similarity_grad_tile(
     student_ptr,
     teacher_ptr,
@@ -60,6 +36,7 @@ def similarity_grad_tile(
     scale_s,
     scale_t,
     FOR_TEACHER: tl.constexpr,
+    HALF_TILES: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -68,23 +45,34 @@ def similarity_grad_tile(
 ):
     """fp32 dL/dS (dL/dT when FOR_TEACHER) on a (rows, keys) tile whose keys all lie in `frame`.
 
-    row_grad already holds g_i / F / tau_s (ln2 * g_i / F / tau_t for the teacher).
+    row_grad already holds g_i / F / tau_s (ln2 * g_i / F / tau_t for the teacher). The teacher's Gram tile is
+    computed first and reduced to what the gradient needs of it, P_t (and P_t (x_t - max_t - E) for the
+    teacher), rounded to fp16 when HALF_TILES (the tile is then stored in a 16-bit dtype anyway); the student's
+    tile is accumulated after, so one fp32 (BLOCK_M, BLOCK_N) accumulator is live at a time.
     """
-    logits_s, logits_t = logit_tiles(
-        student_ptr, teacher_ptr, rows, keys, row_valid, key_valid, Cs, Ct, scale_s, scale_t,
-        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
-    )  # fmt: skip
     frame_stats = stats_ptr + tl.cast(frame, tl.int64) * NUM_STATS * N + rows
     max_t = tl.load(frame_stats + STAT_MAX_T * N, mask=row_valid, other=0.0)
     inv_sum_t = tl.load(frame_stats + STAT_INV_SUM_T * N, mask=row_valid, other=0.0)
     max_s = tl.load(frame_stats + STAT_MAX_S * N, mask=row_valid, other=0.0)
-    centred_t = logits_t - max_t[:, None]
-    centred_s = logits_s - max_s[:, None]
+    gram_t = gram_tile(teacher_ptr, rows, keys, row_valid, key_valid, Ct, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+    centred_t = gram_t * scale_t - max_t[:, None]
     prob_t = tl.exp2(centred_t) * inv_sum_t[:, None]
     if FOR_TEACHER:
         expected_gap = tl.load(frame_stats + STAT_GAP * N, mask=row_valid, other=0.0)
-        grad = prob_t * (centred_t - centred_s - expected_gap[:, None])
+        # dL/dT = P_t ((x_t - max_t) - (x_s - max_s) - E): the teacher-only part now, P_t (x_s - max_s) later.
+        teacher_part = prob_t * (centred_t - expected_gap[:, None])
+        if HALF_TILES:
+            teacher_part = teacher_part.to(tl.float16)
+            prob_t = prob_t.to(tl.float16)
+        gram_s = gram_tile(student_ptr, rows, keys, row_valid, key_valid, Cs, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST,
+                           PRECISION)  # fmt: skip
+        centred_s = gram_s * scale_s - max_s[:, None]
+        grad = teacher_part.to(tl.float32) - prob_t.to(tl.float32) * centred_s
     else:
+        if HALF_TILES:
+            prob_t = prob_t.to(tl.float16)
         inv_sum_s = tl.load(frame_stats + STAT_INV_SUM_S * N, mask=row_valid, other=0.0)
-        grad = tl.exp2(centred_s) * inv_sum_s[:, None] - prob_t
+        gram_s = gram_tile(student_ptr, rows, keys, row_valid, key_valid, Cs, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST,
+                           PRECISION)  # fmt: skip
+        grad = tl.exp2(gram_s * scale_s - max_s[:, None]) * inv_sum_s[:, None] - prob_t.to(tl.float32)
     return tl.where(key_valid[None, :] & row_valid[:, None], grad * row_grad[:, None], 0.0)
