@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from tsa.models import get_family
 from tests.tsa_helpers import QUIET, train_cli
+from tsa.models import get_family
 
 
 def test_cogvideox_image_condition_is_the_pipelines(tmp_path):

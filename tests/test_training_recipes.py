@@ -149,8 +149,9 @@ def test_mean_latents_are_the_normalised_posterior_mean_and_deterministic(family
     # the normalisation written out from each pipeline's formula, in float64
     if family == "wan":
         shape = (1, -1, 1, 1, 1)
-        expected = (mean.double() - torch.tensor(config["latents_mean"], dtype=torch.float64).view(shape)) / torch.tensor(
-            config["latents_std"], dtype=torch.float64).view(shape)
+        latents_mean = torch.tensor(config["latents_mean"], dtype=torch.float64).view(shape)
+        latents_std = torch.tensor(config["latents_std"], dtype=torch.float64).view(shape)
+        expected = (mean.double() - latents_mean) / latents_std
     else:
         expected = mean.double() * config["scaling_factor"]
     expected = expected.permute(0, 2, 1, 3, 4)
@@ -166,7 +167,11 @@ def test_mean_latents_are_the_normalised_posterior_mean_and_deterministic(family
 # ----------------------------------------------------------------------------------- --frame-sampling fps
 @pytest.mark.parametrize(
     "source_fps, expected",  # nearest source frame to i / 16 s, written out by hand
-    [(24, [0, 2, 3, 5, 6, 8, 9, 11, 12]), (30, [0, 2, 4, 6, 8, 9, 11, 13, 15]), (60, [0, 4, 8, 11, 15, 19, 23, 26, 30])],
+    [
+        (24, [0, 2, 3, 5, 6, 8, 9, 11, 12]),
+        (30, [0, 2, 4, 6, 8, 9, 11, 13, 15]),
+        (60, [0, 4, 8, 11, 15, 19, 23, 26, 30]),
+    ],
 )
 def test_fps_sampling_picks_the_nearest_frames_at_the_target_rate(source_fps, expected):
     from tsa.training.data import clip_frame_indices
@@ -207,7 +212,7 @@ def test_read_video_at_a_target_fps_decodes_those_frames(source_fps, expected, t
 
 
 def test_a_clip_too_short_for_the_request_is_refused_by_name(tmp_path):
-    from tsa.training.data import ClipTooShortError, VideoCaptionDataset, VideoCaption, read_video
+    from tsa.training.data import ClipTooShortError, VideoCaption, VideoCaptionDataset, read_video
 
     clip = grey_clip(tmp_path / "short.mp4", 10, 24)  # 9 frames at 16 fps need 13 frames at 24 fps
     with pytest.raises(ClipTooShortError, match="short.mp4 is too short: 9 frames at 16 fps need 13"):

@@ -11,6 +11,7 @@ import torch
 
 from tsa.errors import UsageError
 
+
 class UndecodableVideoWarning(UserWarning):
     """A video was skipped because it could not be decoded."""
 
