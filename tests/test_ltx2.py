@@ -1,0 +1,215 @@
+"""LTX-2 (tsa.models.ltx2) on tiny random models of the real diffusers / transformers classes: the video-only
+objective, the latent normalisation, the prompt conditioning as LTX2Pipeline builds it, the training sigmas, LoRA
+in the pipeline's loader format."""
+
+import math
+
+import pytest
+import torch
+
+from tsa.models.ltx2 import LTX2Family, pack_latents, stretched_logit_normal, vae_latent_statistics
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = LTX2Family().save_tiny_pipeline(tmp_path_factory.mktemp("ltx2") / "ltx2", num_layers=3)
+    family = LTX2Family.from_model_path(path)
+    return {"path": path, "family": family, "pipe": diffusers.LTX2Pipeline.from_pretrained(path)}
+
+
+def _latents(batch=2, frames=3, height=4, width=6, channels=4, seed=0):
+    """Latents (B, F, C, h, w) with h != w, and connector-width prompts of 32 tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, frames, channels, height, width, generator=generator, dtype=torch.float64).float()
+    prompt = torch.randn(batch, 32, 16, generator=generator)
+    return latents, prompt
+
+
+def _tokens(latents):
+    """(B, F, C, h, w) -> (B, F*h*w, C), tokens frame-major then row-major (patch size 1), written out."""
+    batch, frames, channels, height, width = latents.shape
+    return latents.permute(0, 1, 3, 4, 2).reshape(batch, frames * height * width, channels)
+
+
+def test_folder_configures_the_family(tiny):
+    family = tiny["family"]
+    vae = tiny["pipe"].vae
+    assert (family.temporal_compression, family.spatial_multiple) == (4, 16)
+    assert family.latents_mean == pytest.approx(vae.latents_mean.tolist())
+    assert family.latents_std == pytest.approx(vae.latents_std.tolist())
+    assert vae_latent_statistics(tiny["path"] / "vae")[1] == pytest.approx(vae.latents_std.tolist())
+    released = dict(  # LTX-2's video VAE (diffusers scripts/convert_ltx2_to_diffusers.py, version 2.0)
+        patch_size=4, patch_size_t=1, spatio_temporal_scaling=(True, True, True, True),
+        spatial_compression_ratio=32, temporal_compression_ratio=8,
+    )
+    assert LTX2Family().vae_compression(released) == (8, 32)
+    assert LTX2Family().vae_compression({k: v for k, v in released.items() if "ratio" not in k}) == (16, 64)
+    assert LTX2Family().check_frames(49) is None and "8k+1" in LTX2Family().check_frames(48)
+
+
+def test_latents_are_the_normalised_posterior_mean(tiny):
+    family, vae = tiny["family"], tiny["pipe"].vae
+    generator = torch.Generator().manual_seed(1)
+    latent_dist = torch.randn(2, 8, 3, 4, 6, generator=generator)
+    out = family.latents_from_distribution(latent_dist, dict(vae.config))
+    mean = latent_dist[:, :4].double()
+    expected = (mean - vae.latents_mean.double().view(1, -1, 1, 1, 1)) / vae.latents_std.double().view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(out.double(), expected.permute(0, 2, 1, 3, 4), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="from_model_path"):
+        LTX2Family().normalize_latents(mean, {})
+
+
+def test_prompt_embeddings_are_what_the_pipeline_gives_the_transformer(tiny):
+    family, pipe = tiny["family"], tiny["pipe"]
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.setdefault("call", kwargs)
+
+    hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        pipe("a red ball rolls", num_frames=5, height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
+             audio_guidance_scale=1.0, stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0,
+             audio_modality_scale=1.0, output_type="latent")
+    finally:
+        hook.remove()
+    entry = family.encode_prompts(pipe, ["a red ball rolls"])
+    torch.testing.assert_close(entry["prompt_embeds"], seen["call"]["encoder_hidden_states"])
+    torch.testing.assert_close(entry["prompt_attention_mask"].float(), seen["call"]["encoder_attention_mask"].float())
+    tokens = pipe.tokenizer(["a red ball rolls"], padding="max_length", max_length=1024).attention_mask
+    real = int(torch.tensor(tokens).sum())
+    # with learnable registers the connector moves the real tokens to the front
+    assert entry["prompt_mask"][0, :real].all() and not entry["prompt_mask"][0, real:].any()
+    assert entry["prompt_attention_mask"].all()
+
+
+def test_objective_is_rectified_flow_on_packed_tokens(tiny):
+    family, transformer = tiny["family"], tiny["pipe"].transformer
+    scheduler = family.load_scheduler(tiny["path"])
+    latents, prompt = _latents()
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2))
+    timesteps = torch.tensor([250.0, 900.0])
+    out = family.denoise_and_loss(transformer, scheduler, latents, prompt, timesteps=timesteps, noise=noise)
+
+    sigma = (timesteps / 1000).double().view(2, 1, 1)
+    clean, eps = _tokens(latents).double(), _tokens(noise).double()
+    noisy = (1 - sigma) * clean + sigma * eps
+    torch.testing.assert_close(_tokens(out["noisy_latents"]).double(), noisy, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # the transformer as LTX2Pipeline calls it, with an audio stream the video must ignore
+        velocity = transformer(
+            hidden_states=noisy.float(), audio_hidden_states=torch.randn(2, 5, 4),
+            encoder_hidden_states=prompt, audio_encoder_hidden_states=torch.randn(2, 32, 16),
+            timestep=timesteps, audio_timestep=timesteps, sigma=timesteps,
+            encoder_attention_mask=torch.ones(2, 32), audio_encoder_attention_mask=torch.ones(2, 32),
+            num_frames=3, height=4, width=6, fps=24.0, audio_num_frames=5, isolate_modalities=True,
+            return_dict=False,
+        )[0].double()
+    expected_loss = (velocity - (eps - clean)).pow(2).mean(dim=(1, 2)).mean()
+    torch.testing.assert_close(out["loss"].double(), expected_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_tokens(out["x0_pred"]).double(), noisy - sigma * velocity, rtol=1e-5, atol=1e-5)
+
+
+def test_first_frame_conditioning_keeps_frame_zero_clean_and_out_of_the_loss(tiny):
+    base, transformer = tiny["family"], tiny["pipe"].transformer
+    family = LTX2Family(first_frame_conditioning_p=1.0, latents_mean=base.latents_mean, latents_std=base.latents_std)
+    scheduler = family.load_scheduler(tiny["path"])
+    latents, prompt = _latents(seed=3)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
+    timesteps = torch.tensor([600.0, 600.0])
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.setdefault("t", kwargs["timestep"])
+
+    hook = transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        out = family.denoise_and_loss(transformer, scheduler, latents, prompt, timesteps=timesteps, noise=noise)
+    finally:
+        hook.remove()
+    first = 4 * 6  # tokens of latent frame 0
+    assert seen["t"].shape == (2, 3 * first)
+    assert (seen["t"][:, :first] == 0).all() and (seen["t"][:, first:] == 600).all()
+    torch.testing.assert_close(out["noisy_latents"][:, 0], latents[:, 0])
+    torch.testing.assert_close(out["x0_pred"][:, 0], latents[:, 0])
+    # the loss is the mean over the generated tokens only: moving frame 0's noise does not change it
+    other = noise.clone()
+    other[:, 0] += 5.0
+    again = family.denoise_and_loss(transformer, scheduler, latents, prompt, timesteps=timesteps, noise=other)
+    torch.testing.assert_close(again["loss"], out["loss"])
+
+
+def test_training_sigmas_follow_ltx_trainers_shifted_logit_normal(tiny):
+    scheduler = tiny["family"].load_scheduler(tiny["path"])
+    tokens = 7 * 17 * 30  # 960 x 544 x 49
+    mu = 0.95 + (2.05 - 0.95) / (4096 - 1024) * (tokens - 1024)
+    assert LTX2Family().sigma_shift_mu(scheduler, tokens) == pytest.approx(mu)
+    family = LTX2Family(uniform_prob=0.0)
+    sigmas = family.sample_sigmas(scheduler, 40000, tokens, "cpu", torch.Generator().manual_seed(0))
+    # CDF of sigma = (sigmoid(mu + n) - lo) / (hi - lo), n ~ N(0, 1), away from the reflection at eps
+    lo, hi = (1 / (1 + math.exp(-(mu + p))) for p in (-2.5758, 3.0902))
+    lo0, hi0 = (1 / (1 + math.exp(-p)) for p in (-2.5758, 3.0902))
+    for s in (0.1, 0.3, 0.5, 0.7, 0.9):
+        value = lo + s * (hi - lo)
+        cdf = 0.5 * (1 + math.erf((math.log(value / (1 - value)) - mu) / math.sqrt(2)))
+        assert float((sigmas <= s).double().mean()) == pytest.approx(cdf, abs=0.01)
+    assert 0 <= float(sigmas.min()) and float(sigmas.max()) <= 1
+    mixed = LTX2Family(uniform_prob=1.0).sample_sigmas(scheduler, 40000, tokens, "cpu", torch.Generator().manual_seed(1))
+    assert float((mixed <= 0.25).double().mean()) == pytest.approx(0.25, abs=0.01)
+    ranged = LTX2Family(timestep_range=(200, 400)).sample_timesteps(scheduler, 500, "cpu", num_tokens=tokens)
+    assert 200 <= float(ranged.min()) and float(ranged.max()) < 400
+    with pytest.raises(ValueError, match="num_tokens"):
+        LTX2Family().sample_timesteps(scheduler, 2, "cpu")
+    assert LTX2Family(shift=3.0).sigma_shift_mu(scheduler, tokens) == pytest.approx(math.log(3.0))
+    below = (1 / (1 + math.exp(3.0)) - lo0) / (hi0 - lo0)  # n = -3 lies below the 0.5th percentile
+    assert float(stretched_logit_normal(torch.tensor([-3.0]), 0.0, 1.0)) == pytest.approx(2e-3 - below)
+
+
+def test_lora_loads_with_the_pipelines_own_loader(tiny, tmp_path):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    family = tiny["family"]
+    transformer = family.load_transformer(tiny["path"])
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(family.default_lora_target_modules)))
+    names = [name for name, _ in transformer.named_parameters() if "lora_B" in name]
+    assert names and all(".attn1." in name or ".attn2." in name for name in names)  # the video stream only
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    family.save_lora_weights(tmp_path, get_peft_model_state_dict(transformer),
+                             transformer.peft_config["default"].to_dict())
+    pipe = diffusers.LTX2Pipeline.from_pretrained(tiny["path"])
+    pipe.load_lora_weights(tmp_path)
+    latents, prompt = _latents(batch=1, seed=6)
+    scheduler = family.load_scheduler(tiny["path"])
+    step = dict(timesteps=torch.tensor([500.0]), noise=torch.randn(latents.shape))
+    with torch.no_grad():
+        trained = family.denoise_and_loss(transformer, scheduler, latents, prompt, **step)["x0_pred"]
+        loaded = family.denoise_and_loss(pipe.transformer, scheduler, latents, prompt, **step)["x0_pred"]
+        base = family.denoise_and_loss(tiny["pipe"].transformer, scheduler, latents, prompt, **step)["x0_pred"]
+    torch.testing.assert_close(loaded, trained)
+    assert (loaded - base).abs().max() > 1e-4
+
+
+def test_pipeline_samples_from_the_tiny_folder(tiny):
+    frames = tiny["pipe"]("a blue cube slides", num_frames=9, height=64, width=96, num_inference_steps=2,
+                          output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 9, 64, 96, 3)
+
+
+def test_bad_options_are_refused():
+    for options, message in (
+        (dict(timestep_sampling="cosine"), "timestep_sampling"),
+        (dict(logit_std=0), "logit_std"),
+        (dict(uniform_prob=1.5), "uniform_prob"),
+        (dict(first_frame_conditioning_p=-0.1), "first_frame_conditioning_p"),
+        (dict(fps=0), "fps"),
+        (dict(shift=-1.0), "shift"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            LTX2Family(**options)
+    assert pack_latents(torch.zeros(1, 2, 4, 3, 5)).shape == (1, 30, 4)
