@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from tsa.choices import TIMESTEP_SAMPLING
-from tsa.models.base import ModelFamily, is_flow_scheduler, model_index, shift_sigmas
+from tsa.models.base import ModelFamily, is_flow_scheduler, model_index
 
 # ltx-trainer timestep_samplers.py: the standard-normal percentiles the stretched logit-normal maps to [0, 1].
 NORMAL_999_PERCENTILE = 3.0902
@@ -41,6 +41,7 @@ NORMAL_005_PERCENTILE = -2.5758
 VIDEO_ATTENTION_TARGETS = tuple(
     f"{attention}.{projection}" for attention in ("attn1", "attn2") for projection in ("to_k", "to_q", "to_v", "to_out.0")
 )
+PIPELINE_SIZE_MULTIPLE = 32  # LTX2Pipeline.check_inputs refuses other heights and widths, whatever the VAE
 GEMMA_MAX_SEQUENCE_LENGTH = 1024  # LTX2Pipeline.__call__'s default; ltx-core gemma_assets.TOKENIZER_MAX_LENGTH
 
 
@@ -193,7 +194,7 @@ class LTX2Family(ModelFamily):
             transformer_config = Path(model_path) / expert / "config.json"
             patch = json.loads(transformer_config.read_text()).get("patch_size", 1) if transformer_config.is_file() else 1
             options.setdefault("temporal_compression", temporal)
-            options.setdefault("spatial_multiple", spatial * patch)
+            options.setdefault("spatial_multiple", math.lcm(PIPELINE_SIZE_MULTIPLE, spatial * patch))
             if not {"latents_mean", "latents_std"} & set(options):
                 mean, std = vae_latent_statistics(vae_dir)
                 options.update(latents_mean=mean, latents_std=std)
@@ -519,20 +520,12 @@ class LTX2Family(ModelFamily):
         x0 = sample.float() - sigma * model_output
         return x0 if grid is None else unpack_latents(x0, grid)
 
-    def noise_level_alphas_cumprod(self, scheduler, num_tokens: int | None = None) -> torch.Tensor:
-        """(T,) alphabar = 1 - sigma_t^2 for the noise levels sigma_t = shift(t / T) at `num_tokens` video tokens
-        (default: the scheduler's base_image_seq_len, where the dynamic shift is base_shift)."""
-        steps = int(scheduler.config.num_train_timesteps)
-        tokens = scheduler.config.get("base_image_seq_len", 1024) if num_tokens is None else num_tokens
-        shift = math.exp(self.sigma_shift_mu(scheduler, tokens))
-        sigma = shift_sigmas(torch.arange(steps, dtype=torch.float64) / steps, shift)
-        return (1 - sigma.square()).float()
-
     # ------------------------------------------------------------------------------------------- tiny models
     def tiny_components(self, num_layers: int = 2, seed: int = 0) -> dict:
         """The components of an LTX2Pipeline, tiny and random: LTX-2.0's layout (transformer-side caption projection,
         connectors with learnable registers), a VAE compressing 16x in space and 4x in time (the released one: 32x /
-        8x) so the tiny preset's 96 x 144 x 9 clips fit, and LTX-2's dynamically shifted scheduler."""
+        8x) so that the tiny preset's 9-frame clips keep 3 latent frames, and LTX-2's dynamically shifted
+        scheduler."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         tokenizer = tiny_gemma_tokenizer()
