@@ -43,7 +43,7 @@ CASE_SETTINGS = (
 )
 
 # Loss providers timed beside a DiT step by default (torch.compile of the naive loss is left out: slow to build).
-DIT_PROVIDERS = ("reference", "triton", "triton-v2")
+DIT_PROVIDERS = ("reference", "triton")
 
 # Large freed buffers go back to the OS at once, so a CPU worker's resident set tracks live tensors.
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}

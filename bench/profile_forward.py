@@ -1,8 +1,8 @@
 """One tempered-KL forward of a preset under a profiler: `ncu --profile-from-start off python -m bench.profile_forward`.
 
 Tunes and warms the kernels first (outside the profiled range), then runs one forward between
-cudaProfilerStart / cudaProfilerStop, so Nsight Compute sees only the forward kernel of the chosen generation.
-    python -m bench.profile_forward --preset cogvideox-native --generation 2 [--mask-ratio 0.2] [--cs 64 --ct 64]
+cudaProfilerStart / cudaProfilerStop, so Nsight Compute sees only the forward kernel.
+    python -m bench.profile_forward --preset cogvideox-native [--mask-ratio 0.2] [--cs 64 --ct 64]
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 import torch
 
 import stss_kernels
-from stss_kernels.ops.tempered_kl import triton_backend
 
 from .measure import make_inputs
 from .workloads import PRESETS, build_workloads
@@ -21,7 +20,6 @@ from .workloads import PRESETS, build_workloads
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_forward", description=__doc__)
     parser.add_argument("--preset", choices=sorted(set(PRESETS) - {"sweep"}), default="tsa-grid")
-    parser.add_argument("--generation", type=int, choices=(1, 2), default=1)
     parser.add_argument("--mask-ratio", type=float, default=1.0)
     parser.add_argument("--cs", type=int)
     parser.add_argument("--ct", type=int)
@@ -32,7 +30,6 @@ def main(argv: list[str] | None = None) -> None:
     student, teacher, mask = make_inputs(
         workload, torch.bfloat16, torch.device("cuda"), mask_ratio=args.mask_ratio, seed=0
     )
-    triton_backend.KERNEL_GENERATION = args.generation
 
     def forward():
         with torch.no_grad():
@@ -44,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     forward()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
-    print(f"profiled: {workload}, generation {args.generation}, configs {stss_kernels.tuned_configs()}")
+    print(f"profiled: {workload}, configs {stss_kernels.tuned_configs()}")
 
 
 if __name__ == "__main__":

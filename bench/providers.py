@@ -1,8 +1,5 @@
 """The implementations compared: naive eager PyTorch, torch.compile of it, and the stss_kernels backends.
 
-`triton` runs the Triton kernels of generation 1 and `triton-v2` those of generation 2 (see
-stss_kernels/ops/tempered_kl/triton_backend/generations.py), side by side.
-
 Every provider of an op is a loss function with the op's signature,
     loss(student (B, N, Cs), teacher (B, N, Ct), frames, *op_arguments(case), query_mask (B, N) bool | None,
          normalize) -> scalar float32 loss (mean over the kept queries),
@@ -23,10 +20,8 @@ from stss_kernels._core.backends import triton_available, triton_interpreting
 
 from .workloads import Workload
 
-PROVIDERS = ("reference", "compiled", "torch", "triton", "triton-v2")
+PROVIDERS = ("reference", "compiled", "torch", "triton")
 OPS = ("tempered_kl", "relation_distance")
-# Triton providers and the kernel generation each runs (generation 2 exists for tempered_kl only).
-TRITON_GENERATIONS = {"triton": 1, "triton-v2": 2}
 
 # The Triton interpreter runs every program instance in numpy: keep it to tiny problems.
 INTERPRETER_MAX_TOKENS = 512
@@ -117,33 +112,15 @@ def _backend_loss(backend: str, op: str) -> LossFn:
     return loss
 
 
-def _generation_loss(generation: int) -> LossFn:
-    """The tempered-KL Triton backend's loss with the kernels of `generation` (the backward follows the forward's)."""
-    backend_loss = _backend_loss("triton", "tempered_kl")
-
-    def loss(*args):
-        from stss_kernels.ops.tempered_kl import triton_backend
-
-        previous, triton_backend.KERNEL_GENERATION = triton_backend.KERNEL_GENERATION, generation
-        try:
-            return backend_loss(*args)
-        finally:
-            triton_backend.KERNEL_GENERATION = previous
-
-    return loss
-
-
 def unavailable_reason(provider: str, workload: Workload, device: torch.device, op: str = "tempered_kl") -> str | None:
     """Why `provider` cannot run `op` on `workload` on `device` here, or None when it can."""
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    if provider in ("torch", *TRITON_GENERATIONS) and not hasattr(stss_kernels, op):
+    if provider in ("torch", "triton") and not hasattr(stss_kernels, op):
         return f"stss_kernels.{op} is not importable"
-    if provider == "triton-v2" and op != "tempered_kl":
-        return "kernel generation 2 exists for tempered_kl only"
-    if provider not in TRITON_GENERATIONS:
+    if provider != "triton":
         return None
     if not triton_available():
         return "Triton is not installed"
@@ -161,8 +138,6 @@ def make_loss(provider: str, op: str = "tempered_kl") -> LossFn:
     if provider == "compiled":
         torch._dynamo.reset()
         return torch.compile(NAIVE_LOSSES[op], dynamic=False)
-    if provider in TRITON_GENERATIONS and op == "tempered_kl":
-        return _generation_loss(TRITON_GENERATIONS[provider])
     return _backend_loss(provider, op)
 
 

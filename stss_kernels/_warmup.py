@@ -25,7 +25,7 @@ def warmup(
 
     shapes: (batch, frames, hw, cs, ct) each; mask_ratios: None for unmasked, or the kept fraction of queries
     (masked launches are a separate class); backward: also run the backward (student gradient; teacher too
-    with teacher_grad). Tunes the kernel generation in force (see triton_backend.generations).
+    with teacher_grad).
     """
     from stss_kernels import tempered_kl
 

@@ -5,14 +5,21 @@ import dataclasses
 import pytest
 import torch
 
-from tsa.alignment import ALIGNMENT_METHODS, AlignmentMethod, AlignmentOption, alignment_options, register_alignment
-from tsa.choices import ALIGNMENT_LOSSES, TRAINING_METHODS
-from tsa.config import build_parser, parse_args
+from tsa.alignment import (
+    ALIGNMENT_METHODS,
+    AlignmentMethod,
+    AlignmentOption,
+    alignment_losses,
+    alignment_options,
+    register_alignment,
+    training_methods,
+)
+from tsa.cli.options import build_parser, parse_config
 from tsa.losses import REPALoss, TRDLoss, TSALoss
 
 
 def test_choices_and_flags_are_derived_from_the_registry():
-    assert ALIGNMENT_LOSSES == ("none", "tsa", "mtsa", "trd", "repa") and TRAINING_METHODS[-1] == "lamo"
+    assert alignment_losses() == ("none", "tsa", "mtsa", "trd", "repa") and training_methods()[-1] == "lamo"
     flags = {option for action in build_parser()._actions for option in action.option_strings}
     assert {"--tau", "--tau-teacher", "--top-k", "--backend", "--trd-margin", "--trd-variant"} <= flags
     assert {option.name for method in ALIGNMENT_METHODS.values() for option in method.options} == set(
@@ -32,13 +39,13 @@ def test_methods_build_their_losses_with_the_options():
 
 def test_command_line_options_reach_the_objective(tmp_path):
     from tsa.models import get_family
-    from tsa.models.cogvideox import cogvideox_scheduler
-    from tsa.tiny import tiny_transformer, tiny_videomae
-    from tsa.train import build_objective
+    from tsa.models.cogvideox import cogvideox_scheduler, tiny_transformer
+    from tsa.tiny import tiny_videomae
+    from tsa.training.loop import build_objective
 
     family = get_family("cogvideox")
     family.load_scheduler = lambda path: cogvideox_scheduler()
-    args = parse_args(
+    args = parse_config(
         [
             "--align",
             "trd",
@@ -54,7 +61,7 @@ def test_command_line_options_reach_the_objective(tmp_path):
     )
     objective = build_objective(args, tiny_transformer(), torch.float32, family)
     assert (objective.alignment_loss.margin, objective.alignment_loss.variant) == (0.3, "spatial")
-    args = parse_args(
+    args = parse_config(
         [
             "--tau",
             "0.2",
@@ -83,14 +90,13 @@ def test_command_line_options_reach_the_objective(tmp_path):
 )
 def test_bad_option_values_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
-        parse_args(argv)
+        parse_config(argv)
     assert message in capsys.readouterr().err
 
 
 def test_objective_rejects_bad_option_values():
-    from tsa.models.cogvideox import cogvideox_scheduler
+    from tsa.models.cogvideox import cogvideox_scheduler, tiny_transformer
     from tsa.objective import AlignmentObjective
-    from tsa.tiny import tiny_transformer
 
     with pytest.raises(ValueError, match="trd_margin must be >= 0"):
         AlignmentObjective(tiny_transformer(), cogvideox_scheduler(), align="trd", trd_margin=-1)
@@ -106,15 +112,15 @@ def test_a_registered_method_joins_the_command_line_and_the_objective(monkeypatc
     method = AlignmentMethod("scaled-repa", "REPA times a scale.", (scale,), lambda cosine_scale: REPALoss())
     register_alignment(method)
     assert "scaled-repa" in tsa.alignment.training_methods()
-    args = parse_args(["--align", "scaled-repa", "--cosine-scale", "2"])
+    args = parse_config(["--align", "scaled-repa", "--cosine-scale", "2"])
     assert (args.align, args.cosine_scale) == ("scaled-repa", 2.0)
     with pytest.raises(ValueError, match="exists already"):
         register_alignment(dataclasses.replace(method))
 
-    from tsa.models.cogvideox import cogvideox_scheduler
+    from tsa.models.cogvideox import cogvideox_scheduler, tiny_transformer
     from tsa.objective import AlignmentObjective
     from tsa.teachers import load_teacher
-    from tsa.tiny import tiny_transformer, tiny_videomae
+    from tsa.tiny import tiny_videomae
 
     built = []
     monkeypatch.setitem(

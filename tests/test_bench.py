@@ -139,9 +139,8 @@ def test_errors_and_wrong_results_are_reported(monkeypatch):
 def test_triton_provider(monkeypatch):
     big = TINY.replace(hw=200)
     assert "interpreter" in run_case(Case(big, "triton", "fwd"))["note"]
-    for provider in ("triton", "triton-v2"):  # kernel generations 1 and 2
-        result = run_case(tiny_case(provider))
-        assert result["status"] == "ok" and result["check"]["passed"] is True, result
+    result = run_case(tiny_case("triton"))
+    assert result["status"] == "ok" and result["check"]["passed"] is True, result
     monkeypatch.setattr(bench.providers, "triton_interpreting", lambda: False)
     assert run_case(tiny_case("triton"))["status"] == "unavailable"
 
@@ -149,18 +148,18 @@ def test_triton_provider(monkeypatch):
 def test_bad_arguments_are_rejected():
     for argv in (["--mask-ratio", "0"], ["--providers", "eager"], ["--modes", "bwd"], ["--tau", "0"]):
         with pytest.raises(SystemExit):
-            cli.parse_args(argv)
+            cli.parse_config(argv)
 
 
 def test_results_go_to_a_run_folder_unless_told_to_update(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli, "RUNS_DIR", tmp_path / "runs")
-    assert cli.parse_args([]).out.parent == tmp_path / "runs"  # bench/runs/<timestamp>/
-    assert cli.parse_args(["--update-results"]).out == cli.DEFAULT_OUT
-    assert cli.parse_args(["--out", str(tmp_path)]).out == tmp_path
+    assert cli.parse_config([]).out.parent == tmp_path / "runs"  # bench/runs/<timestamp>/
+    assert cli.parse_config(["--update-results"]).out == cli.DEFAULT_OUT
+    assert cli.parse_config(["--out", str(tmp_path)]).out == tmp_path
     with pytest.raises(SystemExit):
-        cli.parse_args(["--update-results", "--out", str(tmp_path)])
+        cli.parse_config(["--update-results", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
-        cli.parse_args(["--help"])
+        cli.parse_config(["--help"])
     assert "(default: 0.1)" in capsys.readouterr().out  # --help shows the defaults
 
 
@@ -182,4 +181,4 @@ def test_relation_distance_op(tmp_path, capsys):
     assert run_case(unmasked)["flops"] == flop_count(TINY, "fwd+bwd", symmetric_grad=True)
     assert flop_count(TINY, "fwd+bwd", symmetric_grad=True) == 4 * 2 * 30 * 30 * 19 + 2 * 2 * 30 * 30 * 12
     with pytest.raises(SystemExit):
-        cli.parse_args(["--op", "relation_distance", "--margin", "-1"])
+        cli.parse_config(["--op", "relation_distance", "--margin", "-1"])

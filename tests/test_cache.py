@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tsa.cache import CachedLatentDataset, CacheLayout, LatentEncoder, fill_cache, model_fingerprint
-from tsa.data import UndecodableVideoWarning, VideoCaptionDataset, load_video_captions, write_synthetic_dataset
 from tsa.tiny import save_tiny_pipeline
+from tsa.training.cache import CachedLatentDataset, CacheLayout, LatentEncoder, fill_cache, model_fingerprint
+from tsa.training.data import UndecodableVideoWarning, VideoCaptionDataset, load_video_captions, write_synthetic_dataset
 
 HEIGHT, WIDTH, FRAMES = 32, 32, 9
 

@@ -5,11 +5,13 @@ import json
 import pytest
 import torch
 
-import tsa.cache
-import tsa.sample
-import tsa.train
-from tsa.config import PRESETS, parse_args
-from tsa.validation import CheckpointError, verify_checkpoint
+import tsa.cli.cache
+import tsa.cli.sample
+import tsa.cli.train
+import tsa.sampling
+from tsa.cli.options import PRESETS, parse_config
+from tsa.errors import CheckpointError
+from tsa.training.checkpoints import verify_checkpoint
 
 
 @pytest.fixture
@@ -48,11 +50,10 @@ def nothing_is_built(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the CLI went on to build something")
 
-    monkeypatch.setattr(tsa.train, "train", refuse)
-    monkeypatch.setattr(tsa.cache, "build_cache", refuse)
-    monkeypatch.setattr(tsa.cache, "prepare_tiny_assets", refuse, raising=False)
-    monkeypatch.setattr(tsa.sample, "load_pipeline", refuse)
-    monkeypatch.setattr("tsa.data.prepare_tiny_assets", refuse)
+    monkeypatch.setattr(tsa.cli.train, "train", refuse)
+    monkeypatch.setattr(tsa.cli.cache, "precompute_cache", refuse)
+    monkeypatch.setattr(tsa.sampling, "load_pipeline", refuse)
+    monkeypatch.setattr("tsa.training.data.prepare_tiny_assets", refuse)
 
 
 def _refused(main, argv, capsys, option, code=2):
@@ -112,7 +113,7 @@ def _real(folders, output):
         ("--timestep-sampling", "gaussian"),
     ],
 )
-@pytest.mark.parametrize("main", [tsa.train.main, tsa.cache.main], ids=["tsa-train", "tsa-cache"])
+@pytest.mark.parametrize("main", [tsa.cli.train.main, tsa.cli.cache.main], ids=["tsa-train", "tsa-cache"])
 def test_bad_numbers_are_refused_before_anything_is_built(main, option, value, folders, capsys, nothing_is_built):
     output = folders["root"] / "out"
     _refused(main, [*_real(folders, output), option, value], capsys, option)
@@ -166,7 +167,7 @@ def test_bad_paths_are_refused_before_anything_is_built(case, option, folders, c
         argv += ["--config", str(root / "run.yaml")]
     elif case == "output is a file":
         output.write_text("")
-    err = _refused(tsa.train.main, argv, capsys, option)
+    err = _refused(tsa.cli.train.main, argv, capsys, option)
     if case == "missing video":
         assert "1 of the 2 listed videos are missing" in err and "b.mp4" in err
     assert not output.exists() or case == "output is a file"
@@ -184,7 +185,7 @@ def test_bad_paths_are_refused_before_anything_is_built(case, option, folders, c
 )
 def test_registry_and_flow_options_get_the_range_checks(option, value, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--preset", "tiny", "--model-family", "wan", option, value])
+        parse_config(["--preset", "tiny", "--model-family", "wan", option, value])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err, err
@@ -194,7 +195,7 @@ def test_unsupported_pipelines_are_named_from_the_model_families(folders, capsys
     from tsa.models import FAMILIES, family_class
 
     (folders["model"] / "model_index.json").write_text(json.dumps({"_class_name": "LTXPipeline"}))
-    err = _refused(tsa.train.main, _real(folders, folders["root"] / "out"), capsys, "--model-path")
+    err = _refused(tsa.cli.train.main, _real(folders, folders["root"] / "out"), capsys, "--model-path")
     assert "'LTXPipeline'" in err
     for name in FAMILIES:
         assert all(pipeline in err for pipeline in family_class(name).pipeline_class_names), err
@@ -202,14 +203,14 @@ def test_unsupported_pipelines_are_named_from_the_model_families(folders, capsys
 
 def test_valid_options_reach_training(folders, monkeypatch):
     reached = []
-    monkeypatch.setattr(tsa.train, "train", reached.append)
-    tsa.train.main(_real(folders, folders["root"] / "out"))
+    monkeypatch.setattr(tsa.cli.train, "train", reached.append)
+    tsa.cli.train.main(_real(folders, folders["root"] / "out"))
     assert len(reached) == 1 and reached[0].model_path == folders["model"]
 
 
 def test_the_tiny_preset_applies_whenever_it_is_named(folders):
     for argv in (["--preset", "tiny"], ["--preset", "tiny", *_real(folders, folders["root"] / "o")], []):
-        args = parse_args(argv)
+        args = parse_config(argv)
         assert args.preset == "tiny"
         assert {key: getattr(args, key) for key in PRESETS["tiny"]} == PRESETS["tiny"]
 
@@ -242,14 +243,14 @@ def run_dir(tmp_path, folders):
     ],
 )
 def test_sample_mistakes_are_refused_before_the_pipeline_loads(extra, option, run_dir, capsys, nothing_is_built):
-    _refused(tsa.sample.main, [str(run_dir), "--prompt", "a ball", *extra], capsys, option)
+    _refused(tsa.cli.sample.main, [str(run_dir), "--prompt", "a ball", *extra], capsys, option)
     assert not (run_dir / "samples").exists()
 
 
 def test_sample_needs_a_finished_run(run_dir, capsys, nothing_is_built):
     (run_dir / "transformer").rmdir()
-    _refused(tsa.sample.main, [str(run_dir), "--prompt", "a ball"], capsys, "pytorch_lora_weights.safetensors")
-    _refused(tsa.sample.main, [str(run_dir / "nowhere"), "--prompt", "a ball"], capsys, "RUN_DIR")
+    _refused(tsa.cli.sample.main, [str(run_dir), "--prompt", "a ball"], capsys, "pytorch_lora_weights.safetensors")
+    _refused(tsa.cli.sample.main, [str(run_dir / "nowhere"), "--prompt", "a ball"], capsys, "RUN_DIR")
 
 
 def test_verify_checkpoint_names_the_bad_file_and_tensor(tmp_path):

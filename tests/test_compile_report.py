@@ -83,7 +83,7 @@ def test_exit_code_follows_the_verdict(monkeypatch, capsys, spill, code):
 def test_cli_rejects_bad_options(capsys):
     for argv in (["--arch", "sm_75"], ["--dtype", "fp8"], ["--mask-ratio", "0"], ["--jobs", "0"]):
         with pytest.raises(SystemExit) as error:
-            aot.build_parser().parse_args(argv)
+            aot.build_parser().parse_config(argv)
         assert error.value.code == 2
     assert "expected a comma-separated subset" in capsys.readouterr().err
 
@@ -96,7 +96,7 @@ def test_build_tasks_compiles_a_hopper_only_config_for_sm90a_only():
 
     configs = [triton.Config(dict(BLOCK_M=16), num_warps=4), hopper_only(triton.Config(dict(BLOCK_M=32), num_warps=4))]
     spec = AotKernel("op", "kernel", "-", None, configs, None, None)
-    tasks = aot.build_tasks([spec], aot.build_parser().parse_args([]), Problem("p", 1, 1, 16, 16, 16))
+    tasks = aot.build_tasks([spec], aot.build_parser().parse_config([]), Problem("p", 1, 1, 16, 16, 16))
     assert {(config, arch) for _, config, _, _, arch, _ in tasks} == {(0, "sm_90a"), (0, "sm_80"), (1, "sm_90a")}
     assert len(tasks) == 3 * 3 * 2  # x dtypes x masks
 
@@ -148,21 +148,77 @@ def test_tempered_kl_model_counts():
 
     from stss_kernels._core.aot import Problem
     from stss_kernels.ops.tempered_kl.triton_backend import aot as tempered_kl_aot
-    from stss_kernels.ops.tempered_kl.triton_backend.backward import FUSED_MAX_CHANNELS
+    from stss_kernels.ops.tempered_kl.triton_backend.forward import NARROW_CHANNELS
 
     problem = Problem("tiny", batch=2, frames=3, hw=10, cs=24, ct=40, mask_ratio=0.5)
     n, row_bytes = problem.tokens, (24 + 40) * 2
-    whole = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64)  # one query tile, one key tile per frame
-    model = tempered_kl_aot.forward_model(problem, torch.bfloat16, False, whole)
+    whole = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_TAIL=16)  # one query tile, one key tile per frame
+    model = tempered_kl_aot.forward_model(True)(problem, torch.bfloat16, False, whole)
     assert model.flops == 2 * 2 * n * n * (24 + 40)
     assert model.bytes == 2 * 3 * ((n + 10) * row_bytes + n * 5 * 4)
-    assert model.executed_flops == 2 * 3 * 2 * 32 * 16 * (64 + 64)
-    masked = tempered_kl_aot.forward_model(problem, torch.bfloat16, True, whole)
+    assert model.executed_flops == 2 * 3 * 2 * 32 * 16 * (32 + 64)  # channels padded to powers of two
+    masked = tempered_kl_aot.forward_model(True)(problem, torch.bfloat16, True, whole)
     assert masked.flops == model.flops * problem.kept(True) / n == model.flops / 2
     kernels = {(spec.name, spec.variant): spec for spec in tempered_kl_aot.aot_kernels()}
-    blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_D=16)
-    for channels in (FUSED_MAX_CHANNELS, FUSED_MAX_CHANNELS + 1):
+    blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_TAIL=16, BLOCK_K=16, BLOCK_D=16)
+    for channels in (NARROW_CHANNELS, NARROW_CHANNELS + 1):
         wide = Problem("c", 1, 2, 8, channels, 8)
         fused = kernels["feature_grad", "row/student"].model(wide, torch.float16, False, blocks)
         chunked = kernels["similarity_grad", "student"].model(wide, torch.float16, False, blocks)
-        assert (fused is None) == (channels > FUSED_MAX_CHANNELS) and (chunked is None) != (fused is None)
+        assert (fused is None) == (channels > NARROW_CHANNELS) and (chunked is None) != (fused is None)
+
+
+TEMPERED_KL_PROBLEMS = [
+    ("tsa-grid", 4, 24, 150, 768, 768, 1.0), ("tsa-grid-c64", 4, 24, 150, 64, 64, 1.0),
+    ("cogvideox-native", 1, 13, 1350, 768, 768, 0.2),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("sizes", TEMPERED_KL_PROBLEMS, ids=lambda sizes: sizes[0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_tempered_kl_arguments_name_every_kernel_parameter(sizes, masked):
+    import inspect
+
+    import torch
+
+    from stss_kernels._core.aot import Pointer, Problem
+    from stss_kernels.ops.tempered_kl.triton_backend import aot as tempered_kl_aot
+
+    problem = Problem(*sizes)
+    for kernel in tempered_kl_aot.aot_kernels():
+        if masked not in kernel.masks:
+            continue
+        arguments = kernel.arguments(problem, torch.bfloat16, masked)
+        names = set(inspect.signature(getattr(kernel.kernel, "fn", kernel.kernel)).parameters)
+        for config in kernel.configs:
+            assert set(arguments) | set(config.kwargs) == names, (kernel.name, kernel.variant)
+            assert not set(arguments) & set(config.kwargs)
+        assert isinstance(arguments["student_ptr" if "student_ptr" in arguments else "block_ptr"], Pointer)
+
+
+@pytest.mark.parametrize("sizes", TEMPERED_KL_PROBLEMS, ids=lambda sizes: sizes[0])
+def test_tempered_kl_models_cover_the_launched_kernels(sizes):
+    """Exactly the kernels the launcher runs at this width have a model; FLOPs as the loss needs them."""
+    import torch
+
+    from stss_kernels._core.aot import Problem
+    from stss_kernels.ops.tempered_kl.triton_backend import aot as tempered_kl_aot
+
+    problem = Problem(*sizes)
+    masked = problem.mask_ratio < 1
+    modelled = set()
+    for kernel in tempered_kl_aot.aot_kernels():
+        if masked not in kernel.masks:
+            continue
+        model = kernel.model(problem, torch.bfloat16, masked, dict(kernel.configs[0].kwargs))
+        if model is None:
+            continue
+        modelled.add(kernel.name)
+        assert model.programs > 0 and model.bytes > 0 and model.executed_flops >= 0.99 * model.flops > 0
+        if kernel.name == "forward":
+            kept = problem.kept(masked)
+            assert model.flops == pytest.approx(2 * problem.batch * kept * problem.tokens * (problem.cs + problem.ct))
+    if problem.cs <= 128:
+        assert modelled == {"forward", "feature_grad"}
+    else:
+        assert modelled == {"forward", "similarity_grad", "dual_product"} | ({"row_product"} if masked else set())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsa.data import (
+from tsa.training.data import (
     UndecodableVideoWarning,
     VideoCaptionDataset,
     VideoDecodeError,

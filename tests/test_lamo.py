@@ -14,8 +14,9 @@ from tsa.lamo import (
     motion_guidance_loss,
     predictor_loss,
 )
+from tsa.models import get_family
 from tsa.models.cogvideox import cogvideox_scheduler
-from tsa.tiny import TINY_LATENT_CHANNELS, TINY_TEXT_DIM, tiny_cogvideox_components
+from tsa.models.tiny import TINY_LATENT_CHANNELS, TINY_TEXT_DIM
 
 C, TEXT = TINY_LATENT_CHANNELS, TINY_TEXT_DIM
 
@@ -275,18 +276,18 @@ def test_tsa_train_lamo_uses_the_models_noise_schedule():
 
     from diffusers import CogVideoXDPMScheduler
 
-    from tsa.config import parse_args
-    from tsa.train import build_lamo
+    from tsa.cli.options import parse_config
+    from tsa.training.loop import build_lamo
 
-    transformer = tiny_cogvideox_components()["transformer"]
+    transformer = get_family("cogvideox").tiny_components()["transformer"]
     default = cogvideox_scheduler()
     five_b = CogVideoXDPMScheduler.from_config(default.config, snr_shift_scale=1.0)  # CogVideoX-5B's schedule
     objective = SimpleNamespace(transformer=transformer, scheduler=five_b)
     accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
-    trainer = build_lamo(parse_args(["--align", "lamo", "--max-steps", "3"]), objective, accelerator)
+    trainer = build_lamo(parse_config(["--align", "lamo", "--max-steps", "3"]), objective, accelerator)
     torch.testing.assert_close(trainer.alphas_cumprod, five_b.alphas_cumprod.float())
     assert not torch.allclose(trainer.alphas_cumprod, default.alphas_cumprod.float())
-    assert build_lamo(parse_args(["--align", "mtsa"]), objective, accelerator) is None
+    assert build_lamo(parse_config(["--align", "mtsa"]), objective, accelerator) is None
 
 
 def test_trainer_step_updates_only_the_predictor():
@@ -308,7 +309,7 @@ def test_trainer_step_updates_only_the_predictor():
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    return CogVideoXPipeline(**tiny_cogvideox_components())
+    return CogVideoXPipeline(**get_family("cogvideox").tiny_components())
 
 
 def test_one_guided_step_lowers_the_guidance_loss(tiny_pipe):

@@ -89,7 +89,7 @@ def test_tsa_train_lamo_resumes_exactly_and_tsa_sample_guides_with_its_predictor
     out, resumed = tmp_path / "run", tmp_path / "resumed"
     train_args = ["--preset", "tiny", "--align", "lamo", "--max-steps", 3, "--checkpointing-steps", 2,
                   "--num-videos", 2, "--no-progress"]
-    run_cli("tsa.train", *train_args, "--output-dir", out)
+    run_cli("tsa.cli.train", *train_args, "--output-dir", out)
     history = json.loads((out / "losses.json").read_text())
     assert [row["step"] for row in history] == [1, 2, 3]
     for row in history:
@@ -103,13 +103,13 @@ def test_tsa_train_lamo_resumes_exactly_and_tsa_sample_guides_with_its_predictor
     final_outputs = {"losses.json", "motion_predictor", "transformer", "checkpoint-3"}
     shutil.copytree(out, resumed, ignore=lambda folder, names: final_outputs & set(names) if folder in (
         str(out), str(out / "checkpoints")) else ())
-    run_cli("tsa.train", *train_args, "--output-dir", resumed, "--resume", "latest")
+    run_cli("tsa.cli.train", *train_args, "--output-dir", resumed, "--resume", "latest")
     assert json.loads((resumed / "losses.json").read_text()) == history
     again = MotionPredictor.from_pretrained(resumed / "motion_predictor")
     for name, tensor in predictor.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
 
-    run_cli("tsa.sample", out, "--prompt", PROMPT, "--num-inference-steps", 3, "--motion-guidance", 15,
+    run_cli("tsa.cli.sample", out, "--prompt", PROMPT, "--num-inference-steps", 3, "--motion-guidance", 15,
             "--predictor", out / "motion_predictor", "--output-dir", tmp_path / "samples")
     (video,) = (tmp_path / "samples").glob("*.mp4")
     with av.open(str(video)) as container:

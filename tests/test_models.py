@@ -187,27 +187,6 @@ def test_wan_timestep_sampling(assets):
         get_family("wan", timestep_sampling="cosine")
 
 
-@pytest.mark.parametrize("align", ["tsa", "mtsa", "trd", "repa"])
-def test_wan_alignment_objective_trains_the_block(assets, align):
-    family = detect_family(assets["wan"])
-    transformer = family.load_transformer(assets["wan"])
-    objective = AlignmentObjective(
-        transformer,
-        family.load_scheduler(assets["wan"]),
-        load_teacher("videomae", assets["videomae"]),
-        align=align,
-        projector_hidden_dim=16,
-    )
-    assert objective.block_index == 2  # 60% of 3 blocks
-    latents, prompt, pixels = _batch()
-    out = objective(latents, prompt, pixels)
-    torch.testing.assert_close(out["loss"], out["diffusion"] + 0.5 * out["align"])
-    assert out["align"].item() != 0
-    out["align"].backward()
-    assert transformer.blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
-    assert transformer.blocks[2].attn1.to_q.weight.grad is None  # after the aligned block
-
-
 def test_wan_ti2v_per_token_timesteps(assets):
     """expand_timesteps: the transformer gets (B, tokens) timesteps; equal per-token values give the scalar result."""
     family = detect_family(assets["ti2v"])
@@ -227,7 +206,7 @@ def test_wan_ti2v_per_token_timesteps(assets):
 
 
 def test_wan_cached_latents_are_normalised(assets):
-    from tsa.cache import LatentEncoder
+    from tsa.training.cache import LatentEncoder
 
     encoder = LatentEncoder(assets["wan"])
     assert encoder.max_sequence_length == 512
@@ -303,22 +282,22 @@ def test_unipc_flow_scheduler_as_wan_folders_ship_it():
         (["--model-family", "cogvideox", "--model-path", "{wan}"], "does not match .* a wan pipeline"),
         (["--model-path", "{unsupported}"], "unsupported pipeline 'LTXPipeline'"),
         (["--model-path", "{wan}", "--expert", "transformer_2"], "has no second expert"),
-        (["--model-family", "cogvideox", "--flow-shift", "2"], "apply to flow-matching families"),
+        (["--model-family", "cogvideox", "--flow-shift", "2"], "apply to the families that take them \\(wan\\)"),
         (["--model-family", "wan", "--logit-std", "0"], "--logit-std must be a finite number > 0"),
         (["--model-family", "cogvideox", "--expert", "transformer_2"], "cogvideox pipelines have the denoisers"),
         (["--model-path", "{ti2v}", "--height", "48"], "must be multiples of 32 for .* \\(VAE x patch size\\)"),
     ],
 )
 def test_family_options_on_the_command_line(assets, tmp_path, argv, message, capsys):
-    from tsa.config import parse_args
+    from tsa.cli.options import parse_config
 
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "LTXPipeline"}))
     paths = {"{wan}": str(assets["wan"]), "{ti2v}": str(assets["ti2v"]), "{unsupported}": str(tmp_path)}
     common = ["--preset", "tiny", "--data", "d", "--teacher-path", "t"]
     with pytest.raises(SystemExit):
-        parse_args(common + [paths.get(arg, arg) for arg in argv])
+        parse_config(common + [paths.get(arg, arg) for arg in argv])
     assert re.search(message, capsys.readouterr().err)
-    args = parse_args([*common, "--model-path", str(assets["a14b"]), "--expert", "transformer_2"])
+    args = parse_config([*common, "--model-path", str(assets["a14b"]), "--expert", "transformer_2"])
     assert (args.model_family, args.expert) == ("wan", "transformer_2")
 
 

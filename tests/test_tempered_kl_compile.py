@@ -65,13 +65,13 @@ def _loss_and_grads(fn, student, teacher, *extra):
 
 
 def _op_cases():
-    """(backend, masked, Triton kernel generation)."""
-    yield from (pytest.param("torch", masked, None, id=f"torch-{masked}") for masked in ("unmasked", "masked"))
-    for generation, masked in ((1, "unmasked"), (1, "masked"), (2, "masked")):
-        yield pytest.param("triton", masked, generation, marks=TRITON.marks, id=f"triton-gen{generation}-{masked}")
+    """(backend, masked)."""
+    yield from (pytest.param("torch", masked, id=f"torch-{masked}") for masked in ("unmasked", "masked"))
+    yield from (pytest.param("triton", masked, marks=TRITON.marks, id=f"triton-{masked}")
+                for masked in ("unmasked", "masked"))  # fmt: skip
 
 
-def _forward_op_and_args(backend, masked, generation):
+def _forward_op_and_args(backend, masked):
     from stss_kernels._core.normalize import l2_normalize
 
     batch, frames, hw, cs, ct = SHAPE
@@ -80,18 +80,18 @@ def _forward_op_and_args(backend, masked, generation):
     args = (student.requires_grad_(), teacher.requires_grad_(), frames, 0.1, 0.15, weight)
     if backend == "torch":
         return torch.ops.stss_kernels.tempered_kl_torch.default, (*args, 8)
-    return torch.ops.stss_kernels.tempered_kl_triton.default, (*args, generation)
+    return torch.ops.stss_kernels.tempered_kl_triton.default, args
 
 
-@pytest.mark.parametrize("backend,masked,generation", _op_cases())
-def test_forward_op_passes_opcheck(backend, masked, generation):
-    op, args = _forward_op_and_args(backend, masked, generation)
+@pytest.mark.parametrize("backend,masked", _op_cases())
+def test_forward_op_passes_opcheck(backend, masked):
+    op, args = _forward_op_and_args(backend, masked)
     torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("backend,masked,generation", _op_cases())
-def test_backward_op_passes_opcheck(backend, masked, generation):
-    op, args = _forward_op_and_args(backend, masked, generation)
+@pytest.mark.parametrize("backend,masked", _op_cases())
+def test_backward_op_passes_opcheck(backend, masked):
+    op, args = _forward_op_and_args(backend, masked)
     outputs = op(*args)
     backward = getattr(torch.ops.stss_kernels, f"tempered_kl_{backend}_backward").default
     grad = torch.randn(outputs[0].shape, generator=torch.Generator().manual_seed(3)).to(outputs[0])
@@ -129,22 +129,17 @@ def test_fresh_import_registers_the_ops_without_triton_and_compiles_first():
 
 
 def _compile_cases():
-    """(backend, mask kind, Triton kernel generation or None for the default)."""
+    """(backend, mask kind)."""
     for backend in ("reference", "torch"):
-        yield from (pytest.param(backend, kind, None, id=f"{backend}-{kind}") for kind in ("none", "bool", "float"))
-    for kind, generation in (("none", None), ("bool", None), ("float", None), ("bool", 2)):
-        name = f"triton-{kind}" + (f"-gen{generation}" if generation else "")
-        yield pytest.param("triton", kind, generation, marks=TRITON.marks, id=name)
+        yield from (pytest.param(backend, kind, id=f"{backend}-{kind}") for kind in ("none", "bool", "float"))
+    for kind in ("none", "bool", "float"):
+        yield pytest.param("triton", kind, marks=TRITON.marks, id=f"triton-{kind}")
 
 
-@pytest.mark.parametrize("backend,mask_kind,generation", _compile_cases())
-def test_compile_fullgraph_matches_eager(backend, mask_kind, generation, monkeypatch):
+@pytest.mark.parametrize("backend,mask_kind", _compile_cases())
+def test_compile_fullgraph_matches_eager(backend, mask_kind, monkeypatch):
     """fullgraph=True (no graph break anywhere, the mask path included), AOT autograd through the custom ops'
     fake and autograd registrations; one compilation serves a second call with other values."""
-    if generation is not None:
-        from stss_kernels.ops.tempered_kl import triton_backend
-
-        monkeypatch.setattr(triton_backend, "KERNEL_GENERATION", generation)
     torch._dynamo.reset()
     batch, frames, hw, cs, ct = SHAPE
     mask = _mask(mask_kind, batch, frames * hw)
@@ -222,8 +217,8 @@ def test_compiled_double_backward_still_raises(backend):
 @pytest.mark.parametrize("backend", ["torch", TRITON])
 def test_paths_without_host_sync_match(backend, monkeypatch):
     """Where a host sync is not allowed (CUDA graph capture), the torch backend computes every row instead of
-    finding the kept ones with nonzero, and the Triton wide backward visits every query position instead of
-    reading the kept counts: same values and gradients, the dropped rows still passing none."""
+    finding the kept ones with nonzero (the Triton wide backward, in several chunks, never reads the kept
+    counts on the host): same values and gradients, the dropped rows still passing none."""
     from stss_kernels._core import chunking
 
     batch, frames, hw, cs, ct = SHAPE
@@ -234,14 +229,12 @@ def test_paths_without_host_sync_match(backend, monkeypatch):
     # The backend itself, with an upstream gradient on the dropped rows too (the op's weighting would zero it).
     fn = lambda s, t: (kl_fn(s, t, frames, 0.1, 0.15, weight) * upstream).sum()
     if backend == "triton":
-        from stss_kernels.ops.tempered_kl.triton_backend import backward, similarity_grad
+        from stss_kernels.ops.tempered_kl.triton_backend import forward
 
-        monkeypatch.setattr(backward, "FUSED_MAX_CHANNELS", 0)  # the wide (chunked) backward
+        monkeypatch.setattr(forward, "NARROW_CHANNELS", 0)  # the wide (chunked) backward
         monkeypatch.setattr(chunking, "CHUNK_BUDGET_BYTES", 4 * 21 * 8 * 2)  # several chunks per video
     expected = _loss_and_grads(fn, student, teacher)
     monkeypatch.setattr(chunking, "host_sync_allowed", lambda tensor: False)
-    if backend == "triton":
-        monkeypatch.setattr(similarity_grad, "host_sync_allowed", lambda tensor: False)
     actual = _loss_and_grads(fn, student, teacher)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)

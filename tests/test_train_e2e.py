@@ -1,4 +1,5 @@
-"""tsa-train end to end on the tiny preset (CPU): decode, cache, train, checkpoint, resume, plot, sample."""
+"""tsa-train / tsa-cache / tsa-sample end to end on the tiny preset of every registered model family (CPU):
+decode, cache, train, checkpoint, resume, plot, sample, LoRA in the pipeline's own loader, two experts."""
 
 import json
 import os
@@ -12,51 +13,40 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tsa_helpers import QUIET, assets, reset_accelerate, train_cli
 
-from tsa.cache import main as cache_main
-from tsa.config import parse_args
-from tsa.data import UndecodableVideoWarning, load_video_captions, read_video
-from tsa.train import train
+from tsa.cli.cache import main as cache_main
+from tsa.models import DEFAULT_FAMILY, FAMILIES, get_family
+from tsa.training.data import UndecodableVideoWarning, load_video_captions, read_video
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-QUIET = ["--no-progress"]
 
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Each in-process run builds its own Accelerator (accelerate keeps process-wide singletons)."""
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """`tsa-train --preset tiny` with few steps: builds the tiny models and the synthetic mp4 dataset. The
-    output dir is given relative to the working directory (tsa-sample then runs from another one)."""
-    output = tmp_path_factory.mktemp("tiny")
-    cwd = os.getcwd()
-    os.chdir(output.parent)
-    try:
-        history = train(parse_args(["--output-dir", output.name, "--max-steps", "4", "--checkpointing-steps", "2",
-                                    "--checkpoints-total-limit", "1", "--num-videos", "6", *QUIET]))
-    finally:
-        os.chdir(cwd)
-    return output, history
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    return request.param
 
 
-def assets(run, cache=True):
-    """Options reusing the tiny run's models, dataset and (keyed, so safely shared) latent cache."""
-    tiny = run / "tiny"
-    options = ["--preset", "tiny", "--model-path", str(tiny / "cogvideox"), "--teacher-path", str(tiny / "videomae"),
-               "--data", str(tiny / "data")]
-    return options + (["--cache-dir", str(run / "cache")] if cache else [])
+@pytest.fixture
+def tiny_run(tiny_runs, family):
+    return tiny_runs(family)
 
 
-def test_tiny_preset_end_to_end(tiny_run, capsys):
+@pytest.fixture
+def default_run(tiny_runs):
+    """The default family's tiny run, for the tests of family-independent machinery."""
+    return tiny_runs(DEFAULT_FAMILY)
+
+
+def test_tiny_preset_end_to_end(tiny_run, family, capsys):
     output, history = tiny_run
     assert [row["step"] for row in history] == [1, 2, 3, 4]
     for row in history:
@@ -80,15 +70,18 @@ def test_tiny_preset_end_to_end(tiny_run, capsys):
             torch.testing.assert_close(value, trained[prefix + key], rtol=0, atol=0)
     args = json.loads((output / "training_args.json").read_text())
     assert args["align"] == "mtsa" and args["finetune"] == "full"
-    assert args["model_path"] == str(output.resolve() / "tiny" / "cogvideox")
+    assert args["model_family"] == family and args["expert"] == "transformer" and args["align_layer"] == 2
+    assert args["model_path"] == str(output.resolve() / "tiny" / family)
+    model_index = json.loads((output / "tiny" / family / "model_index.json").read_text())
+    assert model_index["_class_name"] in get_family(family).pipeline_class_names
     assert args["output_dir"] == str(output.resolve())
 
     # tsa-cache on the same options: every entry is reused.
-    cache_main(["--output-dir", str(output), "--num-videos", "6"])
+    cache_main(["--output-dir", str(output), "--model-family", family, "--num-videos", "6"])
     assert "6 of 6 videos cached (process 0 encoded 0, reused 6)" in capsys.readouterr().out
 
     # tsa-sample writes an mp4 with the trained transformer.
-    from tsa.sample import main as sample_main
+    from tsa.cli.sample import main as sample_main
 
     sample_main([str(output), "--prompt", "a red ball falls and bounces on the floor",
                  "--num-inference-steps", "2", "--output-dir", str(output / "samples")])
@@ -99,8 +92,8 @@ def test_tiny_preset_end_to_end(tiny_run, capsys):
 
 def test_tsa_sample_motion_guidance_needs_a_predictor_and_takes_rho_and_lag(tiny_run, tmp_path, capsys, monkeypatch):
     import tsa.lamo
-    from tsa.sample import main as sample_main
-    from tsa.tiny import TINY_LATENT_CHANNELS, TINY_TEXT_DIM
+    from tsa.cli.sample import main as sample_main
+    from tsa.models.tiny import TINY_LATENT_CHANNELS, TINY_TEXT_DIM
 
     run = tiny_run[0]
     argv = [str(run), "--prompt", "a ball rolls", "--num-inference-steps", "2", "--output-dir", str(tmp_path),
@@ -120,95 +113,85 @@ def test_tsa_sample_motion_guidance_needs_a_predictor_and_takes_rho_and_lag(tiny
     assert len(list(tmp_path.glob("*.mp4"))) == 1
 
 
-def test_loss_plot_keeps_negative_series_on_a_symlog_axis(tmp_path, monkeypatch):
-    from matplotlib.figure import Figure
-
-    from tsa.train import plot_losses
-
-    figures, savefig = [], Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), savefig(self, *a, **k)))
-    repa = [{"step": step, "loss": 0.2 - 0.1 * step, "diffusion": 0.3, "align": -0.5 - 0.1 * step, "drift": 0.0,
-             "predictor": 0.0} for step in (1, 2, 3)]
-    plot_losses(repa, tmp_path / "repa.png")
-    plot_losses([{**row, "loss": 1.0, "align": 0.5} for row in repa], tmp_path / "positive.png")
-    (axis,), (positive,) = figures[0].axes, figures[1].axes
-    assert axis.get_yscale() == "symlog" and positive.get_yscale() == "log"
-    legend = axis.get_legend()
-    assert [text.get_text() for text in legend.get_texts()] == ["loss", "diffusion", "align"]
-    assert legend.get_title().get_text() == "0 throughout: drift, predictor"
-    assert (tmp_path / "repa.png").stat().st_size > 10_000
-
-
-def test_lora_weights_load_into_the_pipeline_and_corrupt_videos_are_skipped(tiny_run, tmp_path):
+def test_lora_weights_load_into_the_pipeline_and_corrupt_videos_are_skipped(tiny_run, family, tmp_path):
     run = tiny_run[0]
+    model = run / "tiny" / family
     listing = tmp_path / "train.csv"
     videos = load_video_captions(run / "tiny" / "data")
     (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x01 not a video" * 64)
     rows = [f"{sample.video},{sample.caption}" for sample in videos] + ["corrupt.mp4,a corrupt clip"]
     listing.write_text("video,caption\n" + "\n".join(rows) + "\n")
     output = tmp_path / "lora"
-    argv = ["--output-dir", str(output), *assets(run), "--data", str(listing), "--finetune", "lora",
+    argv = ["--output-dir", output, *assets(run, family), "--data", listing, "--finetune", "lora",
             "--lora-rank", "4", "--lora-alpha", "8", "--max-steps", "2", "--checkpointing-steps", "2",
             "--lr-warmup-steps", "0", *QUIET]
     with pytest.warns(UndecodableVideoWarning, match="corrupt.mp4"):
-        train(parse_args(argv))
+        train_cli(argv)
     assert (output / "pytorch_lora_weights.safetensors").is_file()
     assert not (output / "transformer").exists()
 
-    from diffusers import CogVideoXTransformer3DModel
     from peft import LoraConfig
     from safetensors.torch import load_file
 
-    from tsa.sample import load_pipeline
+    from tsa.sampling import load_pipeline
 
-    pipe = load_pipeline(output, run / "tiny" / "cogvideox", torch.float32)
+    family_object = get_family(family)
+    pipe = load_pipeline(output, model, torch.float32)
+    plain = family_object.pipeline_class().from_pretrained(model)
+    plain.load_lora_weights(output)  # the diffusers loader alone
     # The same adapters rebuilt from the training checkpoint's trainable state.
-    reference = CogVideoXTransformer3DModel.from_pretrained(run / "tiny" / "cogvideox", subfolder="transformer")
-    base = CogVideoXTransformer3DModel.from_pretrained(run / "tiny" / "cogvideox", subfolder="transformer")
-    reference.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    reference, base = (family_object.load_transformer(model) for _ in range(2))
+    reference.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(family_object.default_lora_target_modules)))
     state = load_file(output / "checkpoints" / "checkpoint-2" / "model.safetensors")
     lora_state = {key.removeprefix("transformer."): value for key, value in state.items() if "lora_" in key}
     assert lora_state and any(value.abs().sum() > 0 for key, value in lora_state.items() if "lora_B" in key)
     assert not reference.load_state_dict(lora_state, strict=False).unexpected_keys
 
-    generator = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 3, 4, 12, 18, generator=generator),
-                  encoder_hidden_states=torch.randn(1, 226, 32, generator=generator),
-                  timestep=torch.tensor([500]), return_dict=False)
-    with torch.no_grad():
-        loaded, expected, untrained = (model(**inputs)[0] for model in (pipe.transformer, reference, base))
+    scheduler = family_object.load_scheduler(model)
+    latents = torch.randn(family_object.latent_shape(model, 9, 96, 144), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randn(1, family_object.max_sequence_length(model), family_object.text_dim(base.config))
+
+    def x0(transformer):
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            out = family_object.denoise_and_loss(transformer, scheduler, latents, prompt, generator=generator)
+        return out["x0_pred"]
+
+    loaded, from_diffusers, expected, untrained = (x0(model) for model in
+                                                   (pipe.transformer, plain.transformer, reference, base))
     torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(from_diffusers, expected, rtol=1e-5, atol=1e-6)
     assert (loaded - untrained).abs().max() > 1e-6
 
 
-def test_resume_loads_ddp_prefixed_checkpoints_and_rejects_mismatched_ones(tiny_run, tmp_path):
+def test_resume_loads_ddp_prefixed_checkpoints_and_rejects_mismatched_ones(default_run, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    run = tiny_run[0]
+    run = default_run[0]
     checkpoint = tmp_path / "checkpoints" / "checkpoint-4"
     shutil.copytree(run / "checkpoints" / "checkpoint-4", checkpoint)
     trained = load_file(checkpoint / "model.safetensors")
     save_file({"module." + key: value for key, value in trained.items()}, checkpoint / "model.safetensors")
-    common = [*assets(run), "--max-steps", "4", "--resume", str(checkpoint), *QUIET]
+    common = [*assets(run, DEFAULT_FAMILY), "--max-steps", "4", "--resume", str(checkpoint), *QUIET]
     # A DDP checkpoint resumed in one process: every trainable tensor is loaded (the run ends at once).
-    train(parse_args(["--output-dir", str(tmp_path / "ddp"), *common]))
+    train_cli(["--output-dir", str(tmp_path / "ddp"), *common])
     (weights,) = (tmp_path / "ddp" / "projector").glob("*.safetensors")
     for key, value in load_file(weights).items():
         torch.testing.assert_close(value, trained["projector." + key], rtol=0, atol=0)
     with pytest.raises(ValueError, match="lacks .* trainable tensors, e.g. transformer.*lora_A"):
-        train(parse_args(["--output-dir", str(tmp_path / "lora"), *common, "--finetune", "lora"]))
+        train_cli(["--output-dir", str(tmp_path / "lora"), *common, "--finetune", "lora"])
 
 
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_run, tmp_path, monkeypatch):
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(default_run, tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # bitwise-repeatable kernels, also on a GPU machine
-    run = tiny_run[0]
-    common = [*assets(run), "--max-steps", "5", "--checkpointing-steps", "2", "--train-batch-size", "1",
+    run = default_run[0]
+    common = [*assets(run, DEFAULT_FAMILY), "--max-steps", "5", "--checkpointing-steps", "2", "--train-batch-size", "1",
               "--gradient-accumulation-steps", "2", "--motion-drift-weight", "0.4", "--lr-scheduler", "cosine",
               "--lr-warmup-steps", "2", *QUIET]
-    straight = train(parse_args(["--output-dir", str(tmp_path / "straight"), *common]))
+    straight = train_cli(["--output-dir", str(tmp_path / "straight"), *common])
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "tsa.train", "--output-dir", str(killed), *common],
+    process = subprocess.Popen([sys.executable, "-m", "tsa.cli.train", "--output-dir", str(killed), *common],
                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -219,7 +202,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_run, tmp_path,
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "losses.json").exists()
 
-    resumed = train(parse_args(["--output-dir", str(killed), *common, "--resume", "latest"]))
+    resumed = train_cli(["--output-dir", str(killed), *common, "--resume", "latest"])
     assert [row["step"] for row in resumed] == [1, 2, 3, 4, 5]
     for name in ("loss", "diffusion", "align", "drift", "predictor", "lr"):
         np.testing.assert_allclose([row[name] for row in resumed], [row[name] for row in straight],
@@ -227,12 +210,12 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_run, tmp_path,
     assert resumed[-1]["drift"] > 0 and resumed[-1]["predictor"] > 0
 
 
-def test_accelerate_launch_two_processes(tiny_run, tmp_path):
-    run = tiny_run[0]
+def test_accelerate_launch_two_processes(default_run, tmp_path):
+    run = default_run[0]
     output = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tsa.train",
-               "--output-dir", str(output), *assets(run, cache=False), "--max-steps", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tsa.cli.train",
+               "--output-dir", str(output), *assets(run, DEFAULT_FAMILY, cache=False), "--max-steps", "2",
                "--checkpointing-steps", "2", "--align", "lamo", *QUIET]
     env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
@@ -255,45 +238,104 @@ def _one_line_exit(capsys, code):
     return errors[0]
 
 
-def test_resume_from_a_nan_checkpoint_is_refused_naming_the_file(tiny_run, tmp_path, capsys, monkeypatch):
+def test_resume_from_a_nan_checkpoint_is_refused_naming_the_file(default_run, tmp_path, capsys, monkeypatch):
     from safetensors.torch import load_file, save_file
 
-    from tsa.train import main
+    from tsa.cli.train import main
 
-    run = tiny_run[0]
+    run = default_run[0]
     checkpoint = tmp_path / "checkpoints" / "checkpoint-4"
     shutil.copytree(run / "checkpoints" / "checkpoint-4", checkpoint)
     weights = load_file(checkpoint / "model.safetensors")
     name = sorted(weights)[0]
     weights[name] = torch.full_like(weights[name], float("nan"))
     save_file(weights, checkpoint / "model.safetensors")
-    monkeypatch.setattr("tsa.train.prepare_training", lambda *a: pytest.fail("models built for a bad checkpoint"))
+    monkeypatch.setattr("tsa.training.loop.prepare_training",
+                        lambda *a: pytest.fail("models built for a bad checkpoint"))
     with pytest.raises(SystemExit) as exit_info:
-        main([*assets(run), "--output-dir", str(tmp_path), "--max-steps", "6", "--resume", "latest", *QUIET])
+        main([*assets(run, DEFAULT_FAMILY), "--output-dir", str(tmp_path), "--max-steps", "6", "--resume", "latest",
+              *QUIET])
     line = _one_line_exit(capsys, exit_info.value.code)
     assert str(checkpoint / "model.safetensors") in line and "non-finite" in line and name in line
     assert not (tmp_path / "transformer").exists() and not (tmp_path / "projector").exists()
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-4"]
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step(tiny_run, tmp_path, capsys, monkeypatch):
-    import tsa.train
-    from tsa.validation import verify_checkpoint
+def test_a_non_finite_loss_stops_the_run_naming_the_step(default_run, tmp_path, capsys, monkeypatch):
+    import tsa.cli.train
+    import tsa.training.loop
+    from tsa.training.checkpoints import verify_checkpoint
 
-    compute_losses, calls = tsa.train.compute_losses, []
+    compute_losses, calls = tsa.training.loop.compute_losses, []
 
     def nan_at_second_step(*args):
         loss, losses = compute_losses(*args)
         calls.append(1)
         return (loss * float("nan"), {**losses, "loss": float("nan")}) if len(calls) == 2 else (loss, losses)
 
-    monkeypatch.setattr(tsa.train, "compute_losses", nan_at_second_step)
+    monkeypatch.setattr(tsa.training.loop, "compute_losses", nan_at_second_step)
     output = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        tsa.train.main([*assets(tiny_run[0]), "--output-dir", str(output), "--max-steps", "3",
-                        "--checkpointing-steps", "1", *QUIET])
+        tsa.cli.train.main([*assets(default_run[0], DEFAULT_FAMILY), "--output-dir", str(output), "--max-steps", "3",
+                            "--checkpointing-steps", "1", *QUIET])
     line = _one_line_exit(capsys, exit_info.value.code)
     assert line.startswith("tsa-train: error: step 2:") and "gradient norm is nan" in line, line
     assert sorted(path.name for path in (output / "checkpoints").iterdir()) == ["checkpoint-1"]
     verify_checkpoint(output / "checkpoints" / "checkpoint-1")
     assert not (output / "transformer").exists() and not (output / "losses.json").exists()
+
+
+@pytest.mark.parametrize("other_family", [name for name in FAMILIES if name != DEFAULT_FAMILY])
+def test_resume_matches_an_uninterrupted_run(tiny_runs, other_family, tmp_path, monkeypatch):
+    """In process, with the LaMo drift loss: the state a run left at step 2, resumed in a fresh output dir (the
+    default family's resume is the killed-and-resumed test's)."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    family = other_family
+    run = tiny_runs(family)[0]
+    common = [*assets(run, family), "--train-batch-size", "1", "--checkpointing-steps", "2", "--motion-drift-weight",
+              "0.4", "--lr-scheduler", "cosine", "--lr-warmup-steps", "1", "--max-steps", "3", *QUIET]
+    straight = train_cli([*common, "--output-dir", tmp_path / "straight"])
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-2",
+                    tmp_path / "resumed" / "checkpoints" / "checkpoint-2")
+    resumed = train_cli([*common, "--output-dir", tmp_path / "resumed", "--resume", "latest"])
+    assert [row["step"] for row in resumed] == [1, 2, 3]
+    for name in ("loss", "diffusion", "align", "drift", "predictor", "lr"):
+        np.testing.assert_allclose([row[name] for row in resumed], [row[name] for row in straight],
+                                   rtol=1e-5, atol=1e-7, err_msg=name)
+    assert resumed[-1]["drift"] > 0 and resumed[-1]["predictor"] > 0
+
+
+def test_wan22_a14b_trains_the_chosen_expert_on_its_timesteps(tiny_runs, tmp_path, monkeypatch):
+    """A two-expert pipeline (Wan2.2 A14B): --expert transformer_2 trains the low-noise expert on t < 875 and
+    loads into it; the default expert trains on t >= 875."""
+    from tsa.models.wan import WanFamily
+    from tsa.sampling import load_pipeline
+    from tsa.tiny import save_tiny_pipeline
+
+    run = tiny_runs("wan")[0]
+    model = save_tiny_pipeline(tmp_path / "a14b", family="wan", two_experts=True)
+    listing = tmp_path / "two.csv"
+    listing.write_text("video,caption\n" + "".join(
+        f"{run / 'tiny' / 'data' / line.strip()},a clip\n"
+        for line in (run / "tiny" / "data" / "videos.txt").read_text().splitlines()[:2]))
+    seen, denoise = [], WanFamily.denoise_and_loss
+
+    def recording(self, *args, **kwargs):
+        out = denoise(self, *args, **kwargs)
+        seen.append(out["timesteps"])
+        return out
+
+    monkeypatch.setattr(WanFamily, "denoise_and_loss", recording)
+    common = ["--preset", "tiny", "--model-path", model, "--teacher-path", run / "tiny" / "videomae", "--data",
+              listing, "--cache-dir", tmp_path / "cache", "--max-steps", "2", *QUIET]
+    output = tmp_path / "low-noise"
+    train_cli([*common, "--output-dir", output, "--expert", "transformer_2", "--finetune", "lora", "--lora-rank", "4",
+               "--lora-alpha", "4"])
+    assert seen and all(float(t.max()) < 875 for t in seen)
+    pipe = load_pipeline(output, model, torch.float32, expert="transformer_2")
+    assert type(pipe).__name__ == "WanPipeline" and pipe.config.boundary_ratio == 0.875
+    assert getattr(pipe.transformer_2, "peft_config", None) and not getattr(pipe.transformer, "peft_config", None)
+    seen.clear()
+    train_cli([*common, "--output-dir", tmp_path / "high-noise", "--align", "none"])
+    assert seen and all(float(t.min()) >= 875 for t in seen)
+    assert (tmp_path / "high-noise" / "transformer" / "config.json").is_file()

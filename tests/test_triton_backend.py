@@ -12,8 +12,7 @@ import torch
 
 from stss_kernels import tempered_kl_reference
 from stss_kernels._core import chunking
-from stss_kernels.ops.tempered_kl import triton_backend
-from stss_kernels.ops.tempered_kl.triton_backend import backward, forward_v2, tempered_kl_triton
+from stss_kernels.ops.tempered_kl.triton_backend import forward, tempered_kl_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -52,24 +51,14 @@ def _assert_matches(actual, truth, rel: float) -> None:
         assert _max_error(value, expected) <= rel * scale, f"{name}: error {_max_error(value, expected):.3g}"
 
 
-@pytest.fixture(params=[1, 2], ids=["gen1", "gen2"], autouse=True)
-def generation(request, monkeypatch):
-    """Every test runs both kernel generations (generations.py)."""
-    monkeypatch.setattr(triton_backend, "KERNEL_GENERATION", request.param)
-    return request.param
-
-
 @pytest.fixture(params=["fused", "chunked"])
 def backward_path(request, monkeypatch):
-    """Run the kernels as narrow features do or, as wide features do, the chunked dL/dS + product path.
-
-    Generation 1: the fused backward or the chunked one (its forward has one path). Generation 2: the
-    resident-query forward and fused backward, or the channel-loop forward and the chunked backward.
-    The chunked path's block budget is cut so that a video takes several chunks of query rows.
+    """Run the kernels as narrow features do (the resident-query forward and the fused backward) or, as wide
+    features do, the channel-loop forward and the chunked dL/dS + product backward. The chunked path's block
+    budget is cut so that a video takes several chunks of query rows.
     """
     if request.param == "chunked":
-        monkeypatch.setattr(backward, "FUSED_MAX_CHANNELS", 0)
-        monkeypatch.setattr(forward_v2, "NARROW_CHANNELS", 0)
+        monkeypatch.setattr(forward, "NARROW_CHANNELS", 0)
         monkeypatch.setattr(chunking, "CHUNK_BUDGET_BYTES", 4 * 17 * 60 * 4)
     return request.param
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from tsa.features import BlockFeatureCapture, resample_features, token_grid
+from tsa.models.cogvideox import tiny_transformer
+from tsa.models.tiny import TINY_TEXT_DIM, TINY_TEXT_LENGTH
 from tsa.projector import AlignmentProjector
-from tsa.tiny import TINY_TEXT_DIM, TINY_TEXT_LENGTH, tiny_transformer
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -106,10 +107,11 @@ def test_peft_lora_adapters():
 
 
 def test_token_grid_with_temporal_patch():
-    config = type("Config", (), {"patch_size": 2, "patch_size_t": 2})
-    assert token_grid(config, (1, 5, 16, 6, 8)) == (3, 3, 4)
-    config.patch_size_t = None
-    assert token_grid(config, (1, 5, 16, 6, 8)) == (5, 3, 4)
+    from diffusers.configuration_utils import FrozenDict  # a diffusers model's .config: a mapping with attributes
+
+    config = {"_class_name": "CogVideoXTransformer3DModel", "patch_size": 2}
+    assert token_grid(FrozenDict(config, patch_size_t=2), (1, 5, 16, 6, 8)) == (3, 3, 4)
+    assert token_grid(FrozenDict(config, patch_size_t=None), (1, 5, 16, 6, 8)) == (5, 3, 4)
 
 
 def test_resample_features():

@@ -4,11 +4,18 @@ import pytest
 import torch
 
 from tsa.diffusion import denoise_and_loss
-from tsa.models.cogvideox import cogvideox_scheduler, diffusion_loss, rotary_embeddings, sample_timesteps
+from tsa.models.cogvideox import (
+    cogvideox_scheduler,
+    diffusion_loss,
+    rotary_embeddings,
+    sample_timesteps,
+    tiny_transformer,
+)
+from tsa.models.tiny import TINY_TEXT_DIM, TINY_TEXT_LENGTH
 from tsa.objective import AlignmentObjective
 from tsa.projector import AlignmentProjector
 from tsa.teachers import load_teacher
-from tsa.tiny import TINY_TEXT_DIM, TINY_TEXT_LENGTH, tiny_dinov2, tiny_transformer, tiny_videomae, tiny_vjepa2
+from tsa.tiny import tiny_dinov2, tiny_videomae, tiny_vjepa2
 
 diffusers = pytest.importorskip("diffusers")
 SCHEDULER = cogvideox_scheduler()

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from tsa.cli.convert_videomae import main
 from tsa.teachers import load_teacher, resize_video
-from tsa.teachers.videomae import POSITION_TABLE_FILE, convert_videomae_v2_checkpoint, main, resample_position_table
+from tsa.teachers.videomae import POSITION_TABLE_FILE, convert_videomae_v2_checkpoint, resample_position_table
 from tsa.tiny import tiny_dinov2, tiny_videomae, tiny_vjepa2
 
 transformers = pytest.importorskip("transformers")

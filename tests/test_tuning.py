@@ -1,4 +1,4 @@
-"""Launch-config cache, capture fallback, warm-up and the kernel-generation switch (no GPU needed)."""
+"""Launch-config cache, capture fallback and warm-up (no GPU needed)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import torch
 
 import stss_kernels
 from stss_kernels._core import tuning
-from stss_kernels.ops.tempered_kl import triton_backend
-from stss_kernels.ops.tempered_kl.triton_backend import backward, backward_v2, forward, forward_v2, generations
+from stss_kernels.ops.tempered_kl.triton_backend import backward, forward
 
 
 class FakeConfig:
@@ -100,18 +99,18 @@ def test_capturing_or_tracing_is_true_inside_torch_compile():
 
 
 def test_every_kernel_is_registered_with_its_config_list():
-    names = {"tempered_kl.forward", "tempered_kl.feature_grad", "tempered_kl.similarity_grad",
-             "tempered_kl.forward_v2.narrow", "tempered_kl.forward_v2.wide", "tempered_kl.feature_grad_v2.row",
-             "tempered_kl.similarity_grad_v2", "tempered_kl.dual_product", "tempered_kl.row_product"}  # fmt: skip
+    names = {"tempered_kl.forward.narrow", "tempered_kl.forward.wide", "tempered_kl.feature_grad.column",
+             "tempered_kl.feature_grad.row", "tempered_kl.similarity_grad", "tempered_kl.dual_product",
+             "tempered_kl.row_product"}  # fmt: skip
     assert names <= set(tuning.REGISTRY)
-    assert forward.FORWARD.configs and backward.FEATURE_GRAD.restore == ("grad_ptr",)
-    assert backward_v2.DUAL_PRODUCT.restore == ("grad_ptr",) and forward_v2.FORWARD_V2[True].configs
+    assert forward.FORWARD[True].configs and forward.FORWARD[False].configs
+    assert backward.FEATURE_GRAD[False].restore == ("grad_ptr",) and backward.DUAL_PRODUCT.restore == ("grad_ptr",)
 
 
 def test_warmup_runs_and_reports_tuned_classes():
     stss_kernels.clear_tuning_cache()
     tuned = stss_kernels.warmup([(1, 2, 7, 5, 6)], dtypes=(torch.float32,), mask_ratios=(None, 0.5), device="cpu")
-    assert "tempered_kl.forward" in tuned or "tempered_kl.forward_v2.narrow" in tuned
+    assert "tempered_kl.forward.narrow" in tuned
     assert any(key[-1] == (("masked", True),) for classes in tuned.values() for key in classes)
     with pytest.raises(ValueError, match="shapes"):
         stss_kernels.warmup([(1, 2, 7, 5)], device="cpu")
@@ -123,45 +122,9 @@ def test_warmup_needs_a_gpu_outside_the_interpreter(monkeypatch):
         stss_kernels.warmup([(1, 2, 7, 5, 6)], device="cpu")
 
 
-def test_generation_switch(monkeypatch):
-    monkeypatch.setattr(triton_backend, "KERNEL_GENERATION", None)
-    monkeypatch.delenv(generations.GENERATION_ENV, raising=False)
-    assert generations.kernel_generation() == 1
-    monkeypatch.setenv(generations.GENERATION_ENV, "2")
-    assert generations.kernel_generation() == 2
-    monkeypatch.setattr(triton_backend, "KERNEL_GENERATION", 1)
-    assert generations.kernel_generation() == 1
-    monkeypatch.setattr(triton_backend, "KERNEL_GENERATION", 3)
-    with pytest.raises(ValueError, match="KERNEL_GENERATION"):
-        generations.kernel_generation()
-    assert generations.kernels(2) == (forward_v2.tempered_kl_forward_v2, backward_v2.tempered_kl_feature_grad_v2)
-
-
-@pytest.mark.parametrize("forward_generation, backward_generation", [(1, 2), (2, 1)])
-def test_generations_share_the_saved_statistics(forward_generation, backward_generation):
-    """A backward of either generation after a forward of the other gives the same gradient (same stats)."""
-    generator = torch.Generator().manual_seed(0)
-    batch, frames, hw, cs, ct = 2, 2, 9, 5, 7
-    student = torch.nn.functional.normalize(torch.randn(batch, frames * hw, cs, generator=generator), dim=-1)
-    teacher = torch.nn.functional.normalize(torch.randn(batch, frames * hw, ct, generator=generator), dim=-1)
-    row_grad = torch.randn(batch, frames * hw, generator=generator) / frames
-    kl_mixed, stats = generations.kernels(forward_generation)[0](student, teacher, frames, 0.1, 0.1, None, None, None)
-    kl_same, stats_same = generations.kernels(backward_generation)[0](
-        student, teacher, frames, 0.1, 0.1, None, None, None
-    )
-    torch.testing.assert_close(kl_mixed, kl_same, rtol=1e-5, atol=1e-6)
-    feature_grad = generations.kernels(backward_generation)[1]
-    mixed = feature_grad(student, teacher, stats, row_grad, None, None, 0.1, 0.1, False)
-    same = feature_grad(student, teacher, stats_same, row_grad, None, None, 0.1, 0.1, False)
-    # The two forwards sum in different orders: statistics agree to fp32 rounding, amplified by 1 / tau.
-    assert (mixed - same).abs().max() <= 1e-5 * same.abs().max()
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("generation", [1, 2])
-def test_cuda_graph_capture_does_not_tune(generation, monkeypatch):
+def test_cuda_graph_capture_does_not_tune(monkeypatch):
     """An untuned shape class met during capture runs the default config; nothing is timed or cached."""
-    monkeypatch.setattr(triton_backend, "KERNEL_GENERATION", generation)
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(2, 4 * 150, 64, generator=generator).cuda().bfloat16()
     teacher = torch.randn(2, 4 * 150, 96, generator=generator).cuda().bfloat16()

@@ -133,8 +133,9 @@ def test_default_queries_are_the_most_dynamic_tokens_and_the_centre():
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
+    from tsa.models.cogvideox import tiny_transformer
     from tsa.teachers import load_teacher
-    from tsa.tiny import tiny_transformer, tiny_videomae
+    from tsa.tiny import tiny_videomae
 
     root = tmp_path_factory.mktemp("viz-models")
     return tiny_transformer(num_layers=2), load_teacher("videomae", tiny_videomae(root / "videomae"))
@@ -228,47 +229,22 @@ def test_plot_and_gif_show_every_row_and_frame(tiny_models, tmp_path):
 # --- tsa-train --viz-steps and tsa-viz on a tiny run --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """Two steps of `tsa-train --preset tiny --viz-steps 1`."""
-    from accelerate.state import AcceleratorState, GradientState
+@pytest.fixture
+def tiny_run(tiny_runs):
+    """The default family's shared tiny run (tests/tsa_helpers.py): 4 steps, maps every 2 (--viz-steps 2)."""
+    from tsa.models import DEFAULT_FAMILY
 
-    from tsa.config import parse_args
-    from tsa.train import train
-
-    output = tmp_path_factory.mktemp("viz-run")
-    try:
-        train(
-            parse_args(
-                [
-                    "--output-dir",
-                    str(output),
-                    "--max-steps",
-                    "2",
-                    "--checkpointing-steps",
-                    "2",
-                    "--num-videos",
-                    "3",
-                    "--viz-steps",
-                    "1",
-                    "--no-progress",
-                ]
-            )
-        )
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    return output
+    return tiny_runs(DEFAULT_FAMILY)[0]
 
 
 @pytest.mark.slow
 def test_viz_steps_write_maps_and_scalars_during_training(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert sorted(path.name for path in (tiny_run / "viz").glob("step-*.png")) == ["step-000001.png", "step-000002.png"]
+    assert sorted(path.name for path in (tiny_run / "viz").glob("step-*.png")) == ["step-000002.png", "step-000004.png"]
     assert all(path.stat().st_size > 20_000 for path in (tiny_run / "viz").glob("step-*.png"))
     rows = [json.loads(line) for line in (tiny_run / "viz" / "stats.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [1, 2]
+    assert [row["step"] for row in rows] == [2, 4]
     for row in rows:
         assert all(math.isfinite(value) for value in row.values())
         assert 0 < row["viz/entropy_teacher"] <= math.log(6) and 0 < row["viz/entropy_student"] <= math.log(6)
@@ -281,14 +257,14 @@ def test_viz_steps_write_maps_and_scalars_during_training(tiny_run):
     assert {"viz/kl", "viz/entropy_student", "viz/kl_frame_03", "viz/mask_coverage"} <= set(
         accumulator.Tags()["scalars"]
     )
-    assert [event.step for event in accumulator.Images("viz/correspondences")] == [1, 2]
+    assert [event.step for event in accumulator.Images("viz/correspondences")] == [2, 4]
 
 
 @pytest.mark.slow
 def test_tsa_viz_writes_the_picture_and_gif_of_a_tiny_run(tiny_run, tmp_path, capsys):
     from PIL import Image
 
-    from tsa.viz import main
+    from tsa.cli.viz import main
 
     clip = tiny_run / "tiny" / "data" / "videos" / "clip_001.mp4"
     output = main(
@@ -336,19 +312,20 @@ def test_tsa_viz_writes_the_picture_and_gif_of_a_tiny_run(tiny_run, tmp_path, ca
     ],
 )
 def test_tsa_viz_refuses_bad_requests_in_one_line_before_loading(tiny_run, capsys, monkeypatch, extra, message):
-    import tsa.viz
+    import tsa.cli.viz
+    import tsa.viz.runs
 
-    monkeypatch.setattr(tsa.viz, "load_run", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(tsa.viz.runs, "load_run", lambda *a, **k: pytest.fail("a model was loaded"))
     clip = tiny_run / "tiny" / "data" / "videos" / "clip_000.mp4"
     with pytest.raises(SystemExit) as exit_info:
-        tsa.viz.main([str(tiny_run), "--video", str(clip), *extra])
+        tsa.cli.viz.main([str(tiny_run), "--video", str(clip), *extra])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("tsa-viz: error: ") and re.search(message, error), error
 
 
 def test_tsa_viz_refuses_missing_runs_videos_and_runs_without_a_teacher(tmp_path, capsys):
-    from tsa.viz import main
+    from tsa.cli.viz import main
 
     def error(argv):
         with pytest.raises(SystemExit):
@@ -363,17 +340,17 @@ def test_tsa_viz_refuses_missing_runs_videos_and_runs_without_a_teacher(tmp_path
 
 
 def test_viz_steps_option_is_checked():
-    from tsa.config import parse_args
+    from tsa.cli.options import parse_config
 
-    assert parse_args([]).viz_steps == 0
-    assert parse_args(["--viz-steps", "25"]).viz_steps == 25
+    assert parse_config([]).viz_steps == 0
+    assert parse_config(["--viz-steps", "25"]).viz_steps == 25
     for argv in (
         ["--viz-steps", "-1"],
         ["--viz-steps", "5", "--align", "lamo"],
         ["--viz-steps", "5", "--align", "none"],
     ):
         with pytest.raises(SystemExit):
-            parse_args(argv)
+            parse_config(argv)
 
 
 @pytest.mark.slow
@@ -381,15 +358,15 @@ def test_lora_run_shows_the_base_model_with_its_adapters_disabled(tiny_run, tmp_
     from accelerate.state import AcceleratorState, GradientState
     from diffusers import CogVideoXTransformer3DModel
 
-    from tsa.config import parse_args
-    from tsa.train import train
+    from tsa.cli.options import parse_config
+    from tsa.training import train
     from tsa.viz import clip_alignment, load_run
 
     tiny = tiny_run / "tiny"
     output = tmp_path / "lora"
     try:
         train(
-            parse_args(
+            parse_config(
                 [
                     "--preset",
                     "tiny",
@@ -449,15 +426,16 @@ def test_a_wan_run_gets_its_pictures_through_the_wan_family(tmp_path, capsys):
     come through the Wan family."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from tsa.config import parse_args
-    from tsa.train import train
-    from tsa.viz import load_run, main
+    from tsa.cli.options import parse_config
+    from tsa.cli.viz import main
+    from tsa.training import train
+    from tsa.viz import load_run
 
     output = tmp_path / "wan"
     argv = ["--preset", "tiny", "--model-family", "wan", "--finetune", "lora", "--lora-rank", "4"]
     argv += ["--output-dir", str(output), "--max-steps", "1", "--num-videos", "2", "--viz-steps", "1", "--no-progress"]
     try:
-        train(parse_args(argv))
+        train(parse_config(argv))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()

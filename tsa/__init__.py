@@ -1,7 +1,14 @@
 """TSA / M-TSA / TRD / REPA / LaMo alignment layer over diffusers video DiTs (CogVideoX, Wan2.1 / Wan2.2).
 
+    import tsa
+    config = tsa.TrainConfig.from_preset("tiny", output_dir="runs/tiny", max_steps=20)
+    history = tsa.train(config)                       # the loop tsa-train runs
+    tsa.sample("runs/tiny", ["a red ball falls and bounces on the floor"], num_inference_steps=5)
+
 `import tsa` loads torch and stss_kernels only; the names backed by diffusers / transformers
-(projector, teachers, diffusion objective) are imported on first access.
+(projector, teachers, diffusion objective, training, sampling) are imported on first access.
+Layout: tsa.models (families), tsa.teachers, tsa.lamo, the alignment library (losses, masks, projector, features,
+objective), tsa.training (config, loop, checkpoints, cache, data), tsa.sampling, tsa.viz and tsa.cli (the commands).
 """
 
 from tsa.features import BlockFeatureCapture, resample_features
@@ -21,6 +28,10 @@ _LAZY = {
     "detect_family": "tsa.models",
     "family_of": "tsa.models",
     "get_family": "tsa.models",
+    "TrainConfig": "tsa.training.config",
+    "train": "tsa.training.loop",
+    "precompute_cache": "tsa.training.cache",
+    "sample": "tsa.sampling",
 }
 
 __all__ = [

@@ -17,8 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-TRD_VARIANTS = ("full", "spatial", "temporal")
-KERNEL_BACKENDS = ("auto", "triton", "torch", "reference")  # stss_kernels.tempered_kl / relation_distance
+from tsa.choices import KERNEL_BACKENDS, TRD_VARIANTS
 
 
 def _positive(name):

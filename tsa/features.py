@@ -14,14 +14,11 @@ def unwrap_transformer(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def token_grid(config, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """(F, H, W) token grid of a transformer (its config) for latents of shape (B, F, C, h, w): the family's
-    (from the config's `_class_name`); a config without one is read as CogVideoX's (int patch_size,
-    optional patch_size_t)."""
-    from tsa.models import family_of, get_family
+    """(F, H, W) token grid of a transformer (its config, with `_class_name`) for latents of shape (B, F, C, h, w),
+    as its family reads it."""
+    from tsa.models import family_of
 
-    known = isinstance(config, dict) or hasattr(config, "get")
-    family = family_of(config) if known and "_class_name" in config else get_family("cogvideox")
-    return family.token_grid(config, latent_shape)
+    return family_of(config).token_grid(config, latent_shape)
 
 
 class BlockFeatureCapture:

@@ -6,11 +6,17 @@ fastest; later launches of that class reuse it. While a CUDA graph is being capt
 torch.export is tracing, an untuned class gets the kernel's default config instead of being timed (timing
 would launch and synchronise inside the capture), and that choice is not cached. `stss_kernels.warmup`
 tunes the classes of given shapes ahead of time.
+
+With STSS_TUNING_FILE=PATH set, choices outlive the process: a class met for the first time is looked up in
+that JSON file (under this GPU's name and architecture) before anything is timed, and each new choice is
+added to it, so a series of processes (the GPU suite's steps) tunes every class once. A stored config is
+used only while it is still one of the kernel's candidates; it also serves inside capture and tracing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Sequence
 
@@ -21,6 +27,8 @@ from stss_kernels._core.library import is_tracing
 
 # Set STSS_AUTOTUNE=0 to use every kernel's default config without timing anything.
 AUTOTUNE_ENV = "STSS_AUTOTUNE"
+# Set STSS_TUNING_FILE=PATH to read and add to a JSON file of tuned configs shared by processes.
+TUNING_FILE_ENV = "STSS_TUNING_FILE"
 
 
 def next_power_of_two(value: int) -> int:
@@ -75,6 +83,57 @@ def autotune_enabled() -> bool:
     return os.environ.get(AUTOTUNE_ENV, "1").lower() not in ("0", "false", "no", "off")
 
 
+def config_record(config) -> dict:
+    """What identifies a config among a kernel's candidates: what a launch passes (see TunedKernel.__call__)."""
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def device_label() -> str:
+    """The GPU that tuned configs belong to, e.g. 'NVIDIA H100 80GB HBM3 sm_90'."""
+    major, minor = torch.cuda.get_device_capability()
+    return f"{torch.cuda.get_device_name()} sm_{major}{minor}"
+
+
+def read_tuning_file(path: str) -> dict:
+    """{"devices": {device label: {kernel name: {repr(shape class): config record}}}}; {} where there is no file."""
+    try:
+        with open(path) as file:
+            data = json.load(file)
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{TUNING_FILE_ENV}={path}: not a readable tuning file ({error})") from error
+    if not isinstance(data, dict) or not isinstance(data.get("devices", {}), dict):
+        raise ValueError(f"{TUNING_FILE_ENV}={path}: not a tuning file (expected {{'devices': {{...}}}})")
+    return data
+
+
+def stored_config(name: str, key: tuple, configs: Sequence):
+    """The config of `configs` that the tuning file holds for kernel `name` and shape class `key`, else None."""
+    path = os.environ.get(TUNING_FILE_ENV)
+    if not path or not torch.cuda.is_available():
+        return None
+    record = read_tuning_file(path).get("devices", {}).get(device_label(), {}).get(name, {}).get(repr(key))
+    return next((config for config in configs if config_record(config) == record), None)
+
+
+def store_config(name: str, key: tuple, config) -> None:
+    """Add a choice to the tuning file: read it again, merge, and replace it in one step (a reader never sees half a
+    file; two processes storing at the same moment can drop one choice, which is then tuned again later)."""
+    path = os.environ.get(TUNING_FILE_ENV)
+    if not path or not torch.cuda.is_available():
+        return
+    data = read_tuning_file(path)
+    kernels = data.setdefault("devices", {}).setdefault(device_label(), {})
+    kernels.setdefault(name, {})[repr(key)] = config_record(config)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as file:
+        json.dump(data, file, indent=1, sort_keys=True)
+    os.replace(temporary, path)
+
+
 @dataclasses.dataclass
 class TunedKernel:
     """A @triton.jit kernel with candidate configs, launched with the cached config of each shape class.
@@ -99,9 +158,14 @@ class TunedKernel:
         if len(self.configs) == 1 or triton_interpreting():
             self.cache[key] = self.configs[0]
             return self.configs[0]
+        stored = stored_config(self.name, key, self.configs)
+        if stored is not None:
+            self.cache[key] = stored
+            return stored
         if capturing_or_tracing() or not autotune_enabled():
             return self.configs[self.default(key)]
         self.cache[key] = self._tune(launch, arguments)
+        store_config(self.name, key, self.cache[key])
         return self.cache[key]
 
     def _tune(self, launch: Callable[[object], None], arguments: dict):

@@ -4,22 +4,27 @@
     family = get_family("wan", timestep_sampling="uniform")
     family = family_of(transformer)             # from the transformer's class (through peft / DDP wrappers)
 
-To add a family: one module here with a ModelFamily subclass (its tiny builder included), an entry in
-FAMILIES, and tests on its tiny random models.
+To add a family: one module here with a ModelFamily subclass (the contract is ModelFamily's docstring, its
+tiny builder included) and one entry in FAMILIES; the conformance suite (tests/families/) then runs on it.
+FAMILIES is the one list of families: the command line's --model-family choices, the presets and the tests
+all come from it.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from tsa.choices import MODEL_FAMILIES
-from tsa.models.base import ModelFamily, model_index, noise_level_alphas_cumprod, unwrap_module
+from tsa.models.base import TIMESTEP_SAMPLING, ModelFamily, model_index, noise_level_alphas_cumprod, unwrap_module
 
 FAMILIES = {"cogvideox": "tsa.models.cogvideox:CogVideoXFamily", "wan": "tsa.models.wan:WanFamily"}
-assert tuple(FAMILIES) == MODEL_FAMILIES
+DEFAULT_FAMILY = next(iter(FAMILIES))  # the tiny preset's models when no --model-family is given
 
 __all__ = [
+    "DEFAULT_FAMILY",
     "FAMILIES",
+    "TIMESTEP_SAMPLING",
+    "all_experts",
+    "all_objective_options",
     "ModelFamily",
     "detect_family",
     "detect_family_name",
@@ -48,6 +53,20 @@ def get_family(name: str, **options) -> ModelFamily:
 
 def _all_classes():
     return [family_class(name) for name in FAMILIES]
+
+
+def all_experts() -> tuple[str, ...]:
+    """Every denoiser component name of every family (tsa-train --expert choices), in registry order."""
+    return tuple(dict.fromkeys(expert for cls in _all_classes() for expert in cls.experts))
+
+
+def all_objective_options() -> dict[str, tuple[str, ...]]:
+    """Each family objective option (run-config name) -> the families that take it."""
+    users: dict[str, list[str]] = {}
+    for cls in _all_classes():
+        for option in cls.objective_options:
+            users.setdefault(option, []).append(cls.name)
+    return {option: tuple(names) for option, names in users.items()}
 
 
 def pipeline_family_name(pipeline) -> str:

@@ -1,10 +1,9 @@
-"""The model-family interface: everything tsa needs to know about one family of diffusers video DiTs.
+"""The model-family contract: everything tsa needs to know about one family of diffusers video DiTs.
 
-A family (one module under tsa/models/) owns the class names of its pipeline and transformer, how to load
-them from a local diffusers pipeline folder, how clips and prompts become cached latents and embeddings,
-the token grid and the blocks whose outputs are video tokens, the diffusion objective (prediction type,
-loss, x0 estimate, timestep sampling), LoRA saving in its pipeline's loader format, sampling, frame rules,
-presets and a tiny random builder. The rest of tsa only calls these methods.
+A family is one module under tsa/models/ with a ModelFamily subclass, registered by one line in
+tsa.models.FAMILIES. Nothing outside tsa/models/ names a family or branches on one: the command line, the
+training loop, the objective, sampling and the conformance suite (tests/families/) read it all from the
+family object. See ModelFamily for what a subclass defines.
 
 Latents outside a family are always (B, F, C, h, w), normalised the way the family's pipeline expects.
 """
@@ -89,12 +88,36 @@ def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-class ModelFamily:
-    """One family of video DiTs (see the module docstring). Subclasses fill in the class attributes and the
-    methods that raise NotImplementedError; instances may carry objective options (e.g. timestep sampling).
+TIMESTEP_SAMPLING = ("logit-normal", "uniform")  # training timestep densities of flow-matching families
 
-    `timestep_range` = (low, high) restricts training timesteps to [low, high) (e.g. one expert of a
-    two-expert model); None uses the whole schedule.
+
+class ModelFamily:
+    """One family of video DiTs. Instances may carry objective options (e.g. timestep sampling); `timestep_range`
+    = (low, high) restricts training timesteps to [low, high) (one expert of a two-expert model), None uses the
+    whole schedule.
+
+    A new family module defines a subclass with:
+
+    - class attributes: `name` (the registry key, tsa-train --model-family), `pipeline_class_names` and
+      `transformer_class_names` (diffusers class names, for detection), `experts` (pipeline components that are
+      denoisers), `objective_options` (run-config option -> constructor keyword for the family's objective
+      options, e.g. {"flow_shift": "shift"}; options not listed are refused for the family),
+      `default_lora_target_modules`, `temporal_compression`, `spatial_multiple`, `default_guidance_scale`,
+      `default_fps` (tsa-sample's defaults), `presets` (named tsa-train option sets);
+    - loading: `transformer_class`, `pipeline_class`, `load_encoders`, `max_sequence_length`; the rest
+      (`load_transformer`, `load_scheduler`, `load_pipeline`, `from_model_path`) has defaults to override
+      where the family's folders differ;
+    - latents: `normalize_latents`, `vae_compression`;
+    - structure: `blocks`, `token_grid`, `text_dim` (and `video_tokens`, `transformer_input_grid`,
+      `default_align_layer`, `check_latents` where the defaults do not fit);
+    - objective: `check_scheduler`, `sample_timesteps`, `denoise_and_loss`, `x0_from_output`;
+    - weights: `save_lora_weights` / `load_lora_into` where the pipeline's LoRA loader needs more than the default;
+    - tiny models: `tiny_components(num_layers=2, seed=0, **options)` (a dict of the pipeline's components,
+      random, a few thousand parameters, built from tsa.models.tiny's shared pieces) - `save_tiny_pipeline`,
+      tsa-train --preset tiny and the conformance suite (tests/families/) build on it.
+
+    Registering the module in tsa.models.FAMILIES is then all it takes for the command line, the training loop,
+    tsa-sample, tsa-viz and the conformance suite to cover the family.
     """
 
     name: str = ""
@@ -107,6 +130,7 @@ class ModelFamily:
     default_guidance_scale: float = 6.0
     default_fps: int = 8
     presets: dict[str, dict] = {}
+    objective_options: dict[str, str] = {}  # run-config option -> keyword of the constructor (see options_from)
 
     def __init__(self, timestep_range: tuple[float, float] | None = None):
         if timestep_range is not None:
@@ -128,6 +152,13 @@ class ModelFamily:
         if expert not in cls.experts:
             raise ValueError(f"{cls.name} pipelines have the denoisers {cls.experts}, got expert={expert!r}")
         return cls._with_options(**options)
+
+    @classmethod
+    def options_from(cls, values) -> dict:
+        """The family's objective options (constructor keywords) out of a run config (an object with attributes
+        or a mapping, e.g. a TrainConfig or a run's training_args.json); options left None are left out."""
+        get = values.get if isinstance(values, dict) else lambda key: getattr(values, key, None)
+        return {keyword: get(option) for option, keyword in cls.objective_options.items() if get(option) is not None}
 
     @classmethod
     def _with_options(cls, **options) -> ModelFamily:
@@ -249,16 +280,15 @@ class ModelFamily:
     def latent_channels(self, config) -> int:
         return config.out_channels
 
-    def default_align_layer(self, num_blocks: int) -> int:
-        """The 1-based block whose features are aligned by default (about 60% depth)."""
-        return max(1, round(0.6 * num_blocks))
+    def default_align_layer(self, num_blocks: int | None) -> int | None:
+        """The 1-based block whose features are aligned by default (about 60% depth); None when it depends on
+        the depth and `num_blocks` is None (not known before the model loads)."""
+        return None if num_blocks is None else max(1, round(0.6 * num_blocks))
 
     def check_latents(self, config, latents: torch.Tensor) -> None:
         """Raise ValueError when latents (B, F, C, h, w) cannot enter the transformer."""
 
     # ------------------------------------------------------------------------------------------- objective
-    prediction_type: str = ""
-
     def check_scheduler(self, scheduler) -> None:
         """Raise ValueError when `scheduler` is not a training / sampling schedule of this family."""
         raise NotImplementedError
@@ -319,6 +349,12 @@ class ModelFamily:
         return transformer
 
     # ------------------------------------------------------------------------------------------- tiny models
-    def save_tiny_pipeline(self, path, **options) -> Path:
-        """Save a tiny random pipeline folder of this family's real classes (CPU tests, --preset tiny)."""
+    def tiny_components(self, num_layers: int = 2, seed: int = 0, **options) -> dict:
+        """The components of the family's pipeline, tiny and random (options: the family's tiny variants)."""
         raise NotImplementedError
+
+    def save_tiny_pipeline(self, path, num_layers: int = 2, seed: int = 0, **options) -> Path:
+        """Save a tiny random pipeline folder of this family's real classes (CPU tests, --preset tiny)."""
+        path = Path(path)
+        self.pipeline_class()(**self.tiny_components(num_layers=num_layers, seed=seed, **options)).save_pretrained(path)
+        return path

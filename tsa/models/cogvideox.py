@@ -78,7 +78,6 @@ class CogVideoXFamily(ModelFamily):
     name = "cogvideox"
     pipeline_class_names = ("CogVideoXPipeline",)
     transformer_class_names = ("CogVideoXTransformer3DModel",)
-    prediction_type = "v_prediction"
     default_guidance_scale = 6.0
     default_fps = 8
     presets = {
@@ -180,7 +179,7 @@ class CogVideoXFamily(ModelFamily):
     def text_dim(self, config) -> int:
         return config.text_embed_dim
 
-    def default_align_layer(self, num_blocks: int) -> int:
+    def default_align_layer(self, num_blocks: int | None) -> int:
         return 18  # CogVideoX-2B's block 18 of 30 (TSA / VideoREPA); 5B keeps the same index
 
     def check_latents(self, config, latents):
@@ -241,9 +240,9 @@ class CogVideoXFamily(ModelFamily):
         return alpha_bar.sqrt() * sample.float() - (1 - alpha_bar).sqrt() * model_output
 
     # ------------------------------------------------------------------------------------------- tiny models
-    def tiny_components(self, num_layers: int = 2, rotary: bool = False, seed: int = 0) -> dict:
+    def tiny_components(self, num_layers: int = 2, seed: int = 0, rotary: bool = False) -> dict:
         """The five components of a CogVideoXPipeline, tiny and random (the scheduler is CogVideoX-2B's)."""
-        from tsa.tiny import tiny_tokenizer
+        from tsa.models.tiny import tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         return {
@@ -254,19 +253,12 @@ class CogVideoXFamily(ModelFamily):
             "scheduler": cogvideox_scheduler(),
         }
 
-    def save_tiny_pipeline(self, path, num_layers: int = 2, rotary: bool = False, seed: int = 0) -> Path:
-        from diffusers import CogVideoXPipeline
-
-        path = Path(path)
-        CogVideoXPipeline(**self.tiny_components(num_layers, rotary, seed)).save_pretrained(path)
-        return path
-
 
 def tiny_transformer(num_layers: int = 2, latent_channels: int = 4, rotary: bool = False, seed: int = 0):
     """CogVideoXTransformer3DModel: 2 heads x 16 dims; `rotary=True` mimics the 5B (3D RoPE) layout."""
     from diffusers import CogVideoXTransformer3DModel
 
-    from tsa.tiny import TINY_TEXT_DIM, TINY_TEXT_LENGTH
+    from tsa.models.tiny import TINY_TEXT_DIM, TINY_TEXT_LENGTH
 
     torch.manual_seed(seed)
     return CogVideoXTransformer3DModel(
@@ -311,7 +303,7 @@ def tiny_t5(vocab_size: int, seed: int = 0):
     """A 2-layer T5 encoder with d_model = TINY_TEXT_DIM."""
     from transformers import T5Config, T5EncoderModel
 
-    from tsa.tiny import TINY_TEXT_DIM
+    from tsa.models.tiny import TINY_TEXT_DIM
 
     torch.manual_seed(seed)
     config = T5Config(

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tsa.choices import TIMESTEP_SAMPLING
-from tsa.models.base import ModelFamily, flow_shift, is_flow_scheduler, model_index, shift_sigmas
+from tsa.models.base import TIMESTEP_SAMPLING, ModelFamily, flow_shift, is_flow_scheduler, model_index, shift_sigmas
 
 
 class WanFamily(ModelFamily):
@@ -34,7 +33,10 @@ class WanFamily(ModelFamily):
     pipeline_class_names = ("WanPipeline",)
     transformer_class_names = ("WanTransformer3DModel",)
     experts = ("transformer", "transformer_2")
-    prediction_type = "flow"
+    objective_options = {  # tsa-train options -> constructor keywords
+        "timestep_sampling": "timestep_sampling", "logit_mean": "logit_mean", "logit_std": "logit_std",
+        "flow_shift": "shift",
+    }
     default_guidance_scale = 5.0
     default_fps = 16
     presets = {
@@ -303,14 +305,14 @@ class WanFamily(ModelFamily):
 
     # ------------------------------------------------------------------------------------------- tiny models
     def tiny_components(
-        self, num_layers: int = 2, two_experts: bool = False, ti2v: bool = False, seed: int = 0
+        self, num_layers: int = 2, seed: int = 0, two_experts: bool = False, ti2v: bool = False
     ) -> dict:
         """The components of a WanPipeline, tiny and random: Wan2.1 by default, Wan2.2 A14B-style with
         `two_experts` (transformer + transformer_2, boundary_ratio 0.875), TI2V-5B-style with `ti2v`
         (expand_timesteps, a residual VAE with 16x spatial compression)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        from tsa.tiny import tiny_tokenizer
+        from tsa.models.tiny import tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         channels = 6 if ti2v else 4
@@ -329,21 +331,12 @@ class WanFamily(ModelFamily):
             components["expand_timesteps"] = True
         return components
 
-    def save_tiny_pipeline(
-        self, path, num_layers: int = 2, two_experts: bool = False, ti2v: bool = False, seed: int = 0
-    ) -> Path:
-        from diffusers import WanPipeline
-
-        path = Path(path)
-        WanPipeline(**self.tiny_components(num_layers, two_experts, ti2v, seed)).save_pretrained(path)
-        return path
-
 
 def tiny_wan_transformer(num_layers: int = 2, latent_channels: int = 4, seed: int = 0):
     """WanTransformer3DModel: 2 heads x 16 dims, patch (1, 2, 2), text width TINY_TEXT_DIM."""
     from diffusers import WanTransformer3DModel
 
-    from tsa.tiny import TINY_TEXT_DIM
+    from tsa.models.tiny import TINY_TEXT_DIM
 
     torch.manual_seed(seed)
     return WanTransformer3DModel(
@@ -390,7 +383,7 @@ def tiny_umt5(vocab_size: int, seed: int = 0):
     """A 2-layer UMT5 encoder with d_model = TINY_TEXT_DIM."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from tsa.tiny import TINY_TEXT_DIM
+    from tsa.models.tiny import TINY_TEXT_DIM
 
     torch.manual_seed(seed)
     config = UMT5Config(

@@ -4,7 +4,6 @@ Forward: one program per (query tile, target frame, video) runs the student and 
 online softmaxes and the KL accumulator over that frame's key tiles (exp2 with logits pre-scaled by
 log2(e)/tau) and saves five fp32 statistics per (query, frame) (forward.py). Backward: recomputes the
 tiles (backward.py). Queries with query_weight == 0 are never visited: kl 0, no gradient, no cost.
-Generation 2 of both (forward_v2.py, backward_v2.py) is selected by KERNEL_GENERATION (generations.py).
 The kernels run inside the custom ops of function.py; importing this package does not import Triton.
 """
 
@@ -15,11 +14,8 @@ import torch
 from stss_kernels._core.backends import check_triton_runs
 from stss_kernels._core.validation import check_backend_inputs, check_temperature
 from stss_kernels.ops.tempered_kl.triton_backend.function import tempered_kl_triton_op
-from stss_kernels.ops.tempered_kl.triton_backend.generations import kernel_generation
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Kernel generation (1 or 2; None: $STSS_KERNEL_GENERATION, else 1), read at each call: see generations.py.
-KERNEL_GENERATION: int | None = None
 
 
 def tempered_kl_triton(
@@ -43,7 +39,7 @@ def tempered_kl_triton(
     check_triton_runs("tempered_kl_triton", student.device, "tempered_kl_torch")
     weight = None if query_weight is None else query_weight.detach()
     student, teacher = student.contiguous(), teacher.contiguous()
-    return tempered_kl_triton_op(student, teacher, frames, tau_student, tau_teacher, weight, kernel_generation())[0]
+    return tempered_kl_triton_op(student, teacher, frames, tau_student, tau_teacher, weight)[0]
 
 
 __all__ = ["tempered_kl_triton"]

@@ -1,133 +1,167 @@
 """The tempered-KL kernels as `python -m bench.compile` compiles them ahead of time, with their static cost model.
 
-Arguments mirror the launchers in forward.py, backward.py and similarity_grad.py; the configs are the
-`@triton.autotune` lists themselves. Byte counts are what the programs load and store (valid rows and channels
-only, every tile load counted: L2 -> SM traffic), FLOPs those of the tensor-core products.
+`aot_kernels()` returns one AotKernel per kernel variant, arguments as the
+launchers in forward.py / backward.py pass them, and a LaunchModel of every launch in one loss call. Bytes
+are what the programs load and store (every tile load counted: L2 -> SM traffic), FLOPs those of the
+tensor-core products; executed FLOPs include padded rows, keys and channels.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from stss_kernels._core.aot import AotKernel, LaunchModel, Pointer, Problem, cdiv, round_up
-from stss_kernels._core.chunking import rows_per_chunk
 from stss_kernels._core.tiles import DOT_PRECISION, LOG2E
-from stss_kernels.ops.tempered_kl.triton_backend import aot_v2, backward, forward, similarity_grad
-from stss_kernels.ops.tempered_kl.triton_backend.tiles import NUM_STATS
+from stss_kernels._core.tuning import next_power_of_two
+from stss_kernels.ops.tempered_kl.triton_backend import backward, forward
 
 OP = "tempered_kl"
-# Bytes per row of the fp32 statistics one similarity-grad tile reads (4 of the 5), the row gradient and index.
+_SCALES = dict(scale_s=LOG2E / 0.5, scale_t=LOG2E / 0.1)
+# fp32 statistics one dL/dS tile reads per row (4 of the 5), and the row gradient + kept-query index.
 _STATS_READ = 4 * 4
 _ROW_EXTRAS = 4 + 4
-# Default temperatures: only their type (fp32 scalars) reaches the compiler.
-_SCALES = dict(scale_s=LOG2E / 0.5, scale_t=LOG2E / 0.1)
-
-
-def _chunk_rows(num_tokens: int, dtype: torch.dtype) -> int:
-    """Query rows per launch of the wide-feature backward, as feature_grad_by_chunks sizes them."""
-    return rows_per_chunk(num_tokens, dtype.itemsize * similarity_grad._LIVE_BLOCKS)
 
 
 def _sizes(problem: Problem) -> dict:
     return dict(N=problem.tokens, HW=problem.hw, Cs=problem.cs, Ct=problem.ct)
 
 
-def _gram_flops(rows: int, keys: int, problem: Problem, block_k: int | None = None) -> float:
-    """FLOPs of the student and teacher Gram products of rows x keys (channels padded to block_k if given)."""
-    if block_k is None:
-        return 2.0 * rows * keys * (problem.cs + problem.ct)
-    return 2.0 * rows * keys * (round_up(problem.cs, block_k) + round_up(problem.ct, block_k))
+def _key_tiles(hw: int, block_n: int, block_tail: int) -> tuple[int, int, int]:
+    """(full tiles, tail tiles, padded keys) of one frame walked in BLOCK_N then BLOCK_TAIL tiles."""
+    full = hw // block_n
+    tails = cdiv(hw - full * block_n, block_tail)
+    return full, tails, full * block_n + tails * block_tail
 
 
-def forward_arguments(problem: Problem, dtype: torch.dtype, masked: bool) -> dict:
-    stats = Pointer(torch.float32)
-    index = Pointer(torch.int32) if masked else stats
-    return dict(
-        student_ptr=Pointer(dtype), teacher_ptr=Pointer(dtype), index_ptr=index, count_ptr=index, stats_ptr=stats,
-        **_sizes(problem), frames=problem.frames, **_SCALES,
-        HAS_INDEX=masked, UPCAST=False, PRECISION=DOT_PRECISION,
-    )  # fmt: skip
+def _channels(problem: Problem, pad: int | None) -> int:
+    """Cs + Ct as the tiles compute them: padded to a multiple of `pad` (a BLOCK_K), or to powers of two (narrow)."""
+    if pad is None:
+        return max(16, next_power_of_two(problem.cs)) + max(16, next_power_of_two(problem.ct))
+    return round_up(problem.cs, pad) + round_up(problem.ct, pad)
 
 
-def forward_model(problem: Problem, dtype: torch.dtype, masked: bool, blocks: dict) -> LaunchModel:
-    """One program per (query tile, target frame, video); each loads its query tile once per key tile."""
-    bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
-    n, hw, frames, batch = problem.tokens, problem.hw, problem.frames, problem.batch
-    kept = problem.kept(masked)
-    query_tiles, key_tiles = cdiv(kept, bm), cdiv(hw, bn)
-    row_bytes = (problem.cs + problem.ct) * dtype.itemsize
-    per_frame = (kept * key_tiles + query_tiles * hw) * row_bytes + kept * (NUM_STATS.value * 4 + (4 if masked else 0))
-    return LaunchModel(
-        programs=cdiv(n, bm) * frames * batch,
-        flops=batch * _gram_flops(kept, n, problem),
-        executed_flops=batch * frames * _gram_flops(query_tiles * bm, key_tiles * bn, problem, bk),
-        bytes=batch * frames * per_frame,
-    )
+def _as_launched(problem: Problem, narrow: bool) -> Problem:
+    """The problem a variant is compiled at: the preset's, or 64 channels for a narrow variant at a wide preset
+    (768 for a wide one at a narrow preset): the launcher never runs it there, and its model is None."""
+    if narrow != forward.is_narrow(problem.cs, problem.ct):
+        channels = 64 if narrow else 768
+        return dataclasses.replace(problem, cs=channels, ct=channels)
+    return problem
+
+
+def forward_arguments(narrow: bool):
+    def arguments(problem: Problem, dtype: torch.dtype, masked: bool) -> dict:
+        problem = _as_launched(problem, narrow)
+        stats = Pointer(torch.float32)
+        index = Pointer(torch.int32) if masked else stats
+        constants = forward.forward_constants(problem.cs, problem.ct, masked)
+        constants["UPCAST"] = False
+        return dict(
+            student_ptr=Pointer(dtype), teacher_ptr=Pointer(dtype), index_ptr=index, count_ptr=index, stats_ptr=stats,
+            **_sizes(problem), frames=problem.frames, **_SCALES, **constants,
+        )  # fmt: skip
+
+    return arguments
+
+
+def forward_model(narrow: bool):
+    """One program per (query tile, frame): resident query tiles (narrow) or a query re-read per key tile (wide)."""
+
+    def model(problem: Problem, dtype: torch.dtype, masked: bool, blocks: dict) -> LaunchModel | None:
+        if forward.is_narrow(problem.cs, problem.ct) != narrow:
+            return None
+        bm, bn, bt = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_TAIL"]
+        n, hw, frames, batch = problem.tokens, problem.hw, problem.frames, problem.batch
+        kept = problem.kept(masked)
+        query_tiles = cdiv(kept, bm)
+        full, tails, padded = _key_tiles(hw, bn, bt)
+        row_bytes = (problem.cs + problem.ct) * dtype.itemsize
+        query_loads = 1 if narrow else full + tails
+        # Masked-off (padded) keys are not fetched: each query tile streams the frame's hw key rows.
+        per_frame = (kept * query_loads + query_tiles * hw) * row_bytes + kept * (5 * 4 + (4 if masked else 0))
+        channels = _channels(problem, None if narrow else blocks["BLOCK_K"])
+        return LaunchModel(
+            programs=cdiv(n, bm) * frames * batch,
+            flops=batch * 2.0 * kept * n * (problem.cs + problem.ct),
+            executed_flops=batch * frames * 2.0 * query_tiles * bm * padded * channels,
+            bytes=batch * frames * per_frame,
+        )
+
+    return model
 
 
 def feature_grad_arguments(column_pass: bool, for_teacher: bool):
     def arguments(problem: Problem, dtype: torch.dtype, masked: bool) -> dict:
+        problem = _as_launched(problem, True)
         fp32 = Pointer(torch.float32)
         index = Pointer(torch.int32) if masked else fp32
         return dict(
             student_ptr=Pointer(dtype), teacher_ptr=Pointer(dtype), stats_ptr=fp32, row_grad_ptr=fp32,
             index_ptr=index, count_ptr=index, grad_ptr=fp32, **_sizes(problem), frames=problem.frames, **_SCALES,
             COLUMN_PASS=column_pass, FOR_TEACHER=for_teacher, HAS_INDEX=masked, UPCAST=False,
-            PRECISION=DOT_PRECISION,
+            PRECISION=DOT_PRECISION, **backward.narrow_constants(problem.cs, problem.ct, for_teacher),
         )  # fmt: skip
 
     return arguments
 
 
 def feature_grad_model(column_pass: bool, for_teacher: bool):
-    """Fused backward pass (features up to FUSED_MAX_CHANNELS): the Gram tiles are recomputed per BLOCK_D slice."""
+    """Narrow fused pass: whole output rows per program, own tiles resident, the Gram tile reused by the product."""
 
     def model(problem: Problem, dtype: torch.dtype, masked: bool, blocks: dict) -> LaunchModel | None:
-        channels = problem.ct if for_teacher else problem.cs
-        if channels > backward.FUSED_MAX_CHANNELS:
+        if not forward.is_narrow(problem.cs, problem.ct):
             return None
-        bm, bn, bk, bd = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"], blocks["BLOCK_D"]
+        bm, bn, bt = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_TAIL"]
         n, hw, frames, batch = problem.tokens, problem.hw, problem.frames, problem.batch
+        channels = problem.ct if for_teacher else problem.cs
+        padded_out = max(16, next_power_of_two(channels))
         kept = problem.kept(masked)
-        query_tiles, key_tiles, slices = cdiv(kept, bm), frames * cdiv(hw, bn), cdiv(channels, bd)
-        size = dtype.itemsize
-        row_bytes = (problem.cs + problem.ct) * size
-        # Every (query tile, key tile) pair of every slice recomputes both Gram tiles.
-        gram_bytes = slices * (key_tiles * kept * (row_bytes + _STATS_READ + _ROW_EXTRAS) + query_tiles * n * row_bytes)
-        if column_pass:  # G^T x[rows]: x rows loaded per (key tile, query tile); fp32 result stored once
-            product_bytes = key_tiles * kept * channels * size + n * channels * 4
-            programs = key_tiles * slices
-        else:  # G x[keys]: x keys loaded per (query tile, key tile); fp32 result read, added, stored
-            product_bytes = query_tiles * n * channels * size + 2 * kept * channels * 4
-            programs = cdiv(n, bm) * slices
-        padded_rows, padded_keys = query_tiles * bm, key_tiles * bn
+        query_tiles = cdiv(kept, bm)
+        row_bytes = (problem.cs + problem.ct) * dtype.itemsize
+        gram_channels = _channels(problem, None)
+        if column_pass:  # program per key tile (BLOCK_N per frame, padded); query tiles stream past
+            key_tiles = frames * cdiv(hw, bn)
+            padded_keys = key_tiles * bn
+            moved = frames * hw * (row_bytes + channels * 4) + key_tiles * kept * (
+                row_bytes + _STATS_READ + _ROW_EXTRAS
+            )
+            programs = key_tiles
+        else:  # program per query tile; every frame's keys stream past (BLOCK_N then BLOCK_TAIL tiles)
+            full, tails, padded = _key_tiles(hw, bn, bt)
+            padded_keys = frames * padded
+            tiles_per_query_tile = frames * (full + tails)
+            moved = kept * row_bytes + query_tiles * (n * row_bytes + tiles_per_query_tile * bm * _STATS_READ)
+            moved += kept * (_ROW_EXTRAS + 2 * channels * 4)
+            programs = cdiv(n, bm)
+        padded_rows = query_tiles * bm
         return LaunchModel(
             programs=programs * batch,
-            flops=batch * (_gram_flops(kept, n, problem) + 2.0 * kept * n * channels),
-            executed_flops=batch * slices * (
-                _gram_flops(padded_rows, padded_keys, problem, bk) + 2.0 * padded_rows * padded_keys * bd
-            ),
-            bytes=batch * (gram_bytes + product_bytes),
-        )  # fmt: skip
+            flops=batch * 2.0 * kept * n * (problem.cs + problem.ct + channels),
+            executed_flops=batch * 2.0 * padded_rows * padded_keys * (gram_channels + padded_out),
+            bytes=batch * moved,
+        )
 
     return model
 
 
+def _chunks(problem: Problem, dtype: torch.dtype) -> list[int]:
+    """Kept positions per launch of the wide backward (every video at once), as tempered_kl_feature_grad cuts."""
+    n = problem.tokens
+    step = backward.chunk_rows(problem.batch, n, dtype)
+    return [min(step, n - start) for start in range(0, n, step)]
+
+
 def similarity_grad_arguments(for_teacher: bool):
     def arguments(problem: Problem, dtype: torch.dtype, masked: bool) -> dict:
-        n = problem.tokens
-        # The launcher passes per-video slices (student[b] ...): aligned when every video's offset is
-        # (row_bytes per token; the statistics hold frames * NUM_STATS fp32 per token).
-        video_aligned = lambda row_bytes: problem.batch == 1 or (n * row_bytes) % 16 == 0  # noqa: E731
-        row_grad = Pointer(torch.float32, video_aligned(4))
-        rows = min(_chunk_rows(n, dtype), problem.kept(masked))
+        problem = _as_launched(problem, False)
+        fp32 = Pointer(torch.float32)
+        index = Pointer(torch.int32) if masked else fp32
         return dict(
-            student_ptr=Pointer(dtype, video_aligned(problem.cs * dtype.itemsize)),
-            teacher_ptr=Pointer(dtype, video_aligned(problem.ct * dtype.itemsize)),
-            stats_ptr=Pointer(torch.float32, video_aligned(4 * problem.frames * NUM_STATS.value)),
-            row_grad_ptr=row_grad,
-            index_ptr=Pointer(torch.int32, video_aligned(4)) if masked else row_grad, out_ptr=Pointer(dtype),
-            **_sizes(problem), **_SCALES, chunk_start=0, chunk_rows=rows,
+            student_ptr=Pointer(dtype), teacher_ptr=Pointer(dtype), stats_ptr=fp32, row_grad_ptr=fp32,
+            index_ptr=index, count_ptr=index, out_ptr=Pointer(dtype), **_sizes(problem), frames=problem.frames,
+            **_SCALES, chunk_start=0, chunk_rows=_chunks(problem, dtype)[0],
             FOR_TEACHER=for_teacher, HAS_INDEX=masked, UPCAST=False, PRECISION=DOT_PRECISION,
         )  # fmt: skip
 
@@ -135,56 +169,125 @@ def similarity_grad_arguments(for_teacher: bool):
 
 
 def similarity_grad_model(for_teacher: bool):
-    """Wide-feature backward: dL/dS for chunks of kept rows, each tile once; the matmuls after it are not counted."""
+    """Wide backward, step 1: dL/dS of each chunk's kept rows against all keys, each tile once, in the input dtype."""
 
     def model(problem: Problem, dtype: torch.dtype, masked: bool, blocks: dict) -> LaunchModel | None:
-        channels = problem.ct if for_teacher else problem.cs
-        if channels <= backward.FUSED_MAX_CHANNELS:
+        if forward.is_narrow(problem.cs, problem.ct):
             return None
         bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
         n, hw, frames, batch = problem.tokens, problem.hw, problem.frames, problem.batch
         kept = problem.kept(masked)
         key_tiles = frames * cdiv(hw, bn)
-        step = _chunk_rows(n, dtype)
-        chunks = [min(step, kept - start) for start in range(0, kept, step)]
         row_bytes = (problem.cs + problem.ct) * dtype.itemsize
-        per_video = sum(
-            key_tiles * rows * (row_bytes + _STATS_READ + _ROW_EXTRAS) + cdiv(rows, bm) * n * row_bytes
-            + rows * n * dtype.itemsize
-            for rows in chunks
-        )  # fmt: skip
-        padded_rows = sum(cdiv(rows, bm) * bm for rows in chunks)
+        rows_done, moved, padded_rows = 0, 0.0, 0
+        for rows in _chunks(problem, dtype):
+            live = max(0, min(rows, kept - rows_done))
+            rows_done += rows
+            padded_rows += cdiv(live, bm) * bm
+            moved += key_tiles * live * (row_bytes + _STATS_READ + _ROW_EXTRAS) + cdiv(live, bm) * n * row_bytes
+            moved += live * n * dtype.itemsize
         return LaunchModel(
-            programs=batch * sum(cdiv(rows, bm) for rows in chunks) * key_tiles,
-            flops=batch * _gram_flops(kept, n, problem),
-            executed_flops=batch * _gram_flops(padded_rows, key_tiles * bn, problem, bk),
-            bytes=batch * per_video,
+            programs=batch * sum(cdiv(rows, bm) for rows in _chunks(problem, dtype)) * key_tiles,
+            flops=batch * 2.0 * kept * n * (problem.cs + problem.ct),
+            executed_flops=batch * 2.0 * padded_rows * key_tiles * bn * _channels(problem, bk),
+            bytes=batch * moved,
         )
 
     return model
 
 
-def _autotuned(kernel) -> tuple[object, list]:
-    """The JITFunction under an @triton.autotune and its config list (the GPU list unless TRITON_INTERPRET=1)."""
-    return kernel.fn, list(kernel.configs)
+def product_arguments(row_kernel: bool, for_teacher: bool):
+    def arguments(problem: Problem, dtype: torch.dtype, masked: bool) -> dict:
+        problem = _as_launched(problem, False)
+        fp32 = Pointer(torch.float32)
+        index = Pointer(torch.int32) if masked else fp32
+        values = dict(
+            block_ptr=Pointer(dtype), features_ptr=Pointer(dtype), index_ptr=index, count_ptr=index, grad_ptr=fp32,
+            N=problem.tokens, C=problem.ct if for_teacher else problem.cs, chunk_start=0,
+            chunk_rows=_chunks(problem, dtype)[0], UPCAST=False, PRECISION=DOT_PRECISION,
+        )  # fmt: skip
+        if not row_kernel:
+            values.update(HAS_INDEX=masked, ACCUMULATE=False)
+        return values
+
+    return arguments
+
+
+def product_model(row_kernel: bool, for_teacher: bool):
+    """Wide backward, step 2: fp32 tiles of G^T x[rows] (+ G x when unmasked; the row kernel adds G x when masked)."""
+
+    def model(problem: Problem, dtype: torch.dtype, masked: bool, blocks: dict) -> LaunchModel | None:
+        if forward.is_narrow(problem.cs, problem.ct) or (row_kernel and not masked):
+            return None
+        bm, bd = blocks["BLOCK_M"], blocks["BLOCK_D"]
+        n, batch, size = problem.tokens, problem.batch, dtype.itemsize
+        channels = problem.ct if for_teacher else problem.cs
+        kept = problem.kept(masked)
+        channel_tiles = cdiv(channels, bd)
+        moved, executed, programs, rows_done = 0.0, 0.0, 0, 0
+        for index, rows in enumerate(_chunks(problem, dtype)):
+            live = max(0, min(rows, kept - rows_done))
+            rows_done += rows
+            if row_kernel:  # kept row tiles x channel tiles, each streaming all N keys; fp32 read-add-store
+                tiles = cdiv(live, bm) * channel_tiles
+                moved += tiles * (n * (bm + bd) * size + bm * bd * 8)
+                executed += tiles * 2.0 * bm * n * bd
+                programs += cdiv(rows, bm) * channel_tiles
+                continue
+            tiles = cdiv(n, bm) * channel_tiles
+            moved += tiles * (live * (bm + bd) * size + bm * bd * (4 if index == 0 else 8))
+            executed += tiles * 2.0 * live * bm * bd
+            if not masked:  # token tiles inside the chunk also stream their G rows against all keys
+                row_tiles = cdiv(live, bm) * channel_tiles
+                moved += row_tiles * n * (bm + bd) * size
+                executed += row_tiles * 2.0 * bm * n * bd
+            programs += tiles
+        products = 1 if (row_kernel or masked) else 2
+        return LaunchModel(
+            programs=batch * programs,
+            flops=batch * 2.0 * kept * n * channels * products,
+            executed_flops=batch * executed,
+            bytes=batch * moved,
+        )
+
+    return model
 
 
 def aot_kernels() -> list[AotKernel]:
-    """Every tempered-KL kernel variant: generation 1 (forward, fused backward in 4 passes, wide-feature backward
-    for 2 sides), then generation 2 (aot_v2.py)."""
+    """Every tempered-KL kernel variant.
+
+    A `model` that returns None marks a variant the launcher does not use at that problem (e.g. the narrow forward
+    at C = 768; its arguments then describe it at 64 channels, as it is launched).
+    """
     kernels = []
-    fn, configs = _autotuned(forward._tempered_kl_forward_kernel)
-    kernels.append(AotKernel(OP, "forward", "-", fn, configs, forward_arguments, forward_model))
-    fn, configs = _autotuned(backward._feature_grad_kernel)
+    for narrow in (True, False):
+        configs = forward.FORWARD[narrow].configs
+        kernels.append(
+            AotKernel(OP, "forward", "narrow" if narrow else "wide", forward._tempered_kl_forward_kernel,
+                      configs, forward_arguments(narrow), forward_model(narrow))
+        )  # fmt: skip
     for column_pass in (True, False):
         for for_teacher in (False, True):
             variant = f"{'column' if column_pass else 'row'}/{'teacher' if for_teacher else 'student'}"
-            arguments = feature_grad_arguments(column_pass, for_teacher)
-            model = feature_grad_model(column_pass, for_teacher)
-            kernels.append(AotKernel(OP, "feature_grad", variant, fn, configs, arguments, model))
-    fn, configs = _autotuned(similarity_grad._similarity_grad_kernel)
+            kernels.append(
+                AotKernel(OP, "feature_grad", variant, backward._feature_grad_kernel,
+                          backward.FEATURE_GRAD[column_pass].configs,
+                          feature_grad_arguments(column_pass, for_teacher),
+                          feature_grad_model(column_pass, for_teacher))
+            )  # fmt: skip
     for for_teacher in (False, True):
         side = "teacher" if for_teacher else "student"
-        arguments, model = similarity_grad_arguments(for_teacher), similarity_grad_model(for_teacher)
-        kernels.append(AotKernel(OP, "similarity_grad", side, fn, configs, arguments, model))
-    return kernels + aot_v2.aot_kernels()
+        kernels.append(
+            AotKernel(OP, "similarity_grad", side, backward._similarity_grad_kernel,
+                      backward.SIMILARITY_GRAD.configs, similarity_grad_arguments(for_teacher),
+                      similarity_grad_model(for_teacher))
+        )  # fmt: skip
+        kernels.append(
+            AotKernel(OP, "dual_product", side, backward._dual_product_kernel, backward.DUAL_PRODUCT.configs,
+                      product_arguments(False, for_teacher), product_model(False, for_teacher))
+        )  # fmt: skip
+        kernels.append(
+            AotKernel(OP, "row_product", side, backward._row_product_kernel, backward.ROW_PRODUCT.configs,
+                      product_arguments(True, for_teacher), product_model(True, for_teacher), masks=(True,))
+        )  # fmt: skip
+    return kernels

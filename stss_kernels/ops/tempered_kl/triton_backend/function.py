@@ -13,7 +13,6 @@ from stss_kernels._core.backends import on_device
 from stss_kernels._core.gradients import power_of_two_normalized
 from stss_kernels._core.library import define_fused_op
 from stss_kernels._core.queries import kept_queries
-from stss_kernels.ops.tempered_kl.triton_backend.generations import kernels
 
 # fp32 statistics saved per (video, target frame, query): stss_kernels.ops.tempered_kl.triton_backend.tiles.NUM_STATS.
 STATS_PER_QUERY = 5
@@ -21,12 +20,10 @@ STATS_PER_QUERY = 5
 _DROPPED_QUERY_MAX = 1.0e30
 
 
-def _forward(student, teacher, frames, tau_student, tau_teacher, query_weight, generation):
-    """kl (B, N) fp32, and the statistics (B, F, STATS_PER_QUERY, N); queries with weight 0 skipped.
-    `generation` picks the kernels (see generations.py); the backward op gets the same one."""
+def _forward(student, teacher, frames, tau_student, tau_teacher, query_weight):
+    """kl (B, N) fp32, and the statistics (B, F, STATS_PER_QUERY, N); queries with weight 0 skipped."""
+    from stss_kernels.ops.tempered_kl.triton_backend.forward import tempered_kl_forward
     from stss_kernels.ops.tempered_kl.triton_backend.tiles import STAT_MAX_S, STAT_MAX_T
-
-    tempered_kl_forward = kernels(generation)[0]
 
     keep = None if query_weight is None else query_weight != 0
     query_index, query_count = kept_queries(keep)
@@ -45,17 +42,17 @@ def _forward(student, teacher, frames, tau_student, tau_teacher, query_weight, g
     return kl, stats
 
 
-def _forward_fake(student, teacher, frames, tau_student, tau_teacher, query_weight, generation):
+def _forward_fake(student, teacher, frames, tau_student, tau_teacher, query_weight):
     batch, num_tokens, _ = student.shape
     kl = student.new_empty((batch, num_tokens), dtype=torch.float32)
     return kl, kl.new_empty((batch, frames, STATS_PER_QUERY, num_tokens))
 
 
 def _backward(
-    grad_kl, student, teacher, frames, tau_student, tau_teacher, query_weight, generation, stats, need_student,
-    need_teacher,
-):  # fmt: skip
-    tempered_kl_feature_grad = kernels(generation)[1]
+    grad_kl, student, teacher, frames, tau_student, tau_teacher, query_weight, stats, need_student, need_teacher
+):
+    from stss_kernels.ops.tempered_kl.triton_backend.backward import tempered_kl_feature_grad
+
     keep = None if query_weight is None else query_weight != 0
     query_index, query_count = kept_queries(keep)
     row_grad = grad_kl.float() / frames
@@ -87,8 +84,7 @@ def _backward(
     return tuple(grads)
 
 
-_ARGS = "Tensor student, Tensor teacher, int frames, float tau_student, float tau_teacher, Tensor? query_weight, "
-_ARGS += "int generation"
+_ARGS = "Tensor student, Tensor teacher, int frames, float tau_student, float tau_teacher, Tensor? query_weight"
 tempered_kl_triton_op = define_fused_op(
     "tempered_kl_triton",
     forward_schema=f"({_ARGS}) -> (Tensor, Tensor)",

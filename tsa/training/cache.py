@@ -3,7 +3,7 @@
 An entry's file name carries the video (name plus a digest of its path, size and modification time), the
 resolution and frame count, a fingerprint of the VAE / text encoder / tokenizer files, the encode dtype and
 VAE tiling, and a hash of the prompt, so changing any of them makes a new entry instead of reusing a stale one.
-`tsa-cache` (or `tsa-train --precompute`) fills the cache, sharded over accelerate's processes.
+`tsa-cache` (precompute_cache, or `tsa-train --precompute`) fills the cache, sharded over accelerate's processes.
 """
 
 import hashlib
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tsa.data import UndecodableVideoWarning, VideoCaptionDataset, load_video_captions
+from tsa.training.data import UndecodableVideoWarning, VideoCaptionDataset, load_video_captions
 
 ENCODER_SUBFOLDERS = ("vae", "text_encoder", "tokenizer")
 
@@ -65,13 +65,13 @@ class CacheLayout:
         return self.directory / f"{sample.video.stem}-{video}-{_digest(sample.caption)}.safetensors"
 
 
-def cache_layout(args, dtype):
-    """The CacheLayout of parsed tsa-train / tsa-cache options, encoding in `dtype`."""
+def cache_layout(config, dtype):
+    """The CacheLayout of a TrainConfig, encoding in `dtype`."""
     from tsa.models import detect_family
 
-    return CacheLayout(Path(args.cache_dir), args.height, args.width, args.num_frames,
-                       model_fingerprint(args.model_path), detect_family(args.model_path).max_sequence_length(
-                           args.model_path), str(dtype).removeprefix("torch."), args.vae_tiling)
+    return CacheLayout(Path(config.cache_dir), config.height, config.width, config.num_frames,
+                       model_fingerprint(config.model_path), detect_family(config.model_path).max_sequence_length(
+                           config.model_path), str(dtype).removeprefix("torch."), config.vae_tiling)
 
 
 class LatentEncoder:
@@ -178,23 +178,24 @@ def collate_entries(items):
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
-def build_cache(args, accelerator):
-    """Fill the cache for `args` on every process of `accelerator` (sharded); returns the
+def build_cache(config, accelerator):
+    """Fill the cache for `config` on every process of `accelerator` (sharded); returns the
     CachedLatentDataset of everything that is cached once all processes are done."""
-    videos = VideoCaptionDataset(load_video_captions(args.data, args.video_column, args.caption_column),
-                                 args.height, args.width, args.num_frames)
+    videos = VideoCaptionDataset(load_video_captions(config.data, config.video_column, config.caption_column),
+                                 config.height, config.width, config.num_frames)
     dtype = precision_dtype(accelerator.mixed_precision)
-    layout = cache_layout(args, dtype)
+    layout = cache_layout(config, dtype)
     encoded, hits = fill_cache(
         videos, layout,
-        lambda: LatentEncoder(args.model_path, accelerator.device, dtype, layout.max_sequence_length, args.vae_tiling),
+        lambda: LatentEncoder(config.model_path, accelerator.device, dtype, layout.max_sequence_length,
+                              config.vae_tiling),
         accelerator.process_index, accelerator.num_processes, progress=accelerator.is_local_main_process,
     )
     accelerator.free_memory()  # the VAE and T5 are not needed any more
     accelerator.wait_for_everyone()
     from tsa.alignment import ALIGNMENT_METHODS
 
-    method = ALIGNMENT_METHODS.get(args.align)
+    method = ALIGNMENT_METHODS.get(config.align)
     dataset = CachedLatentDataset(videos, layout, with_pixels=method is not None and method.needs_pixels)
     if accelerator.is_main_process:
         skipped = len(videos) - len(dataset)
@@ -205,25 +206,19 @@ def build_cache(args, accelerator):
     return dataset
 
 
-def main(argv=None):
-    """tsa-cache: fill the latent cache of a dataset (run with `accelerate launch` to shard it)."""
+def precompute_cache(config):
+    """tsa-cache: fill the latent cache of config.data (resolved and checked first; shard it over processes by
+    running under `accelerate launch`). Returns the CachedLatentDataset."""
     from accelerate import Accelerator
 
-    from tsa.config import parse_args
-    from tsa.data import prepare_tiny_assets
-    from tsa.validation import UsageError, check_training_args, exit_with_error
+    from tsa.training.config import resolve_config
+    from tsa.training.data import prepare_tiny_assets
+    from tsa.training.validation import check_training_config
 
-    args = parse_args(argv, prog="tsa-cache")
-    try:
-        check_training_args(args, needs_teacher=False)
-    except UsageError as error:
-        exit_with_error("tsa-cache", error)
+    config = resolve_config(config)
+    check_training_config(config, needs_teacher=False)
     accelerator = Accelerator()
-    if args.preset == "tiny":
+    if config.preset == "tiny":
         with accelerator.main_process_first():
-            prepare_tiny_assets(args)
-    build_cache(args, accelerator)
-
-
-if __name__ == "__main__":
-    main()
+            prepare_tiny_assets(config)
+    return build_cache(config, accelerator)

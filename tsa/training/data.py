@@ -213,26 +213,26 @@ def write_synthetic_dataset(root, num_videos=8, height=120, width=176, seed=0):
     return root
 
 
-def prepare_tiny_assets(args):
-    """Fill in --model-path, --teacher-path and --data for the tiny preset, building tiny random models and
-    the synthetic dataset under OUTPUT_DIR/tiny the first time (call on the main process first).
+def prepare_tiny_assets(config):
+    """Fill in model_path, teacher_path and data of a tiny-preset TrainConfig (in place), building tiny random
+    models and the synthetic dataset under OUTPUT_DIR/tiny the first time (call on the main process first).
     """
     from tsa import tiny
+    from tsa.models import DEFAULT_FAMILY
 
-    assets = args.output_dir / "tiny"
-    if args.model_path is None:
-        family = getattr(args, "model_family", None) or "cogvideox"
-        args.model_family = family
-        args.model_path = assets / family
-        if not (args.model_path / "model_index.json").is_file():
-            tiny.save_tiny_pipeline(args.model_path, family=family)
-    if args.teacher_path is None:
-        args.teacher_path = assets / args.teacher
-        if not (args.teacher_path / "config.json").is_file():
+    assets = config.output_dir / "tiny"
+    if config.model_path is None:
+        config.model_family = config.model_family or DEFAULT_FAMILY
+        config.model_path = assets / config.model_family
+        if not (config.model_path / "model_index.json").is_file():
+            tiny.save_tiny_pipeline(config.model_path, family=config.model_family)
+    if config.teacher_path is None:
+        config.teacher_path = assets / config.teacher
+        if not (config.teacher_path / "config.json").is_file():
             builders = {"videomae": tiny.tiny_videomae, "dinov2": tiny.tiny_dinov2, "vjepa2": tiny.tiny_vjepa2}
-            builders[args.teacher](args.teacher_path)
-    if args.data is None:
-        args.data = assets / "data"
-        if not (args.data / "videos.txt").is_file():
-            write_synthetic_dataset(args.data, num_videos=args.num_videos)
-    return args
+            builders[config.teacher](config.teacher_path)
+    if config.data is None:
+        config.data = assets / "data"
+        if not (config.data / "videos.txt").is_file():
+            write_synthetic_dataset(config.data, num_videos=config.num_videos)
+    return config

@@ -1,0 +1,32 @@
+"""tsa-train: fine-tune a video DiT (any registered family: CogVideoX, Wan2.1 / Wan2.2) with a TSA / M-TSA / TRD /
+REPA alignment loss and / or LaMo's drift loss.
+
+    tsa-train --preset tiny                                    # tiny random models + synthetic clips, CPU
+    tsa-train --preset tiny --model-family wan --finetune lora # the same with tiny Wan models
+    accelerate launch --config_file configs/ddp.yaml -m tsa.cli.train --preset cogvideox-2b-mtsa \\
+        --model-path CogVideoX-2b --teacher-path videomae-v2-base --data my_videos/ --output-dir runs/mtsa
+
+The options become a tsa.training.TrainConfig (tsa/cli/options.py); the run is tsa.training.train(config), whose
+docstring lists the outputs.
+"""
+
+from tsa.cli.common import exit_with_error
+from tsa.cli.options import parse_config
+from tsa.errors import CheckpointError, NonFiniteError, UsageError
+from tsa.training.loop import train
+from tsa.training.validation import check_training_config
+
+
+def main(argv=None):
+    """Console script tsa-train (also `python -m tsa.cli.train`): options and paths are checked before anything
+    is built; a mistake, a bad checkpoint or a non-finite loss ends it with one line (exit 2, 1, 1)."""
+    config = parse_config(argv)
+    try:
+        check_training_config(config)
+        train(config)
+    except (UsageError, CheckpointError, NonFiniteError) as error:
+        exit_with_error("tsa-train", error)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Text-to-video with the weights a training run wrote, through the model family's own diffusers pipeline.
+
+    paths = tsa.sample("tsa-output", ["a red ball falls and bounces on the floor"], num_inference_steps=30)
+
+RUN_DIR is a training output folder: the base pipeline comes from its training_args.json (or `model_path`), the
+fine-tuned weights from RUN_DIR/EXPERT (full fine-tune) or RUN_DIR/pytorch_lora_weights.safetensors (LoRA, loaded
+into the trained expert). One mp4 per prompt goes to RUN_DIR/samples (or `output_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from tsa.errors import UsageError
+from tsa.training.data import write_video
+from tsa.training.validation import check_ranges, pipeline_family
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# option -> (low, high, low inclusive, high inclusive), as tsa.training.config.TRAINING_RANGES
+SAMPLING_RANGES = {
+    "num_inference_steps": (1, None, True, False),
+    "guidance_scale": (0, None, True, False),
+    "fps": (1, None, True, False),
+    "motion_guidance": (0, None, True, False),
+    "motion_guidance_rho": (0, 1, True, True),
+    "motion_guidance_lag": (1, None, True, False),
+    "seed": (0, 2**32 - 1, True, True),
+    "height": (16, None, True, False),
+    "width": (16, None, True, False),
+    "num_frames": (1, None, True, False),
+}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_pipeline(run_dir, model_path, dtype, expert="transformer"):
+    """The family's pipeline from `model_path` with the run's fine-tuned `expert` or its LoRA weights."""
+    from tsa.models import detect_family
+
+    family = detect_family(model_path)
+    pipe = family.load_pipeline(model_path, dtype)
+    return family.load_run_weights(pipe, Path(run_dir), expert, dtype)
+
+
+def run_options(run_dir) -> dict:
+    """The options a run was trained with (RUN_DIR/training_args.json; {} when there is none)."""
+    path = Path(run_dir) / "training_args.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"RUN_DIR {run_dir}: training_args.json does not read as JSON: {error}") from None
+
+
+def check_sampling(run_dir, *, output_dir=None, device="cpu", num_frames=None, height=None, width=None,
+                   **values) -> None:
+    """The run folder, output folder, device and values (SAMPLING_RANGES) of a sampling job. UsageError."""
+    check_ranges({**values, "num_frames": num_frames, "height": height, "width": width}, SAMPLING_RANGES)
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"RUN_DIR {run_dir} does not exist or is not a folder")
+    trained = run_options(run_dir)
+    expert = trained.get("expert") if isinstance(trained, dict) else None
+    expert = expert or "transformer"
+    if not ((run_dir / expert).is_dir() or (run_dir / "pytorch_lora_weights.safetensors").is_file()):
+        raise UsageError(
+            f"RUN_DIR {run_dir} holds neither {expert}/ nor pytorch_lora_weights.safetensors "
+            "(the final weights of a finished tsa-train run)"
+        )
+    if num_frames is not None and (num_frames - 1) % 4:
+        raise UsageError(f"--num-frames must be 4k+1 (the VAE compresses time by 4), got {num_frames}")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and value % 16:
+            raise UsageError(f"--{name} must be a multiple of 16, got {value}")
+    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise UsageError(f"--output-dir {output_dir} exists and is not a folder")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+
+
+def sample(
+    run_dir,
+    prompts: list[str],
+    *,
+    model_path=None,
+    output_dir=None,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    fps: int | None = None,
+    dtype: str = "fp32",
+    device: str | None = None,
+    motion_guidance: float = 0.0,
+    motion_guidance_rho: float = 0.8,
+    motion_guidance_lag: int = 1,
+    motion_guidance_start: str = "floor",
+    predictor=None,
+) -> list[Path]:
+    """Write one mp4 per prompt (seed + its index) and return their paths. Size, frame count, guidance scale and
+    fps left None take the run's (training_args.json) and the family's defaults; `motion_guidance` > 0 turns
+    on LaMo's Motion Prior Guidance with the run's motion predictor (or `predictor`, a folder). Everything is
+    checked before a model loads (UsageError)."""
+    device = device or default_device()
+    run_dir = Path(run_dir)
+    check_sampling(run_dir, output_dir=output_dir, device=device, num_frames=num_frames, height=height, width=width,
+                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, fps=fps,
+                   motion_guidance=motion_guidance, motion_guidance_rho=motion_guidance_rho,
+                   motion_guidance_lag=motion_guidance_lag)
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not prompts:
+        raise UsageError("give at least one --prompt or a --prompts-file")
+    trained = run_options(run_dir)
+    given = model_path is not None
+    model_path = model_path if given else trained.get("model_path")
+    if model_path is None:
+        raise UsageError(f"--model-path is needed: {run_dir} has no training_args.json")
+    try:
+        pipeline_family(model_path)
+    except UsageError as error:
+        raise UsageError(str(error) + ("" if given else f" (from {run_dir / 'training_args.json'})")) from None
+    from tsa.models import detect_family
+
+    expert = trained.get("expert", "transformer")
+    try:
+        family = detect_family(model_path, expert)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    size = {"height": height or trained.get("height"), "width": width or trained.get("width"),
+            "num_frames": num_frames or trained.get("num_frames")}
+    for name in ("height", "width"):
+        if size[name] is not None and size[name] % family.spatial_multiple:
+            raise UsageError(f"--{name} must be a multiple of {family.spatial_multiple} for {model_path} (VAE x "
+                             f"patch size), got {size[name]}")
+    predictor_path = Path(predictor) if predictor is not None else run_dir / "motion_predictor"
+    if motion_guidance and not (predictor_path / "config.json").is_file():
+        raise UsageError(f"--motion-guidance needs a MotionPredictor folder, and {predictor_path} is none: train "
+                         "with --align lamo or --motion-drift-weight > 0, or pass --predictor")
+
+    pipe = load_pipeline(run_dir, Path(model_path), DTYPES[dtype], expert).to(device)
+    guidance_scale = family.default_guidance_scale if guidance_scale is None else guidance_scale
+    fps = family.default_fps if fps is None else fps
+    if motion_guidance:
+        from tsa.lamo import MotionPredictor, enable_motion_guidance
+
+        motion_predictor = MotionPredictor.from_pretrained(predictor_path).to(device)
+        enable_motion_guidance(pipe, motion_predictor, scale=motion_guidance, rho=motion_guidance_rho,
+                               lag=motion_guidance_lag, start_rounding=motion_guidance_start)
+
+    output_dir = Path(output_dir) if output_dir is not None else run_dir / "samples"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, prompt in enumerate(prompts):
+        generator = torch.Generator(device).manual_seed(seed + index)
+        frames = pipe(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      generator=generator, output_type="np", **size).frames[0]
+        path = output_dir / f"{index:02d}-{re.sub(r'[^a-z0-9]+', '-', prompt.lower()).strip('-')[:60]}.mp4"
+        write_video(path, [(frame * 255).round().clip(0, 255).astype("uint8") for frame in frames], fps=fps)
+        paths.append(path)
+    return paths

@@ -1,0 +1,266 @@
+"""The configuration of one training run: a dataclass built by tsa-train / tsa-cache from options, YAML and a
+preset (tsa/cli/options.py), or by a user in Python:
+
+    from tsa.training import TrainConfig, train
+    config = TrainConfig.from_preset("tiny", output_dir="runs/tiny", align="tsa", max_steps=20)
+    history = train(config)                 # also tsa.train(config)
+
+The defaults are the papers' values (docs/method.md). `resolve_config` fills in what depends on other fields
+(model family, default alignment block, LoRA targets, cache folder, LaMo drift weight) and checks the fields
+against each other; `tsa.training.validation.check_training_config` checks the paths. Both raise UsageError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tsa import alignment
+from tsa.errors import UsageError
+from tsa.training.validation import TRAINING_RANGES, check_ranges, option_flag, pipeline_family
+
+TINY_PRESET = dict(
+    # Tiny random models and a synthetic mp4 dataset built in the output dir; CPU, about two minutes. The tiny
+    # models are those of --model-family (OUTPUT_DIR/tiny/FAMILY), by default tsa.models.DEFAULT_FAMILY's.
+    height=96, width=144, num_frames=9, align="mtsa", align_layer=2, projector_hidden_dim=64,
+    finetune="full", learning_rate=1e-3, lr_warmup_steps=5, train_batch_size=2, max_steps=100,
+    checkpointing_steps=50, num_videos=8, predictor_channels=16, predictor_blocks=2,
+)
+
+
+def family_presets() -> dict[str, dict]:
+    """Each registered family's presets (cogvideox-2b-mtsa, wan2.1-1.3b-mtsa, ...), with their model_family."""
+    from tsa.models import FAMILIES, family_class
+
+    presets = {}
+    for name in FAMILIES:
+        for preset, values in family_class(name).presets.items():
+            presets[preset] = {"model_family": name, **values}
+    return presets
+
+
+PRESETS = {"tiny": TINY_PRESET, **family_presets()}
+
+PATH_FIELDS = ("model_path", "output_dir", "data", "cache_dir", "teacher_path")
+
+@dataclass
+class TrainConfig:
+    """One tsa-train / tsa-cache run. Every field is the command-line option of the same name (dashes for
+    underscores, see `tsa-train --help`); None means "the family's / the model's default" where the option's
+    help says so. Paths may be given as strings."""
+
+    preset: str | None = None  # "tiny" builds tiny random models and a synthetic dataset under OUTPUT_DIR/tiny
+    # model
+    model_path: Path | None = None
+    model_family: str | None = None
+    expert: str = "transformer"
+    output_dir: Path = Path("tsa-output")
+    finetune: str = "full"
+    lora_rank: int = 128
+    lora_alpha: float = 64.0
+    lora_target_modules: list[str] | str | None = None
+    # data
+    data: Path | None = None
+    video_column: str = "video"
+    caption_column: str = "caption"
+    height: int = 480
+    width: int = 720
+    num_frames: int = 49
+    cache_dir: Path | None = None
+    vae_tiling: bool = False
+    precompute: bool = False
+    dataloader_num_workers: int = 0
+    num_videos: int = 8
+    # alignment
+    align: str = "mtsa"
+    align_layer: int | None = None
+    align_weight: float = 0.5
+    grid: str = "teacher-grid"
+    projector_hidden_dim: int = 2048
+    tau: float = alignment.TAU.default
+    tau_teacher: float | None = alignment.TAU_TEACHER.default
+    backend: str = alignment.BACKEND.default
+    top_k: float = alignment.TOP_K.default
+    trd_margin: float = alignment.TRD_MARGIN.default
+    trd_variant: str = alignment.TRD_VARIANT.default
+    extra_alignment_options: dict[str, Any] = field(default_factory=dict)  # options of methods registered later
+    teacher: str = "videomae"
+    teacher_path: Path | None = None
+    teacher_precision: str = "fp32"
+    motion_drift_weight: float | None = None
+    predictor_learning_rate: float = 5e-4
+    predictor_channels: int = 256
+    predictor_blocks: int = 8
+    predictor_prompt_pooling: str = "all"
+    motion_drift_eps: float = 1e-8
+    # optimisation
+    learning_rate: float = 2e-6
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 100
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 4000
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    timestep_sampling: str | None = None
+    logit_mean: float | None = None
+    logit_std: float | None = None
+    flow_shift: float | None = None
+    # checkpoints and logging
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume: str | None = None
+    viz_steps: int = 0
+    no_progress: bool = False
+
+    def __post_init__(self):
+        for name in PATH_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                setattr(self, name, Path(value))
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> TrainConfig:
+        """A preset's values (PRESETS) with `overrides` on top."""
+        if preset not in PRESETS:
+            raise UsageError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        return cls.from_dict({**PRESETS[preset], **overrides, "preset": preset})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """From option values by name; names that are no field are options of registered alignment methods
+        (UsageError for any other name)."""
+        names = {item.name for item in dataclasses.fields(cls)}
+        known = {key: value for key, value in values.items() if key in names}
+        extra = {key: value for key, value in values.items() if key not in names}
+        unknown = sorted(set(extra) - set(alignment.alignment_options()))
+        if unknown:
+            raise UsageError(f"unknown training option(s) {', '.join(unknown)}")
+        if extra:
+            known["extra_alignment_options"] = {**known.get("extra_alignment_options", {}), **extra}
+        return cls(**known)
+
+    def __getattr__(self, name):
+        """The options of alignment methods registered at run time read as fields too (config.cosine_scale)."""
+        extra = self.__dict__.get("extra_alignment_options", {})
+        if name in extra:
+            return extra[name]
+        options = alignment.alignment_options()
+        if name in options:
+            return options[name].default
+        raise AttributeError(f"{type(self).__name__} has no field {name!r}")
+
+    def method_options(self) -> dict[str, Any]:
+        """Every registered alignment method's options (tau, top_k, trd_margin, backend, ...) by name."""
+        return {name: getattr(self, name) for name in alignment.alignment_options()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat option values by name (the run's training_args.json)."""
+        values = {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
+        return {**{key: value for key, value in values.items() if key != "extra_alignment_options"},
+                **self.extra_alignment_options}
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """A copy of `config` with the derived fields filled in and the fields checked against each other
+    (UsageError naming the option). Resolving a resolved config changes nothing."""
+    from tsa.models import DEFAULT_FAMILY, all_objective_options, family_class, get_family, model_index
+
+    config = dataclasses.replace(config, extra_alignment_options=dict(config.extra_alignment_options))
+    _resolve_family(config)
+    family = get_family(config.model_family or DEFAULT_FAMILY)
+    message = family.check_frames(config.num_frames)
+    if message:
+        raise UsageError(message)
+    if config.height % 16 or config.width % 16:
+        raise UsageError(f"--height and --width must be multiples of 16, got {config.height}x{config.width}")
+    if config.motion_drift_weight is None:
+        config.motion_drift_weight = 0.4 if config.align == "lamo" else 0.0
+    if config.motion_drift_weight < 0:
+        raise UsageError(f"--motion-drift-weight must be >= 0, got {config.motion_drift_weight}")
+    if (config.align != "none" or config.motion_drift_weight > 0) and config.num_frames < 9:
+        raise UsageError(f"--num-frames must be >= 9 with --align {config.align} or a LaMo drift loss (the projector "
+                         f"drops latent frame 0 and the drift loss compares frames 2 apart), got {config.num_frames}")
+    if config.checkpoints_total_limit is not None and config.checkpoints_total_limit < 1:
+        raise UsageError(f"--checkpoints-total-limit must be >= 1 (or left out), got {config.checkpoints_total_limit}")
+    if config.viz_steps and config.align not in alignment.ALIGNMENT_METHODS:
+        raise UsageError(f"--viz-steps needs a teacher alignment (--align {', '.join(alignment.ALIGNMENT_METHODS)}), "
+                         f"not {config.align}")
+    for name in ("lr_warmup_steps", "dataloader_num_workers", "viz_steps"):
+        if getattr(config, name) < 0:
+            raise UsageError(f"{option_flag(name)} must be >= 0, got {getattr(config, name)}")
+    if config.preset != "tiny":
+        for name in ("model_path", "data"):
+            if getattr(config, name) is None:
+                raise UsageError(f"{option_flag(name)} is required with --preset {config.preset}"
+                                 if config.preset else f"{option_flag(name)} is required without --preset tiny")
+        if config.align in alignment.ALIGNMENT_METHODS and config.teacher_path is None:
+            raise UsageError(f"--teacher-path is required with --align {config.align}")
+    modules = config.lora_target_modules
+    if modules is None:
+        modules = list(family.default_lora_target_modules)
+    if isinstance(modules, str):
+        modules = modules.split(",")
+    config.lora_target_modules = [name.strip() for name in modules if name.strip()]
+    if config.cache_dir is None:
+        config.cache_dir = config.output_dir / "cache"
+    check_ranges(config, TRAINING_RANGES)
+    for option in alignment.alignment_options().values():  # also the options of methods registered at run time
+        value = config.method_options()[option.name]
+        if option.type is float and value is not None and not math.isfinite(value):
+            raise UsageError(f"{option.flag} must be a finite number, got {value}")
+        message = option.check(value) if option.check is not None and value is not None else None
+        if message:
+            raise UsageError(message)
+    if config.align_layer is None:
+        config.align_layer = family.default_align_layer(None)  # None: the family's depth-dependent default
+    for option, users in all_objective_options().items():
+        if getattr(config, option) is not None and config.model_family is not None and family.name not in users:
+            flags = ", ".join(option_flag(name) for name in all_objective_options())
+            raise UsageError(f"{flags} apply to the families that take them ({', '.join(users)}), not "
+                             f"{config.model_family}")
+    if config.model_family is not None:
+        cls = family_class(config.model_family)
+        options = cls.options_from(config)
+        try:  # the expert and the objective options, checked against the model folder when there is one
+            if config.model_path is not None and model_index(config.model_path):
+                multiple = cls.from_model_path(config.model_path, config.expert, **options).spatial_multiple
+                if config.height % multiple or config.width % multiple:
+                    raise ValueError(f"--height and --width must be multiples of {multiple} for {config.model_path} "
+                                     f"(VAE x patch size), got {config.height}x{config.width}")
+            elif config.expert not in cls.experts:
+                raise ValueError(f"{cls.name} pipelines have the denoisers {cls.experts}, got expert={config.expert!r}")
+            elif config.expert != "transformer" and config.model_path is None:
+                raise ValueError(f"--expert {config.expert} needs a two-expert model folder (--model-path); the tiny "
+                                 "models have one denoiser")
+            else:
+                cls._with_options(**options)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    return config
+
+
+def _resolve_family(config: TrainConfig) -> None:
+    """model_family from the model folder's model_index.json when not given (tiny: tsa.models.DEFAULT_FAMILY); a
+    folder of another family, or an unsupported pipeline, is an error."""
+    from tsa.models import DEFAULT_FAMILY, FAMILIES
+
+    if config.model_family is not None and config.model_family not in FAMILIES:
+        raise UsageError(f"--model-family must be one of {tuple(FAMILIES)}, got {config.model_family!r}")
+    if config.model_path is not None and (Path(config.model_path) / "model_index.json").is_file():
+        detected = pipeline_family(config.model_path)  # the one list of supported pipelines is tsa.models'
+        if config.model_family not in (None, detected):
+            raise UsageError(f"--model-family {config.model_family} does not match {config.model_path}, a {detected} "
+                             "pipeline")
+        config.model_family = detected
+    elif config.model_family is None and config.preset == "tiny" and config.model_path is None:
+        config.model_family = DEFAULT_FAMILY

@@ -1,0 +1,329 @@
+"""The training loop: `train(config)` fine-tunes a video DiT (any registered family) with a TSA / M-TSA / TRD /
+REPA alignment loss and / or LaMo's drift loss, under accelerate (one process or `accelerate launch`).
+
+Outputs in config.output_dir: checkpoints/checkpoint-STEP (accelerate state), logs/ (TensorBoard), losses.json,
+loss_curve.png, training_args.json, viz/ (with viz_steps), the final weights (EXPERT/ in diffusers format, or
+pytorch_lora_weights.safetensors in the pipeline's LoRA format), projector/ and, with LaMo, motion_predictor/.
+"""
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tsa.errors import NonFiniteError
+from tsa.training.cache import build_cache, collate_entries, precision_dtype
+from tsa.training.checkpoints import (
+    TRAINING_ARGS_NAME,
+    checkpoint_step,
+    keep_trainable_state,
+    load_trainable_weights,
+    resolve_resume,
+    save_checkpoint,
+    save_final_weights,
+    verify_checkpoint,
+)
+from tsa.training.config import TrainConfig, resolve_config
+from tsa.training.validation import check_training_config
+
+LOSS_NAMES = ("loss", "diffusion", "align", "drift", "predictor")
+
+
+def build_family(config):
+    """The model family of config.model_path (or config.model_family), configured for the expert and the
+    family's objective options."""
+    from tsa.models import detect_family_name, family_class
+
+    cls = family_class(config.model_family or detect_family_name(config.model_path))
+    return cls.from_model_path(config.model_path, config.expert, **cls.options_from(config))
+
+
+def load_transformer(config, weight_dtype, family):
+    """The family's transformer (--expert), with LoRA adapters (only they train, in float32, over a frozen base in
+    `weight_dtype`) or fully trainable in float32."""
+    lora = config.finetune == "lora"
+    transformer = family.load_transformer(config.model_path, config.expert, weight_dtype if lora else torch.float32)
+    if lora:
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        transformer.requires_grad_(False)
+        transformer.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights=True,
+                                           target_modules=config.lora_target_modules))
+        cast_training_params(transformer, torch.float32)
+    else:
+        transformer.requires_grad_(True)
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer
+
+
+def build_objective(config, transformer, weight_dtype, family):
+    """AlignmentObjective around the transformer (the pipeline's own scheduler), with the frozen teacher
+    when the method needs one."""
+    from tsa.objective import AlignmentObjective
+    from tsa.teachers import load_teacher
+
+    method = "none" if config.align == "lamo" else config.align
+    teacher_dtype = precision_dtype(config.teacher_precision)
+    teacher = None if method == "none" else load_teacher(config.teacher, config.teacher_path, dtype=teacher_dtype)
+    return AlignmentObjective(
+        transformer, family.load_scheduler(config.model_path), teacher,
+        align=method, weight=config.align_weight, block_index=config.align_layer, grid=config.grid,
+        projector_hidden_dim=config.projector_hidden_dim, family=family,
+        **config.method_options(),  # tau, top_k, trd_margin, backend, ...
+    )
+
+
+def build_lamo(config, objective, accelerator):
+    """LaMoTrainer for --align lamo or --motion-drift-weight > 0 (noise augmentation through the objective's
+    own scheduler), else None."""
+    if config.align != "lamo" and config.motion_drift_weight == 0:
+        return None
+    from tsa.lamo import LaMoTrainer, MotionPredictor
+    from tsa.models import family_of
+
+    family = getattr(objective, "family", None) or family_of(objective.transformer)
+    model_config = family.unwrap(objective.transformer).config
+    predictor = MotionPredictor(
+        in_channels=family.latent_channels(model_config), text_dim=family.text_dim(model_config),
+        channels=config.predictor_channels, num_blocks=config.predictor_blocks,
+        prompt_pooling=config.predictor_prompt_pooling,
+    )
+    trainer = LaMoTrainer(predictor, lr=config.predictor_learning_rate,
+                          total_steps=config.max_steps * config.gradient_accumulation_steps,
+                          noise_scheduler=objective.scheduler, drift_eps=config.motion_drift_eps)
+    return trainer.prepare(accelerator)
+
+
+def check_finite_gradients(accelerator, model, max_grad_norm, step, losses=None):
+    """Clip (max_grad_norm > 0) and raise NonFiniteError naming `step` when the gradient norm is NaN or inf,
+    before the optimizer step. Skipped under fp16 loss scaling, whose scaler skips such steps by design."""
+    if max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    else:
+        grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+        norm = torch.stack(grads).norm() if grads else None
+    if accelerator.scaler is not None or norm is None:
+        return
+    if not torch.isfinite(torch.as_tensor(norm)).all():
+        terms = ", ".join(f"{name}={value:.4g}" for name, value in (losses or {}).items())
+        raise NonFiniteError(f"step {step}: the gradient norm is {float(norm)}" + (f" ({terms})" if terms else "")
+                             + "; stopped before the optimizer step, nothing of this step was saved (lower "
+                             "--learning-rate, or check the data and --resume checkpoint)")
+
+
+def check_finite_losses(losses, step):
+    """NonFiniteError naming `step` and the loss terms that are NaN or inf (mean over micro-batches and
+    processes, so every process stops together)."""
+    bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+    if bad:
+        terms = ", ".join(f"{name}={value}" for name, value in bad.items())
+        raise NonFiniteError(f"step {step}: non-finite loss ({terms}); stopped, no weights of this step were saved "
+                             "(lower --learning-rate, or check the data and --resume checkpoint)")
+
+
+def plot_losses(history, path, smoothing=0.9):
+    """Each loss component against the optimizer step (raw and exponentially smoothed) as a PNG: log scale, or
+    symlog when a value is <= 0 (e.g. REPA's negative cosine loss); components that are 0 throughout (off)
+    are named in the legend's title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    steps = [row["step"] for row in history]
+    series = {name: [row[name] for row in history] for name in LOSS_NAMES}
+    off = [name for name, values in series.items() if not any(values)]
+    plotted = [value for name, values in series.items() if name not in off for value in values]
+    for name, values in series.items():
+        if name in off:
+            continue
+        smoothed, average = [], values[0]
+        for value in values:
+            average = smoothing * average + (1 - smoothing) * value
+            smoothed.append(average)
+        line, = axis.plot(steps, values, alpha=0.3, linewidth=0.8)
+        axis.plot(steps, smoothed, color=line.get_color(), linewidth=1.6, label=name)
+    if plotted and min(plotted) <= 0:
+        axis.set_yscale("symlog", linthresh=min(abs(value) for value in plotted if value))
+    else:
+        axis.set_yscale("log")
+    axis.set(xlabel="optimizer step", ylabel="loss (smoothed; raw faint)",
+             title=f"tsa-train losses ({path.parent.name})")
+    axis.grid(alpha=0.3)
+    axis.legend(title=f"0 throughout: {', '.join(off)}" if off else None)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _step_seed(seed, step, micro_step, process_index):
+    """Seed of one micro-batch: noise, timesteps and latent samples depend only on where it is in the run."""
+    return (((seed * 1_000_003 + step) * 1_009 + micro_step) * 1_013 + process_index) % (2**63)
+
+
+def sample_latents(batch, family, vae_config, dtype):
+    """Draw from the cached latent distributions (B, 2C, F, h, w) -> normalised latents (B, F, C, h, w)."""
+    return family.latents_from_distribution(batch["latent_dist"], vae_config).to(dtype)
+
+
+def compute_losses(objective, lamo, drift_weight, batch, latents, dtype):
+    """Total loss of one micro-batch and its components: diffusion + weight * align (+ LaMo drift)."""
+    pixels = batch.get("pixels")
+    out = objective(latents, batch["prompt_embeds"].to(dtype), pixels)  # pixels stay float32 for the teacher
+    loss, drift = out["loss"], torch.zeros((), device=latents.device)
+    if lamo is not None:
+        drift = lamo.drift_loss(out["x0_pred"].float(), out["x0"].float(), out["timesteps"])
+        loss = loss + drift_weight * drift
+    return loss, {"loss": loss.item(), "diffusion": out["diffusion"].item(), "align": out["align"].item(),
+                  "drift": drift.item()}
+
+
+def prepare_training(config, accelerator):
+    """Models, optimizer, schedule and data loader, prepared by accelerate; LaMo trainer or None."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    dataset = build_cache(config, accelerator)
+    set_seed(config.seed)
+    weight_dtype = precision_dtype(accelerator.mixed_precision)
+    family = build_family(config)
+    transformer = load_transformer(config, weight_dtype, family)
+    objective = build_objective(config, transformer, weight_dtype, family)
+    lamo = build_lamo(config, objective, accelerator)
+    optimizer = torch.optim.AdamW([parameter for parameter in objective.parameters() if parameter.requires_grad],
+                                  lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=config.max_steps * accelerator.num_processes)
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True,
+                                             collate_fn=collate_entries, num_workers=config.dataloader_num_workers)
+    prepared = accelerator.prepare(objective, optimizer, dataloader, lr_scheduler)
+    accelerator.register_save_state_pre_hook(keep_trainable_state)
+    if lamo is not None:
+        accelerator.register_for_checkpointing(lamo)
+    return (*prepared, lamo)
+
+
+def train(config: TrainConfig):
+    """Train with `config` (resolved and checked first: UsageError for a mistake, before anything is built);
+    returns the per-step loss history (None with config.precompute). Run under `accelerate launch` for several
+    processes; CheckpointError for a bad --resume checkpoint, NonFiniteError for a NaN / inf loss or weight."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration
+
+    from tsa.training.data import prepare_tiny_assets
+
+    config = resolve_config(config)
+    check_training_config(config)
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(config.output_dir),
+                                            logging_dir=str(config.output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+    )
+    if config.preset == "tiny":
+        with accelerator.main_process_first():
+            prepare_tiny_assets(config)
+    if config.precompute:
+        build_cache(config, accelerator)
+        return None
+    resume_from = resolve_resume(config)
+    if resume_from is not None:
+        verify_checkpoint(resume_from)  # before any model is built: every tensor loads and is finite
+    objective, optimizer, dataloader, lr_scheduler, lamo = prepare_training(config, accelerator)
+    weight_dtype = precision_dtype(accelerator.mixed_precision)
+    vae_config = json.loads((config.model_path / "vae" / "config.json").read_text())
+    family = accelerator.unwrap_model(objective).family
+
+    viz = None
+    if config.viz_steps:
+        from tsa.viz.training import TrainingViz
+
+        viz = TrainingViz(accelerator, dataloader.dataset, config.output_dir, family, vae_config, weight_dtype)
+    step, history = 0, []
+    if resume_from is not None:
+        if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):  # own formats
+            load_trainable_weights(accelerator, objective, resume_from)
+        # Checkpoints hold only the trainable tensors (see keep_trainable_state); DeepSpeed has no `strict`.
+        strict = {} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
+        accelerator.load_state(str(resume_from), **strict)
+        step = checkpoint_step(resume_from)
+        history = [row for row in json.loads((resume_from / "losses.json").read_text()) if row["step"] <= step]
+    if accelerator.is_main_process:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        # Absolute paths, so tsa-sample finds the base model from any working directory.
+        values = config.to_dict()
+        resolved = {key: value.resolve() if isinstance(value, Path) else value for key, value in values.items()}
+        (config.output_dir / TRAINING_ARGS_NAME).write_text(json.dumps(resolved, default=str, indent=2))
+        accelerator.init_trackers("tsa-train", config={key: value if isinstance(value, (int, float, str, bool))
+                                                       else str(value) for key, value in values.items()})
+
+    updates_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
+    first_epoch, skip_batches = divmod(step, updates_per_epoch)
+    progress = tqdm(total=config.max_steps, initial=step, desc="tsa-train",
+                    disable=config.no_progress or not accelerator.is_local_main_process)
+    window, micro_step = [], 0
+    objective.train()
+    for epoch in itertools.count(first_epoch):
+        if step >= config.max_steps:
+            break
+        # Same data order on resume: the sampler is seeded by (seed, epoch), finished batches are skipped.
+        dataloader.set_epoch(epoch)
+        batches = dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(dataloader, skip_batches * config.gradient_accumulation_steps)
+        for batch in batches:
+            torch.manual_seed(_step_seed(config.seed, step, micro_step, accelerator.process_index))
+            with accelerator.accumulate(objective):
+                latents = sample_latents(batch, family, vae_config, weight_dtype)
+                loss, losses = compute_losses(objective, lamo, config.motion_drift_weight, batch, latents,
+                                              weight_dtype)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    check_finite_gradients(accelerator, objective, config.max_grad_norm, step + 1, losses)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses["predictor"] = 0.0
+            if lamo is not None:
+                losses["predictor"] = lamo.step(latents, batch["prompt_embeds"], batch["prompt_mask"])
+            window.append([losses[name] for name in LOSS_NAMES])
+            micro_step += 1
+            if not accelerator.sync_gradients:
+                continue
+            # The optimizer step's losses: mean over its micro-batches, then over the processes.
+            means = accelerator.reduce(torch.tensor(window, device=accelerator.device).mean(0), reduction="mean")
+            step += 1
+            check_finite_losses(dict(zip(LOSS_NAMES, means.tolist())), step)
+            row = {"step": step, **dict(zip(LOSS_NAMES, means.tolist())), "lr": lr_scheduler.get_last_lr()[0]}
+            history.append(row)
+            window, micro_step = [], 0
+            accelerator.log(row, step=step)
+            progress.update(1)
+            progress.set_postfix({name: f"{row[name]:.4g}" for name in LOSS_NAMES if row[name] or name == "loss"})
+            if step % config.checkpointing_steps == 0 or step == config.max_steps:
+                save_checkpoint(accelerator, config, step, history, lamo)
+            if viz is not None and step % config.viz_steps == 0:
+                viz(objective, step)
+            if step >= config.max_steps:
+                break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    save_final_weights(accelerator, config, objective, lamo)
+    if accelerator.is_main_process:
+        (config.output_dir / "losses.json").write_text(json.dumps(history))
+        plot_losses(history, config.output_dir / "loss_curve.png")
+        print(f"tsa-train: {step} steps, final weights and loss_curve.png in {config.output_dir}; try\n"
+              f"  tsa-sample {config.output_dir} --prompt \"a red ball falls and bounces on the floor\"")
+    accelerator.end_training()
+    return history
