@@ -7,15 +7,17 @@ import math
 import pytest
 import torch
 
+from tsa.models import detect_family, get_family
 from tsa.models.ltx2 import LTX2Family, pack_latents, stretched_logit_normal, vae_latent_statistics
+from tsa.models.tiny import TINY_TEXT_DIM
 
 diffusers = pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = LTX2Family().save_tiny_pipeline(tmp_path_factory.mktemp("ltx2") / "ltx2", num_layers=3)
-    family = LTX2Family.from_model_path(path)
+    path = get_family("ltx2").save_tiny_pipeline(tmp_path_factory.mktemp("ltx2") / "ltx2", num_layers=3)
+    family = detect_family(path)
     return {"path": path, "family": family, "pipe": diffusers.LTX2Pipeline.from_pretrained(path)}
 
 
@@ -23,7 +25,7 @@ def _latents(batch=2, frames=3, height=4, width=6, channels=4, seed=0):
     """Latents (B, F, C, h, w) with h != w, and connector-width prompts of 32 tokens."""
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, frames, channels, height, width, generator=generator, dtype=torch.float64).float()
-    prompt = torch.randn(batch, 32, 16, generator=generator)
+    prompt = torch.randn(batch, 32, TINY_TEXT_DIM, generator=generator)
     return latents, prompt
 
 
@@ -36,6 +38,7 @@ def _tokens(latents):
 def test_folder_configures_the_family(tiny):
     family = tiny["family"]
     vae = tiny["pipe"].vae
+    assert isinstance(family, LTX2Family)
     assert (family.temporal_compression, family.spatial_multiple) == (4, 32)  # the pipeline needs 32
     assert family.latents_mean == pytest.approx(vae.latents_mean.tolist())
     assert family.latents_std == pytest.approx(vae.latents_std.tolist())
@@ -100,7 +103,7 @@ def test_objective_is_rectified_flow_on_packed_tokens(tiny):
     with torch.no_grad():  # the transformer as LTX2Pipeline calls it, with an audio stream the video must ignore
         velocity = transformer(
             hidden_states=noisy.float(), audio_hidden_states=torch.randn(2, 5, 4),
-            encoder_hidden_states=prompt, audio_encoder_hidden_states=torch.randn(2, 32, 16),
+            encoder_hidden_states=prompt, audio_encoder_hidden_states=torch.randn(2, 32, TINY_TEXT_DIM),
             timestep=timesteps, audio_timestep=timesteps, sigma=timesteps,
             encoder_attention_mask=torch.ones(2, 32), audio_encoder_attention_mask=torch.ones(2, 32),
             num_frames=3, height=4, width=6, fps=24.0, audio_num_frames=5, isolate_modalities=True,
@@ -166,39 +169,74 @@ def test_training_sigmas_follow_ltx_trainers_shifted_logit_normal(tiny):
     assert float(stretched_logit_normal(torch.tensor([-3.0]), 0.0, 1.0)) == pytest.approx(2e-3 - below)
 
 
-def test_lora_loads_with_the_pipelines_own_loader(tiny, tmp_path):
+def test_lora_targets_the_video_stream_only(tiny):
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     family = tiny["family"]
     transformer = family.load_transformer(tiny["path"])
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(family.default_lora_target_modules)))
-    names = [name for name, _ in transformer.named_parameters() if "lora_B" in name]
-    assert names and all(".attn1." in name or ".attn2." in name for name in names)  # the video stream only
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    family.save_lora_weights(tmp_path, get_peft_model_state_dict(transformer),
-                             transformer.peft_config["default"].to_dict())
-    pipe = diffusers.LTX2Pipeline.from_pretrained(tiny["path"])
-    pipe.load_lora_weights(tmp_path)
-    latents, prompt = _latents(batch=1, seed=6)
-    scheduler = family.load_scheduler(tiny["path"])
-    step = dict(timesteps=torch.tensor([500.0]), noise=torch.randn(latents.shape))
-    with torch.no_grad():
-        trained = family.denoise_and_loss(transformer, scheduler, latents, prompt, **step)["x0_pred"]
-        loaded = family.denoise_and_loss(pipe.transformer, scheduler, latents, prompt, **step)["x0_pred"]
-        base = family.denoise_and_loss(tiny["pipe"].transformer, scheduler, latents, prompt, **step)["x0_pred"]
-    torch.testing.assert_close(loaded, trained)
-    assert (loaded - base).abs().max() > 1e-4
+    adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in transformer.named_parameters() if ".lora_A" in name}
+    blocks = len(family.blocks(transformer))
+    expected = {f"transformer_blocks.{block}.{attention}.{projection}" for block in range(blocks)
+                for attention in ("attn1", "attn2") for projection in ("to_q", "to_k", "to_v", "to_out.0")}
+    assert adapted == expected
 
 
-def test_pipeline_samples_from_the_tiny_folder(tiny):
-    frames = tiny["pipe"]("a blue cube slides", num_frames=9, height=64, width=96, num_inference_steps=2,
-                          output_type="np", generator=torch.Generator().manual_seed(0)).frames
-    assert frames.shape == (1, 9, 64, 96, 3)
+def test_cache_entry_and_the_mask_the_embeddings_carry(tiny):
+    """The entry holds the connectors' video output; the pipeline multiplies it by the connectors' mask, so the mask
+    the objective derives from the embeddings (their non-zero rows) is the connectors' own, with learnable registers
+    or without."""
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+
+    family, pipe = tiny["family"], tiny["pipe"]
+    pixels = torch.rand(9, 3, 64, 96, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    entry = family.encode_entry(pipe, pixels, "a cube slides", max_sequence_length=64)
+    assert set(entry) == {"latent_dist", "prompt_embeds", "prompt_mask"}
+    assert entry["latent_dist"].shape == (8, 3, 4, 6) and entry["prompt_embeds"].shape == (64, TINY_TEXT_DIM)
+    captions = ["a cube slides", "a red ball falls and rolls"]
+    config = {key: value for key, value in pipe.connectors.config.items() if not key.startswith("_")}
+    config.update(video_connector_num_learnable_registers=None, audio_connector_num_learnable_registers=None)
+    torch.manual_seed(0)
+    original = pipe.connectors
+    for connectors in (original, LTX2TextConnectors(**config).eval()):
+        pipe.connectors = connectors
+        try:
+            out = family.encode_prompts(pipe, captions, max_sequence_length=64)
+        finally:
+            pipe.connectors = original
+        torch.testing.assert_close(out["prompt_embeds"].ne(0).any(dim=-1), out["prompt_attention_mask"])
+        real = torch.tensor(pipe.tokenizer(captions, padding="max_length", max_length=64).attention_mask).sum(1)
+        assert out["prompt_mask"].sum(1).tolist() == real.tolist()
+
+
+def test_motion_guidance_guides_the_video_step_only(tiny):
+    """LTX2Pipeline deep-copies its scheduler for the audio stream: those steps pass through, so scale 0 gives the
+    unguided sample bit for bit, and each guided video step is guided once."""
+    from tsa.lamo import MotionPredictor, enable_motion_guidance
+
+    family = tiny["family"]
+    pipe = family.load_pipeline(tiny["path"])
+    pipe.set_progress_bar_config(disable=True)
+    config = pipe.transformer.config
+    torch.manual_seed(0)
+    predictor = MotionPredictor(in_channels=family.latent_channels(config), text_dim=family.text_dim(config),
+                                channels=8, num_blocks=1)
+    with torch.no_grad():
+        predictor.head.weight.normal_(0, 0.5)  # zero-initialised: give the prediction an effect
+
+    def sample():
+        return pipe("a ball rolls", num_frames=9, height=64, width=96, num_inference_steps=4,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").frames
+
+    unguided = sample()
+    with enable_motion_guidance(pipe, predictor, scale=0.0, rho=0.5):
+        torch.testing.assert_close(sample(), unguided, rtol=0, atol=0)
+    with enable_motion_guidance(pipe, predictor, scale=15.0, rho=0.5) as guidance:
+        guided = sample()
+    assert [index for index, _ in guidance.history] == [2, 3]
+    assert guidance.prompt_embeds.shape[-1] == TINY_TEXT_DIM
+    assert (guided - unguided).abs().max() > 1e-6
+    assert "step" not in vars(pipe.scheduler)
 
 
 def test_bad_options_are_refused():
@@ -213,3 +251,34 @@ def test_bad_options_are_refused():
         with pytest.raises(ValueError, match=message):
             LTX2Family(**options)
     assert pack_latents(torch.zeros(1, 2, 4, 3, 5)).shape == (1, 30, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("align", "finetune"), [("tsa", "lora"), ("trd", "full"), ("repa", "lora"), ("lamo", "full")])
+def test_tsa_train_per_alignment_method_then_tsa_sample(tiny_runs, tmp_path, align, finetune):
+    """tsa-train --preset tiny --model-family ltx2 with each method (M-TSA is the shared tiny run's), LoRA and full;
+    tsa-sample renders from the run, with motion guidance where the run trained a motion predictor."""
+    from tsa_helpers import QUIET, assets, reset_accelerate, train_cli
+
+    from tsa.cli.sample import main as sample_main
+    from tsa.training.data import read_video
+
+    run = tiny_runs("ltx2")[0]
+    output = tmp_path / align
+    history = train_cli(["--output-dir", output, *assets(run, "ltx2"), "--align", align, "--finetune", finetune,
+                         "--lora-rank", "4", "--lora-alpha", "4", "--max-steps", "2", "--checkpointing-steps", "2",
+                         "--lr-warmup-steps", "0", *QUIET])
+    assert [row["step"] for row in history] == [1, 2]
+    for row in history:
+        assert all(math.isfinite(row[name]) for name in ("loss", "diffusion", "align", "drift", "predictor"))
+        assert (row["align"] != 0) == (align != "lamo") and (row["drift"] > 0) == (align == "lamo")
+    weights = output / ("pytorch_lora_weights.safetensors" if finetune == "lora" else "transformer")
+    assert weights.exists()
+    guidance = ["--motion-guidance", "15"] if align == "lamo" else []
+    try:
+        sample_main([str(output), "--prompt", "a red ball falls", "--num-inference-steps", "2", *guidance,
+                     "--output-dir", str(output / "samples")])
+    finally:
+        reset_accelerate()
+    (video,) = (output / "samples").glob("*.mp4")
+    assert read_video(video, 9, 96, 128).shape == (9, 3, 96, 128)

@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-from tsa.choices import TIMESTEP_SAMPLING
-from tsa.models.base import ModelFamily, is_flow_scheduler, model_index
+from tsa.models.base import TIMESTEP_SAMPLING, ModelFamily, is_flow_scheduler, model_index
 
 # ltx-trainer timestep_samplers.py: the standard-normal percentiles the stretched logit-normal maps to [0, 1].
 NORMAL_999_PERCENTILE = 3.0902
@@ -85,6 +84,11 @@ class LTX2Family(ModelFamily):
     spatial_multiple = 32
     default_guidance_scale = 3.0  # LTX2Pipeline.__call__'s default
     default_fps = 24  # LTX2Pipeline.__call__'s frame_rate; ltx-trainer DEFAULT_FPS
+    objective_options = {  # tsa-train options -> constructor keywords
+        "timestep_sampling": "timestep_sampling", "logit_mean": "logit_mean", "logit_std": "logit_std",
+        "flow_shift": "shift",
+    }
+    tiny_preset = {"width": 128}  # the tiny preset's 144 is no multiple of 32, which LTX2Pipeline requires
     presets = {
         # M-TSA on LTX-2 (19B) with ltx-trainer's t2v LoRA recipe (r32 / a32, lr 1e-4, 2000 steps, batch 1, clip 1.0)
         # on its resolution bucket 960x544x49 (7 x 17 x 30 video tokens); block 29 of 48 (about 60% depth).
@@ -253,24 +257,22 @@ class LTX2Family(ModelFamily):
         )
         padding_side = getattr(pipe.tokenizer, "padding_side", "left")
         video, _, connector_mask = pipe.connectors(embeds, mask, padding_side=padding_side)
-        real_tokens = mask.bool()
-        if pipe.connectors.video_connector.learnable_registers is not None:
-            # The connector moves the real tokens to the front and fills the rest with its registers.
-            positions = torch.arange(mask.shape[1], device=mask.device)
-            real_tokens = positions[None] < mask.sum(dim=1, keepdim=True)
-        return {"prompt_embeds": video, "prompt_attention_mask": connector_mask.bool(), "prompt_mask": real_tokens}
+        return {"prompt_embeds": video, "prompt_attention_mask": connector_mask.bool(),
+                "prompt_mask": self._real_tokens(pipe, mask)}
 
     @torch.no_grad()
     def encode_entry(self, pipe, pixels: torch.Tensor, caption: str, max_sequence_length=GEMMA_MAX_SEQUENCE_LENGTH):
-        """One cache entry: pixels (T, 3, H, W) in [-1, 1] -> {"latent_dist" (2C, F, h, w), "prompt_embeds" (L, D),
-        "prompt_attention_mask" (L,), "prompt_mask" (L,)}."""
+        """One cache entry: pixels (T, 3, H, W) in [-1, 1] -> {"latent_dist" (2C, F, h, w), "prompt_embeds" (L, D):
+        the connectors' video output, "prompt_mask" (L,): its real tokens}. The connectors' attention mask is not
+        stored: the pipeline multiplies the embeddings by it, so it is their non-zero rows."""
         device, dtype = pipe.vae.device, pipe.vae.dtype
         video = pixels.to(device, dtype).permute(1, 0, 2, 3).unsqueeze(0)
         latent_dist = pipe.vae.encode(video).latent_dist.parameters[0]
         prompt = self.encode_prompts(pipe, [caption], max_sequence_length, device=device, dtype=dtype)
         return {
             "latent_dist": latent_dist.contiguous().cpu(),
-            **{key: value[0].contiguous().cpu() for key, value in prompt.items()},
+            "prompt_embeds": prompt["prompt_embeds"][0].contiguous().cpu(),
+            "prompt_mask": prompt["prompt_mask"][0].contiguous().cpu(),
         }
 
     # ------------------------------------------------------------------------------------------- latents
@@ -437,8 +439,8 @@ class LTX2Family(ModelFamily):
         config = module.config
         batch = noisy_tokens.shape[0]
         per_clip = timestep if timestep.dim() == 1 else timestep.amax(dim=1)
-        if prompt_attention_mask is None:
-            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], device=prompt_embeds.device)
+        if prompt_attention_mask is None:  # the connectors multiply their output by their mask
+            prompt_attention_mask = prompt_embeds.ne(0).any(dim=-1)
         audio_text = prompt_embeds.new_zeros(batch, prompt_embeds.shape[1], self.audio_text_dim(config))
         return transformer(
             hidden_states=noisy_tokens,
@@ -511,14 +513,47 @@ class LTX2Family(ModelFamily):
             "noisy_latents": unpack_latents(noisy, grid, config.patch_size, config.patch_size_t).to(latents.dtype),
         }
 
-    def x0_from_output(self, scheduler, model_output, sample, timestep, grid=None):
-        """x0 = x_t - sigma v (LTX2Pipeline.convert_velocity_to_x0) for one sampling step. model_output and sample are
-        packed (B, N, C) as the pipeline passes them to the scheduler; `grid` (F, H, W) unpacks the result to
-        (B, F, C, H, W) (patch size 1, the released checkpoints'); without it the packed x0 is returned."""
+    def x0_from_output(self, scheduler, model_output, sample, timestep, transformer_kwargs=None):
+        """x0 = x_t - sigma v (LTX2Pipeline.convert_velocity_to_x0) of one sampling step, (B, F, C, H, W). The
+        pipeline steps packed tokens (B, N, C); their grid is the step's transformer call's num_frames, height and
+        width (tokens; patch size 1, the released checkpoints')."""
         index = int((scheduler.timesteps.to(sample.device) - timestep).abs().argmin())
         sigma = scheduler.sigmas[index].to(device=sample.device, dtype=torch.float32)
-        x0 = sample.float() - sigma * model_output
-        return x0 if grid is None else unpack_latents(x0, grid)
+        grid = self.transformer_input_grid(None, tuple(sample.shape), transformer_kwargs)
+        return unpack_latents(sample.float() - sigma * model_output, grid)
+
+    def set_sampling_timesteps(self, scheduler, num_inference_steps, latent_shape):
+        """LTX2Pipeline's schedule: sigmas linspace(1, 1 / N, N), shifted by mu for the clip's F h w video tokens
+        (patch size 1, the released checkpoints')."""
+        import numpy as np
+        from diffusers.pipelines.ltx2.pipeline_ltx2 import calculate_shift
+
+        config = scheduler.config
+        _, frames, _, height, width = latent_shape
+        mu = calculate_shift(
+            frames * height * width, config.get("base_image_seq_len", 1024),
+            config.get("max_image_seq_len", 4096), config.get("base_shift", 0.95), config.get("max_shift", 2.05),
+        )
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+
+    def guidance_prompt(self, pipe, arguments, outputs):
+        """What the motion predictor trained on: the connectors' video output for the conditional Gemma embeddings
+        of `pipe.encode_prompt` (its outputs: embeddings, mask, negative embeddings, negative mask), with the real
+        tokens in the connector's order."""
+        embeds, mask = outputs[0], outputs[1]
+        with torch.no_grad():
+            video, _, _ = pipe.connectors(embeds, mask, padding_side=getattr(pipe.tokenizer, "padding_side", "left"))
+        return video, self._real_tokens(pipe, mask)
+
+    @staticmethod
+    def _real_tokens(pipe, mask):
+        """(B, L) bool: where the connector output holds the prompt's tokens (moved to the front when the connector
+        fills the padding with its learnable registers)."""
+        if pipe.connectors.video_connector.learnable_registers is None:
+            return mask.bool()
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        return positions[None] < mask.sum(dim=1, keepdim=True)
 
     # ------------------------------------------------------------------------------------------- tiny models
     def tiny_components(self, num_layers: int = 2, seed: int = 0) -> dict:
@@ -530,7 +565,6 @@ class LTX2Family(ModelFamily):
 
         tokenizer = tiny_gemma_tokenizer()
         text_encoder = tiny_gemma3(len(tokenizer), seed=seed)
-        text_width = text_encoder.config.text_config.hidden_size
         return {
             "scheduler": FlowMatchEulerDiscreteScheduler(
                 use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
@@ -540,17 +574,10 @@ class LTX2Family(ModelFamily):
             "audio_vae": tiny_ltx2_audio_vae(seed=seed),
             "text_encoder": text_encoder,
             "tokenizer": tokenizer,
-            "connectors": tiny_ltx2_connectors(text_width, text_encoder.config.text_config.num_hidden_layers + 1, seed),
-            "transformer": tiny_ltx2_transformer(num_layers, text_width, seed=seed),
+            "connectors": tiny_ltx2_connectors(text_encoder.config.text_config.num_hidden_layers + 1, seed),
+            "transformer": tiny_ltx2_transformer(num_layers, seed=seed),
             "vocoder": tiny_ltx2_vocoder(seed=seed),
         }
-
-    def save_tiny_pipeline(self, path, num_layers: int = 2, seed: int = 0) -> Path:
-        from diffusers import LTX2Pipeline
-
-        path = Path(path)
-        LTX2Pipeline(**self.tiny_components(num_layers, seed)).save_pretrained(path)
-        return path
 
 
 def vae_latent_statistics(vae_dir) -> tuple[list[float], list[float]]:
@@ -586,14 +613,18 @@ def tiny_gemma_tokenizer():
 
 
 def tiny_gemma3(vocab_size: int, seed: int = 0):
-    """Gemma3ForConditionalGeneration with a 2-layer, 16-wide text model (and a 1-layer vision tower it never uses)."""
+    """Gemma3ForConditionalGeneration with a 2-layer text model TINY_TEXT_DIM wide (and a 1-layer vision tower it
+    never uses)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from tsa.models.tiny import TINY_TEXT_DIM
 
     torch.manual_seed(seed)
     config = Gemma3Config(
         text_config=dict(
-            vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=8, max_position_embeddings=GEMMA_MAX_SEQUENCE_LENGTH, sliding_window=16,
+            vocab_size=vocab_size, hidden_size=TINY_TEXT_DIM, intermediate_size=2 * TINY_TEXT_DIM,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=TINY_TEXT_DIM // 2,
+            max_position_embeddings=GEMMA_MAX_SEQUENCE_LENGTH, sliding_window=16,
         ),
         vision_config=dict(
             hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
@@ -607,21 +638,23 @@ def tiny_gemma3(vocab_size: int, seed: int = 0):
     return Gemma3ForConditionalGeneration(config).eval()
 
 
-def tiny_ltx2_connectors(text_width: int = 16, num_text_layers: int = 3, seed: int = 0):
-    """LTX2TextConnectors for a `text_width` Gemma with `num_text_layers` hidden states (embeddings included):
-    one block per stream, 2 heads x 8, 8 learnable registers (the released connectors: 128)."""
+def tiny_ltx2_connectors(num_text_layers: int = 3, seed: int = 0):
+    """LTX2TextConnectors for a TINY_TEXT_DIM-wide Gemma with `num_text_layers` hidden states (embeddings included):
+    one block per stream, 2 heads x TINY_TEXT_DIM / 2, 8 learnable registers (the released connectors: 128)."""
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
+
+    from tsa.models.tiny import TINY_TEXT_DIM
 
     torch.manual_seed(seed)
     return LTX2TextConnectors(
-        caption_channels=text_width,
+        caption_channels=TINY_TEXT_DIM,
         text_proj_in_factor=num_text_layers,
         video_connector_num_attention_heads=2,
-        video_connector_attention_head_dim=8,
+        video_connector_attention_head_dim=TINY_TEXT_DIM // 2,
         video_connector_num_layers=1,
         video_connector_num_learnable_registers=8,
         audio_connector_num_attention_heads=2,
-        audio_connector_attention_head_dim=8,
+        audio_connector_attention_head_dim=TINY_TEXT_DIM // 2,
         audio_connector_num_layers=1,
         audio_connector_num_learnable_registers=8,
         connector_rope_base_seq_len=GEMMA_MAX_SEQUENCE_LENGTH,
@@ -629,14 +662,17 @@ def tiny_ltx2_connectors(text_width: int = 16, num_text_layers: int = 3, seed: i
     ).eval()
 
 
-def tiny_ltx2_transformer(num_layers: int = 2, text_width: int = 16, latent_channels: int = 4, seed: int = 0):
-    """LTX2VideoTransformer3DModel: video 2 heads x 8, audio 2 heads x 4, patch 1, positions scaled for the tiny VAE."""
+def tiny_ltx2_transformer(num_layers: int = 2, seed: int = 0):
+    """LTX2VideoTransformer3DModel: video 2 heads x 8, audio 2 heads x 4, patch 1, TINY_LATENT_CHANNELS, captions
+    TINY_TEXT_DIM wide, positions scaled for the tiny VAE."""
     from diffusers import LTX2VideoTransformer3DModel
+
+    from tsa.models.tiny import TINY_LATENT_CHANNELS, TINY_TEXT_DIM
 
     torch.manual_seed(seed)
     return LTX2VideoTransformer3DModel(
-        in_channels=latent_channels,
-        out_channels=latent_channels,
+        in_channels=TINY_LATENT_CHANNELS,
+        out_channels=TINY_LATENT_CHANNELS,
         num_attention_heads=2,
         attention_head_dim=8,
         cross_attention_dim=16,
@@ -647,19 +683,21 @@ def tiny_ltx2_transformer(num_layers: int = 2, text_width: int = 16, latent_chan
         audio_attention_head_dim=4,
         audio_cross_attention_dim=8,
         num_layers=num_layers,
-        caption_channels=text_width,
+        caption_channels=TINY_TEXT_DIM,
         rope_double_precision=False,
     )
 
 
-def tiny_ltx2_vae(latent_channels: int = 4, seed: int = 0):
+def tiny_ltx2_vae(seed: int = 0):
     """AutoencoderKLLTX2Video, 16x spatial / 4x temporal (patch 2, three 2x down blocks, the first spatial only),
     with non-trivial latents_mean / latents_std."""
     from diffusers import AutoencoderKLLTX2Video
 
+    from tsa.models.tiny import TINY_LATENT_CHANNELS
+
     torch.manual_seed(seed)
     vae = AutoencoderKLLTX2Video(
-        latent_channels=latent_channels,
+        latent_channels=TINY_LATENT_CHANNELS,
         block_out_channels=(8, 16, 32),
         down_block_types=("LTX2VideoDownBlock3D",) * 3,
         decoder_block_out_channels=(8, 16, 32),
@@ -678,8 +716,8 @@ def tiny_ltx2_vae(latent_channels: int = 4, seed: int = 0):
         temporal_compression_ratio=4,
     ).eval()
     generator = torch.Generator().manual_seed(seed)
-    vae.latents_mean.copy_(torch.randn(latent_channels, generator=generator) * 0.5)
-    vae.latents_std.copy_(torch.rand(latent_channels, generator=generator) * 1.5 + 0.5)
+    vae.latents_mean.copy_(torch.randn(TINY_LATENT_CHANNELS, generator=generator) * 0.5)
+    vae.latents_std.copy_(torch.rand(TINY_LATENT_CHANNELS, generator=generator) * 1.5 + 0.5)
     return vae
 
 

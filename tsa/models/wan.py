@@ -186,7 +186,7 @@ class WanFamily(ModelFamily):
         patch_t, patch_h, patch_w = config.patch_size
         return frames // patch_t, height // patch_h, width // patch_w
 
-    def transformer_input_grid(self, config, hidden_states_shape):
+    def transformer_input_grid(self, config, hidden_states_shape, call_kwargs=None):
         batch, channels, frames, height, width = hidden_states_shape
         return self.token_grid(config, (batch, frames, channels, height, width))
 
@@ -294,7 +294,7 @@ class WanFamily(ModelFamily):
             "noisy_latents": noisy_latents,
         }
 
-    def x0_from_output(self, scheduler, model_output, sample, timestep):
+    def x0_from_output(self, scheduler, model_output, sample, timestep, transformer_kwargs=None):
         index = int((scheduler.timesteps.to(sample.device) - timestep).abs().argmin())
         sigma = scheduler.sigmas[index].to(device=sample.device, dtype=torch.float32)
         return (sample.float() - sigma * model_output).permute(0, 2, 1, 3, 4)
