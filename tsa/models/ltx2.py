@@ -17,8 +17,8 @@ Latents: the VAE posterior mean (ltx-core's encoder returns the means), normalis
 (z - latents_mean) * scaling_factor / latents_std, with latents_mean / latents_std the VAE's buffers (its weights,
 not its config). Layout outside the family (B, F, C, h, w); the transformer takes packed (B, F*h*w / p^2, C p^2).
 Text: Gemma 3 hidden states of every layer (1024 tokens, left padded) through the pipeline's frozen connectors; the
-connector's video output (B, L, D) is cached, with its attention mask (all ones when the connectors use learnable
-registers, as the released checkpoints do) and, for LaMo's pooling, the real-token positions in connector order.
+connectors' video output (B, L, D) is cached (the DiT's text mask is its non-zero rows: the connectors multiply
+their output by it) with, for LaMo's pooling, the real-token positions in the connectors' order.
 
 docs/method.md ("LTX-2") cites the file and line behind each choice.
 """
