@@ -98,6 +98,16 @@ def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
 TIMESTEP_SAMPLING = ("logit-normal", "uniform")  # training timestep densities of flow-matching families
 
 
+def check_flow_sampling_options(timestep_sampling: str, logit_std: float, shift: float | None) -> None:
+    """ValueError naming the option when a flow-matching family's timestep options are out of range."""
+    if timestep_sampling not in TIMESTEP_SAMPLING:
+        raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
+    if not logit_std > 0:
+        raise ValueError(f"logit_std must be > 0, got {logit_std}")
+    if shift is not None and not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+
+
 class ModelFamily:
     """One family of video DiTs. Instances may carry objective options (e.g. timestep sampling); `timestep_range`
     = (low, high) restricts training timesteps to [low, high) (one expert of a two-expert model), None uses the

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from tsa.models.base import TIMESTEP_SAMPLING, ModelFamily, is_flow_scheduler, model_index
+from tsa.models.base import ModelFamily, check_flow_sampling_options, is_flow_scheduler, model_index
 
 # ltx-trainer timestep_samplers.py: the standard-normal percentiles the stretched logit-normal maps to [0, 1].
 NORMAL_999_PERCENTILE = 3.0902
@@ -42,6 +42,31 @@ VIDEO_ATTENTION_TARGETS = tuple(
 )
 PIPELINE_SIZE_MULTIPLE = 32  # LTX2Pipeline.check_inputs refuses other heights and widths, whatever the VAE
 GEMMA_MAX_SEQUENCE_LENGTH = 1024  # LTX2Pipeline.__call__'s default; ltx-core gemma_assets.TOKENIZER_MAX_LENGTH
+
+# ltx-trainer's configs/t2v_lora.yaml (LoRA, optimiser, schedule) on its 960x544x49 bucket, with M-TSA.
+MTSA_LORA_RECIPE = dict(
+    height=544,
+    width=960,
+    num_frames=49,
+    align="mtsa",
+    align_layer=29,
+    align_weight=0.5,
+    tau=0.1,
+    top_k=0.2,
+    finetune="lora",
+    lora_rank=32,
+    lora_alpha=32,
+    learning_rate=1e-4,
+    lr_scheduler="linear",
+    lr_warmup_steps=0,
+    max_grad_norm=1.0,
+    train_batch_size=1,
+    max_steps=2000,
+    checkpointing_steps=250,
+    mixed_precision="bf16",
+    gradient_checkpointing=True,
+    vae_tiling=True,
+)
 
 
 def pack_latents(latents: torch.Tensor, patch_size: int = 1, patch_size_t: int = 1) -> torch.Tensor:
@@ -92,53 +117,9 @@ class LTX2Family(ModelFamily):
     presets = {
         # M-TSA on LTX-2 (19B) with ltx-trainer's t2v LoRA recipe (r32 / a32, lr 1e-4, 2000 steps, batch 1, clip 1.0)
         # on its resolution bucket 960x544x49 (7 x 17 x 30 video tokens); block 29 of 48 (about 60% depth).
-        "ltx2-19b-mtsa-lora": dict(
-            height=544,
-            width=960,
-            num_frames=49,
-            align="mtsa",
-            align_layer=29,
-            align_weight=0.5,
-            tau=0.1,
-            top_k=0.2,
-            finetune="lora",
-            lora_rank=32,
-            lora_alpha=32,
-            learning_rate=1e-4,
-            lr_scheduler="linear",
-            lr_warmup_steps=0,
-            max_grad_norm=1.0,
-            train_batch_size=1,
-            max_steps=2000,
-            checkpointing_steps=250,
-            mixed_precision="bf16",
-            gradient_checkpointing=True,
-            vae_tiling=True,
-        ),
-        # LTX-2.3 (22B; gated attention, per-modality text projections): the same recipe and block.
-        "ltx2.3-22b-mtsa-lora": dict(
-            height=544,
-            width=960,
-            num_frames=49,
-            align="mtsa",
-            align_layer=29,
-            align_weight=0.5,
-            tau=0.1,
-            top_k=0.2,
-            finetune="lora",
-            lora_rank=32,
-            lora_alpha=32,
-            learning_rate=1e-4,
-            lr_scheduler="linear",
-            lr_warmup_steps=0,
-            max_grad_norm=1.0,
-            train_batch_size=1,
-            max_steps=2000,
-            checkpointing_steps=250,
-            mixed_precision="bf16",
-            gradient_checkpointing=True,
-            vae_tiling=True,
-        ),
+        "ltx2-19b-mtsa-lora": MTSA_LORA_RECIPE,
+        # LTX-2.3 (22B; gated attention, per-modality text projections, 48 blocks): the same recipe and block.
+        "ltx2.3-22b-mtsa-lora": MTSA_LORA_RECIPE,
     }
 
     def __init__(
@@ -158,12 +139,7 @@ class LTX2Family(ModelFamily):
         latents_std: list[float] | None = None,
     ):
         super().__init__(timestep_range)
-        if timestep_sampling not in TIMESTEP_SAMPLING:
-            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
-        if not logit_std > 0:
-            raise ValueError(f"logit_std must be > 0, got {logit_std}")
-        if shift is not None and not shift > 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
+        check_flow_sampling_options(timestep_sampling, logit_std, shift)
         for option, value in (("uniform_prob", uniform_prob), ("first_frame_conditioning_p", first_frame_conditioning_p)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{option} must be in [0, 1], got {value}")

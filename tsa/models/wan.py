@@ -22,7 +22,14 @@ from pathlib import Path
 
 import torch
 
-from tsa.models.base import TIMESTEP_SAMPLING, ModelFamily, flow_shift, is_flow_scheduler, model_index, shift_sigmas
+from tsa.models.base import (
+    ModelFamily,
+    check_flow_sampling_options,
+    flow_shift,
+    is_flow_scheduler,
+    model_index,
+    shift_sigmas,
+)
 
 
 class WanFamily(ModelFamily):
@@ -98,12 +105,7 @@ class WanFamily(ModelFamily):
         spatial_multiple: int = 16,
     ):
         super().__init__(timestep_range)
-        if timestep_sampling not in TIMESTEP_SAMPLING:
-            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
-        if not logit_std > 0:
-            raise ValueError(f"logit_std must be > 0, got {logit_std}")
-        if shift is not None and not shift > 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
+        check_flow_sampling_options(timestep_sampling, logit_std, shift)
         self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, float(logit_mean), float(logit_std)
         self.shift, self.expand_timesteps, self.spatial_multiple = shift, bool(expand_timesteps), spatial_multiple
 
