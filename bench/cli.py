@@ -19,6 +19,7 @@ from . import report
 from .dit import DIT_MODELS, format_dit, run_dit
 from .measure import DTYPES, Case, base_result, matmul_tflops, run_case
 from .providers import OPS, PROVIDERS
+from .shards import main_shards
 from .workloads import PRESETS, build_workloads, flop_count
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +66,16 @@ def _mask_ratio(text: str) -> float:
     if not 0.0 < ratio <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a kept fraction in (0, 1], got {text}")
     return ratio
+
+
+def _shard_counts(text: str) -> list[int]:
+    try:
+        counts = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated process counts >= 1, e.g. 1,2,4; got {text!r}")
+    return counts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,6 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-plot", dest="plot", action="store_false")
     parser.add_argument(
         "--dit", choices=sorted(DIT_MODELS), help="time a training step of this DiT beside the loss at its grid (GPU)"
+    )
+    parser.add_argument(
+        "--shards", type=_shard_counts, help="time the op on sharded tokens over these process counts (bench/shards.py)"
     )
     parser.add_argument("--tiny", action="store_true", help="with --dit: a 2-layer model on a small grid (CPU test)")
     args = parser.parse_args(argv)
@@ -224,6 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.dit:
         return main_dit(args, argv)
+    if args.shards:
+        return main_shards(args, argv, environment(args, argv))
     shape = {field: getattr(args, field) for field in ("batch", "frames", "hw", "cs", "ct")}
     workloads = build_workloads(args.preset, max_tokens=args.max_tokens, **shape)
     isolate = args.isolate == "process" or (args.isolate == "auto" and args.device.type == "cpu")

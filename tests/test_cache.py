@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from tsa.tiny import save_tiny_pipeline
-from tsa.training.cache import CachedLatentDataset, CacheLayout, LatentEncoder, fill_cache, model_fingerprint
+from tsa.training.cache import (CachedLatentDataset, CacheLayout, LatentEncoder, fill_cache, model_fingerprint,
+                                publish_cache)
 from tsa.training.data import UndecodableVideoWarning, VideoCaptionDataset, load_video_captions, write_synthetic_dataset
 
 HEIGHT, WIDTH, FRAMES = 32, 32, 9
@@ -111,10 +112,13 @@ def test_sharded_fill_covers_every_video_once(assets, encoder, tmp_path):
     model, data = assets
     videos, layout = videos_of(data), make_layout(tmp_path, model)
     assert fill_cache(videos, layout, encoder, process_index=1, num_processes=3, progress=False) == (1, 0)
-    assert [layout.path(s).is_file() for s in videos.samples] == [False, True, False, False]
+    # A shard's entries wait in the staging folder until every process is done (publish_cache).
+    assert not layout.directory.exists()
+    assert [(layout.staging / layout.path(s).name).is_file() for s in videos.samples] == [False, True, False, False]
     assert fill_cache(videos, layout, encoder, process_index=0, num_processes=3, progress=False) == (2, 0)
     assert fill_cache(videos, layout, encoder, process_index=2, num_processes=3, progress=False) == (1, 0)
-    assert all(layout.path(s).is_file() for s in videos.samples)
+    publish_cache(layout)
+    assert all(layout.path(s).is_file() for s in videos.samples) and not layout.staging.exists()
 
 
 def test_undecodable_video_is_left_out_of_the_training_set(assets, filled, encoder, tmp_path):
@@ -128,7 +132,7 @@ def test_undecodable_video_is_left_out_of_the_training_set(assets, filled, encod
     with pytest.warns(UndecodableVideoWarning, match="broken.mp4"):
         assert fill_cache(videos, layout, encoder, progress=False) == (0, 4)
     dataset = CachedLatentDataset(videos, layout, with_pixels=True)
-    assert dataset.indices == [0, 1, 3, 4]
+    assert dataset.indices == [0, 1, 3, 4] and dataset.skipped_videos == [broken]
     item = dataset[2]
     assert set(item) == {"latent_dist", "prompt_embeds", "prompt_mask", "pixels"}
     assert item["pixels"].shape == (FRAMES, 3, HEIGHT, WIDTH)

@@ -10,6 +10,14 @@ from tsa.cli.options import PRESETS, parse_config
 REAL = ["--model-path", "cogvideox", "--data", "videos", "--teacher-path", "videomae"]
 
 
+@pytest.fixture(autouse=True)
+def in_a_folder_with_the_paths(tmp_path, monkeypatch):
+    """The paths the options name exist (tsa-train checks that first), empty: parsing reads no model."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("cogvideox", "videos", "videomae", "m", "d"):
+        (tmp_path / name).mkdir()
+
+
 def write_yaml(tmp_path, text):
     path = tmp_path / "run.yaml"
     path.write_text(text)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tsa.errors import UsageError
+from tsa.outputs import refuse_existing_files
 from tsa.training.data import write_video
 from tsa.training.validation import check_ranges, pipeline_family
 
@@ -110,11 +111,12 @@ def sample(
     motion_guidance_lag: int = 1,
     motion_guidance_start: str = "floor",
     predictor=None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write one mp4 per prompt (seed + its index) and return their paths. Size, frame count, guidance scale and
     fps left None take the run's (training_args.json) and the family's defaults; `motion_guidance` > 0 turns
     on LaMo's Motion Prior Guidance with the run's motion predictor (or `predictor`, a folder). Everything is
-    checked before a model loads (UsageError)."""
+    checked before a model loads (UsageError), including that no mp4 it would write exists unless `overwrite`."""
     device = device or default_device()
     run_dir = Path(run_dir)
     check_sampling(run_dir, output_dir=output_dir, device=device, num_frames=num_frames, height=height, width=width,
@@ -125,6 +127,9 @@ def sample(
         raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if not prompts:
         raise UsageError("give at least one --prompt or a --prompts-file")
+    output_dir = Path(output_dir) if output_dir is not None else run_dir / "samples"
+    paths = [sample_path(output_dir, index, prompt) for index, prompt in enumerate(prompts)]
+    refuse_existing_files(paths, overwrite)
     trained = run_options(run_dir)
     given = model_path is not None
     model_path = model_path if given else trained.get("model_path")
@@ -162,14 +167,15 @@ def sample(
         enable_motion_guidance(pipe, motion_predictor, scale=motion_guidance, rho=motion_guidance_rho,
                                lag=motion_guidance_lag, start_rounding=motion_guidance_start)
 
-    output_dir = Path(output_dir) if output_dir is not None else run_dir / "samples"
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, prompt in enumerate(prompts):
+    for index, (prompt, path) in enumerate(zip(prompts, paths)):
         generator = torch.Generator(device).manual_seed(seed + index)
         frames = pipe(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       generator=generator, output_type="np", **size).frames[0]
-        path = output_dir / f"{index:02d}-{re.sub(r'[^a-z0-9]+', '-', prompt.lower()).strip('-')[:60]}.mp4"
         write_video(path, [(frame * 255).round().clip(0, 255).astype("uint8") for frame in frames], fps=fps)
-        paths.append(path)
     return paths
+
+
+def sample_path(output_dir, index: int, prompt: str) -> Path:
+    """The mp4 of the index-th prompt: its number and the prompt's words."""
+    return Path(output_dir) / f"{index:02d}-{re.sub(r'[^a-z0-9]+', '-', prompt.lower()).strip('-')[:60]}.mp4"

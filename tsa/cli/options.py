@@ -11,10 +11,11 @@ from pathlib import Path
 
 from tsa import alignment
 from tsa.choices import GRID_MODES, TEACHER_KINDS
-from tsa.cli.common import OneLineArgumentParser, positive_int
+from tsa.cli.common import OneLineArgumentParser, add_debug_option, positive_int
 from tsa.errors import UsageError
 from tsa.models import DEFAULT_FAMILY, FAMILIES, TIMESTEP_SAMPLING, all_experts, family_class
 from tsa.training.config import PRESETS, TrainConfig, preset_values, resolve_config
+from tsa.training.validation import check_given_paths_exist
 
 DEFAULTS = {item.name: item.default for item in dataclasses.fields(TrainConfig)
             if item.default is not dataclasses.MISSING}  # the one place defaults live is TrainConfig
@@ -26,7 +27,9 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
         prog=prog,
         description="Fine-tune a video DiT (CogVideoX, Wan2.1 / Wan2.2) with a TSA / M-TSA / TRD / REPA / LaMo "
                     "alignment loss.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="The defaults shown are those of a run without a preset (the papers' values). --preset tiny, the "
+               "default without --model-path, sets " + ", ".join(f"--{key.replace('_', '-')} {value}"
+                                                             for key, value in PRESETS["tiny"].items()) + ".",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="Named defaults. When neither this nor the YAML names one: tiny without --model-path "
@@ -41,10 +44,15 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
     model.add_argument("--expert", choices=all_experts(), default=DEFAULTS["expert"],
                        help="Two-expert pipelines (Wan2.2 A14B): the denoiser this run trains, on its own timestep "
                             "range (transformer: high noise, t >= boundary_ratio * 1000; transformer_2: low noise).")
-    model.add_argument("--output-dir", type=Path, default=DEFAULTS["output_dir"])
-    model.add_argument("--finetune", choices=("full", "lora"), default=DEFAULTS["finetune"])
-    model.add_argument("--lora-rank", type=positive_int, default=DEFAULTS["lora_rank"])
-    model.add_argument("--lora-alpha", type=float, default=DEFAULTS["lora_alpha"])
+    model.add_argument("--output-dir", type=Path, default=DEFAULTS["output_dir"],
+                       help="Folder of the run: checkpoints, logs, losses, final weights. A folder that already "
+                            "holds a run is refused unless --resume or --overwrite is given.")
+    model.add_argument("--finetune", choices=("full", "lora"), default=DEFAULTS["finetune"],
+                       help="Train every transformer weight (full) or LoRA adapters on a frozen transformer (lora).")
+    model.add_argument("--lora-rank", type=positive_int, default=DEFAULTS["lora_rank"],
+                       help="Rank of the LoRA adapters (--finetune lora).")
+    model.add_argument("--lora-alpha", type=float, default=DEFAULTS["lora_alpha"],
+                       help="LoRA scale numerator: the adapters' output is multiplied by alpha / rank.")
     model.add_argument("--lora-target-modules", default=DEFAULTS["lora_target_modules"],
                        help="Comma-separated module names that get LoRA adapters (default: the family's; "
                             + "; ".join(f"{name}: {','.join(family_class(name).default_lora_target_modules)}"
@@ -54,17 +62,21 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
     data.add_argument("--data", type=Path, default=DEFAULTS["data"],
                       help="A folder with prompts.txt + videos.txt, or a CSV file with video and caption "
                            "columns (paths relative to its folder). The tiny preset generates one.")
-    data.add_argument("--video-column", default=DEFAULTS["video_column"])
-    data.add_argument("--caption-column", default=DEFAULTS["caption_column"])
-    data.add_argument("--height", type=positive_int, default=DEFAULTS["height"])
-    data.add_argument("--width", type=positive_int, default=DEFAULTS["width"])
+    data.add_argument("--video-column", default=DEFAULTS["video_column"],
+                      help="CSV --data: the column holding the video paths.")
+    data.add_argument("--caption-column", default=DEFAULTS["caption_column"],
+                      help="CSV --data: the column holding the captions.")
+    data.add_argument("--height", type=positive_int, default=DEFAULTS["height"],
+                      help="Training height in pixels (clips are resized to cover it, then centre-cropped).")
+    data.add_argument("--width", type=positive_int, default=DEFAULTS["width"], help="Training width in pixels.")
     data.add_argument("--num-frames", type=positive_int, default=DEFAULTS["num_frames"], help="4k+1 frames per clip.")
     data.add_argument("--cache-dir", type=Path, default=DEFAULTS["cache_dir"],
                       help="Latent and T5 embedding cache (default: OUTPUT_DIR/cache).")
     data.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=DEFAULTS["vae_tiling"],
                       help="Encode in overlapping tiles (saves memory at 480x720, slow on tiny models).")
-    data.add_argument("--precompute", action="store_true", help="Only fill the cache, then exit.")
-    data.add_argument("--dataloader-num-workers", type=int, default=DEFAULTS["dataloader_num_workers"])
+    data.add_argument("--precompute", action="store_true", help="Only fill the latent cache, then exit (as tsa-cache).")
+    data.add_argument("--dataloader-num-workers", type=int, default=DEFAULTS["dataloader_num_workers"],
+                      help="Processes loading cached batches (0: in the training process).")
     data.add_argument("--num-videos", type=positive_int, default=DEFAULTS["num_videos"],
                       help="Size of the synthetic dataset the tiny preset writes.")
 
@@ -75,22 +87,28 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
                        + "; lamo: no alignment loss, LaMo's motion drift loss; none: diffusion loss only.")
     align.add_argument("--align-layer", type=positive_int, default=DEFAULTS["align_layer"],
                        help="Transformer block, 1-based (default: CogVideoX 18, Wan the block at 60%% depth).")
-    align.add_argument("--align-weight", type=float, default=DEFAULTS["align_weight"])
+    align.add_argument("--align-weight", type=float, default=DEFAULTS["align_weight"],
+                       help="Weight of the alignment loss added to the diffusion loss.")
     align.add_argument("--grid", choices=GRID_MODES, default=DEFAULTS["grid"],
                        help="teacher-grid: project the DiT tokens down to the teacher's grid (VideoREPA / TSA); "
                             "native: keep the DiT grid and upsample the teacher's features.")
-    align.add_argument("--projector-hidden-dim", type=positive_int, default=DEFAULTS["projector_hidden_dim"])
+    align.add_argument("--projector-hidden-dim", type=positive_int, default=DEFAULTS["projector_hidden_dim"],
+                       help="Hidden width of the MLP projecting DiT tokens to the teacher's feature size.")
     for option in alignment.alignment_options().values():  # every option of every registered method
         users = ", ".join(method.name for method in methods if option.name in method.option_names)
         align.add_argument(option.flag, type=option.type, default=option.default, choices=option.choices,
                            help=f"[{users}] {option.help}")
-    align.add_argument("--teacher", choices=TEACHER_KINDS, default=DEFAULTS["teacher"])
-    align.add_argument("--teacher-path", type=Path, default=DEFAULTS["teacher_path"])
+    align.add_argument("--teacher", choices=TEACHER_KINDS, default=DEFAULTS["teacher"],
+                       help="Kind of frozen video encoder whose features the DiT is aligned to.")
+    align.add_argument("--teacher-path", type=Path, default=DEFAULTS["teacher_path"],
+                       help="Local transformers folder of the teacher (needed with a teacher alignment; tiny: built "
+                            "in the output dir).")
     align.add_argument("--teacher-precision", choices=("fp32", "fp16", "bf16"), default=DEFAULTS["teacher_precision"],
                        help="dtype the frozen teacher runs in (fp32 as VideoREPA, whatever --mixed-precision is).")
     align.add_argument("--motion-drift-weight", type=float, default=DEFAULTS["motion_drift_weight"],
                        help="LaMo drift loss weight (default 0.4 with --align lamo, else 0).")
-    align.add_argument("--predictor-learning-rate", type=float, default=DEFAULTS["predictor_learning_rate"])
+    align.add_argument("--predictor-learning-rate", type=float, default=DEFAULTS["predictor_learning_rate"],
+                       help="LaMo motion predictor's learning rate.")
     align.add_argument("--predictor-channels", type=positive_int, default=DEFAULTS["predictor_channels"],
                        help="LaMo predictor width.")
     align.add_argument("--predictor-blocks", type=positive_int, default=DEFAULTS["predictor_blocks"],
@@ -103,25 +121,34 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
                        help="Floor of the drift loss's denominator ||mu*||^2 (LaMo's code: 1e-8).")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
+    optim.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"],
+                       help="AdamW learning rate of the transformer (or its adapters) and the projector.")
     optim.add_argument("--lr-scheduler", default=DEFAULTS["lr_scheduler"],
                        help="Any diffusers.optimization.get_scheduler name (linear, cosine, ...).")
-    optim.add_argument("--lr-warmup-steps", type=int, default=DEFAULTS["lr_warmup_steps"])
-    optim.add_argument("--adam-beta1", type=float, default=DEFAULTS["adam_beta1"])
-    optim.add_argument("--adam-beta2", type=float, default=DEFAULTS["adam_beta2"])
-    optim.add_argument("--adam-weight-decay", type=float, default=DEFAULTS["adam_weight_decay"])
-    optim.add_argument("--adam-epsilon", type=float, default=DEFAULTS["adam_epsilon"])
-    optim.add_argument("--max-grad-norm", type=float, default=DEFAULTS["max_grad_norm"])
+    optim.add_argument("--lr-warmup-steps", type=int, default=DEFAULTS["lr_warmup_steps"],
+                       help="Optimizer steps of linear learning-rate warm-up.")
+    optim.add_argument("--adam-beta1", type=float, default=DEFAULTS["adam_beta1"], help="AdamW beta1.")
+    optim.add_argument("--adam-beta2", type=float, default=DEFAULTS["adam_beta2"], help="AdamW beta2.")
+    optim.add_argument("--adam-weight-decay", type=float, default=DEFAULTS["adam_weight_decay"],
+                       help="AdamW decoupled weight decay.")
+    optim.add_argument("--adam-epsilon", type=float, default=DEFAULTS["adam_epsilon"],
+                       help="AdamW epsilon (added to the denominator).")
+    optim.add_argument("--max-grad-norm", type=float, default=DEFAULTS["max_grad_norm"],
+                       help="Clip the gradient norm to this (0: no clipping).")
     optim.add_argument("--train-batch-size", type=positive_int, default=DEFAULTS["train_batch_size"],
-                       help="Per process.")
+                       help="Clips per micro-batch, per process.")
     optim.add_argument("--gradient-accumulation-steps", type=positive_int,
-                       default=DEFAULTS["gradient_accumulation_steps"])
-    optim.add_argument("--max-steps", type=positive_int, default=DEFAULTS["max_steps"], help="Optimizer steps.")
+                       default=DEFAULTS["gradient_accumulation_steps"],
+                       help="Micro-batches summed into each optimizer step.")
+    optim.add_argument("--max-steps", type=positive_int, default=DEFAULTS["max_steps"],
+                       help="Optimizer steps of the run (counted over resumes).")
     optim.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=DEFAULTS["mixed_precision"],
                        help="Default: the accelerate config's (no without one).")
     optim.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                       default=DEFAULTS["gradient_checkpointing"])
-    optim.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+                       default=DEFAULTS["gradient_checkpointing"],
+                       help="Recompute the transformer's activations in the backward pass (less memory, slower).")
+    optim.add_argument("--seed", type=int, default=DEFAULTS["seed"],
+                       help="Seed of the data order, noise and timesteps (a resumed run repeats them).")
     optim.add_argument("--timestep-sampling", choices=TIMESTEP_SAMPLING, default=DEFAULTS["timestep_sampling"],
                        help="Flow-matching families (Wan): training timestep density (default logit-normal, shifted "
                             "by the scheduler's shift).")
@@ -133,14 +160,22 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
                        help="Flow families: timestep shift (default: the model scheduler's).")
 
     ckpt = parser.add_argument_group("checkpoints and logging")
-    ckpt.add_argument("--checkpointing-steps", type=positive_int, default=DEFAULTS["checkpointing_steps"])
+    ckpt.add_argument("--checkpointing-steps", type=positive_int, default=DEFAULTS["checkpointing_steps"],
+                      help="Save a checkpoint every N optimizer steps, and at the last one (and on Ctrl-C / "
+                           "SIGTERM, at the step it stops).")
     ckpt.add_argument("--checkpoints-total-limit", type=int, default=DEFAULTS["checkpoints_total_limit"],
-                      help="Keep at most this many checkpoints (oldest deleted).")
-    ckpt.add_argument("--resume", default=DEFAULTS["resume"], help="'latest' or a checkpoint folder.")
+                      help="Keep at most this many checkpoints, the oldest deleted (default: keep all).")
+    ckpt.add_argument("--resume", default=DEFAULTS["resume"],
+                      help="Continue from a checkpoint: 'latest' (the newest in OUTPUT_DIR/checkpoints) or a "
+                           "checkpoint-STEP folder (default: start from step 0).")
+    ckpt.add_argument("--overwrite", action="store_true",
+                      help="Replace the run already in --output-dir (its checkpoints, logs and weights; the tiny "
+                           "assets and the latent cache stay).")
     ckpt.add_argument("--viz-steps", type=int, default=DEFAULTS["viz_steps"],
                       help="Every N optimizer steps, draw the correspondence maps of the first clip to OUTPUT_DIR/viz "
                            "and TensorBoard, with entropy / KL / mask scalars (0 = off; see tsa-viz).")
     ckpt.add_argument("--no-progress", action="store_true", help="Hide the tqdm bar.")
+    add_debug_option(parser)
     return parser
 
 
@@ -156,7 +191,7 @@ def _load_yaml(path, parser):
     options = {}
     for key, value in values.items():
         dest = str(key).replace("-", "_")
-        if dest not in known or dest in ("help", "config"):
+        if dest not in known or dest in ("help", "config", "debug"):
             raise ValueError(f"--config: unknown option {key!r} in {path}")
         action = known[dest]
         if value is not None and action.type is not None and not isinstance(value, (bool, list)):
@@ -193,10 +228,19 @@ def _parse(parser, argv):
 def parse_config(argv=None, prog="tsa-train") -> TrainConfig:
     """The resolved TrainConfig of a tsa-train / tsa-cache command line; a mistake ends the program with one
     line and exit status 2."""
+    return parse_command(argv, prog)[0]
+
+
+def parse_command(argv=None, prog="tsa-train") -> tuple[TrainConfig, bool]:
+    """(resolved TrainConfig, --debug) of a tsa-train / tsa-cache command line. The input paths are checked
+    first, then the values; a mistake ends the program with one line and exit status 2."""
     parser = build_parser(prog)
     options = vars(_parse(parser, argv))
     options.pop("config")
+    debug = options.pop("debug")
     try:
-        return resolve_config(TrainConfig.from_dict(options))
+        config = TrainConfig.from_dict(options)
+        check_given_paths_exist(config)
+        return resolve_config(config), debug
     except UsageError as error:
         parser.error(str(error))

@@ -10,22 +10,24 @@ The options become a tsa.training.TrainConfig (tsa/cli/options.py); the run is t
 docstring lists the outputs.
 """
 
-from tsa.cli.common import exit_with_error
-from tsa.cli.options import parse_config
-from tsa.errors import CheckpointError, NonFiniteError, UsageError
+from tsa.cli.common import run_command
+from tsa.cli.options import parse_command
 from tsa.training.loop import train
 from tsa.training.validation import check_training_config
 
 
 def main(argv=None):
     """Console script tsa-train (also `python -m tsa.cli.train`): options and paths are checked before anything
-    is built; a mistake, a bad checkpoint or a non-finite loss ends it with one line (exit 2, 1, 1)."""
-    config = parse_config(argv)
-    try:
+    is built. Exit status 0 when the run finishes; 2 and one line for a mistake; 1 and one line for a failure (a
+    bad checkpoint, a non-finite loss, data that does not decode; --debug adds the traceback); 130 / 143 after
+    Ctrl-C / SIGTERM, with a checkpoint saved at the step the run stopped."""
+    config, debug = parse_command(argv)
+
+    def run():
         check_training_config(config)
         train(config)
-    except (UsageError, CheckpointError, NonFiniteError) as error:
-        exit_with_error("tsa-train", error)
+
+    run_command("tsa-train", run, debug=debug)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import argparse
 import math
 from pathlib import Path
 
+from tsa.cli.common import OneLineArgumentParser, add_debug_option, run_command
+from tsa.outputs import refuse_existing_files
 from tsa.sampling import DTYPES, default_device
 from tsa.training.data import VideoDecodeError, read_video
 from tsa.viz.maps import DEFAULT_TIMESTEP, MAX_COLUMNS
@@ -33,9 +35,8 @@ def _parse_frames(text: str) -> list:
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="tsa-viz",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Draw the correspondence distributions of a tsa-train run: for query tokens of one frame, "
         "the teacher's P_t and the student's P_s over every target frame, their KL, and the M-TSA mask.",
     )
@@ -75,16 +76,24 @@ def build_parser():
     parser.add_argument("--output", type=Path, default=None, help="PNG path (default: RUN_DIR/viz/<clip>.png).")
     parser.add_argument("--gif", action="store_true", help="Also write an animated GIF (same path, .gif).")
     parser.add_argument("--no-base", action="store_true", help="Leave out the base model's row.")
-    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--device", default=default_device(), help="torch device (cuda when one is available).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace the PNG (and GIF) if they exist (else "
+                        "refused).")
+    add_debug_option(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Weights and activations.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the diffusion noise.")
     return parser
 
 
 def main(argv=None):
-    """Console script tsa-viz."""
+    """Console script tsa-viz: exit 0 after writing the picture; one line and exit 2 for a mistake (checked
+    before a model loads), 1 for a failure."""
     parser = build_parser()
     options = parser.parse_args(argv)
+    run_command("tsa-viz", lambda: _draw(parser, options), debug=options.debug)
+
+
+def _draw(parser, options):
 
     def refuse(message):
         parser.exit(2, f"{parser.prog}: error: {message}\n")
@@ -124,6 +133,10 @@ def main(argv=None):
     output = options.output or options.run_dir / "viz" / f"{options.video.stem}.png"
     if output.suffix.lower() != ".png":
         refuse(f"--output must be a .png path, got {output}")
+    try:
+        refuse_existing_files([output, output.with_suffix(".gif") if options.gif else None], options.overwrite)
+    except ValueError as error:
+        refuse(str(error))
 
     prompt = caption_for(options.video, trained) if options.prompt is None else options.prompt
     drawing = draw_run(
@@ -137,7 +150,6 @@ def main(argv=None):
         print(drawing.gif)
     for line in drawing.lines:
         print(line)
-    return drawing.png
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ VAE tiling, and a hash of the prompt, so changing any of them makes a new entry 
 
 import hashlib
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tsa.errors import DataError
 from tsa.training.data import UndecodableVideoWarning, VideoCaptionDataset, load_video_captions
 
 ENCODER_SUBFOLDERS = ("vae", "text_encoder", "tokenizer")
@@ -59,6 +61,12 @@ class CacheLayout:
         return self.root / (f"{self.num_frames}x{self.height}x{self.width}-{self.model}-t{self.max_sequence_length}"
                             f"-{encode}")
 
+    @property
+    def staging(self):
+        """Where a fill writes new entries until every process is done (publish_cache moves them into
+        `directory`), so an interrupted or failed fill leaves no half-built cache folder."""
+        return self.directory.with_name(self.directory.name + ".filling")
+
     def path(self, sample):
         stat = sample.video.stat() if sample.video.exists() else None
         video = _digest(sample.video.resolve(), stat and stat.st_size, stat and stat.st_mtime_ns, length=8)
@@ -98,8 +106,9 @@ def fill_cache(dataset, layout, encoder, process_index=0, num_processes=1, progr
     """Encode this process's shard (items i with i % num_processes == process_index) of a
     VideoCaptionDataset that has no entry yet. `encoder` is a LatentEncoder or a callable returning one
     (only called on the first miss, so a full cache never loads the VAE). Undecodable videos are skipped
-    with a warning. Returns (number encoded, number already cached)."""
-    layout.directory.mkdir(parents=True, exist_ok=True)
+    with a warning (the VAE loads only once a clip decodes). New entries go to layout.staging; a one-process fill
+    publishes them into layout.directory when done (build_cache does it after every process is done). Returns
+    (number encoded, number already cached)."""
     shard = range(process_index, len(dataset), num_processes)
     encoded = hits = 0
     for index in tqdm(shard, desc=f"caching latents [{process_index}]", disable=not progress):
@@ -113,10 +122,26 @@ def fill_cache(dataset, layout, encoder, process_index=0, num_processes=1, progr
         if not isinstance(encoder, LatentEncoder):
             encoder = encoder()
         entry = encoder(pixels, dataset.samples[index].caption)
-        _save_atomically(entry, target, {"video": str(dataset.samples[index].video),
-                                         "caption": dataset.samples[index].caption})
+        layout.staging.mkdir(parents=True, exist_ok=True)
+        _save_atomically(entry, layout.staging / target.name, {"video": str(dataset.samples[index].video),
+                                                               "caption": dataset.samples[index].caption})
         encoded += 1
+    if num_processes == 1:
+        publish_cache(layout)
     return encoded, hits
+
+
+def publish_cache(layout):
+    """Move the complete entries of layout.staging into layout.directory and remove the staging folder (call
+    on one process, once every process has finished filling)."""
+    if not layout.staging.is_dir():
+        return
+    entries = sorted(layout.staging.glob("*.safetensors"))
+    if entries:
+        layout.directory.mkdir(parents=True, exist_ok=True)
+    for entry in entries:
+        entry.replace(layout.directory / entry.name)
+    shutil.rmtree(layout.staging, ignore_errors=True)
 
 
 def _save_atomically(tensors, target, metadata):
@@ -138,8 +163,12 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         paths = [layout.path(sample) for sample in videos.samples]
         self.indices = [index for index, path in enumerate(paths) if path.is_file()]
         self.paths = [paths[index] for index in self.indices]
+        cached = set(self.indices)
+        self.skipped_videos = [sample.video for index, sample in enumerate(videos.samples) if index not in cached]
         if not self.indices:
-            raise ValueError(f"no video of the dataset could be decoded and cached in {layout.directory}")
+            tried = [str(video) for video in self.skipped_videos]
+            shown = ", ".join(tried[:5]) + (f" and {len(tried) - 5} more" if len(tried) > 5 else "")
+            raise DataError(f"no video of the dataset decodes (tried {shown}); nothing was cached or trained")
 
     def __len__(self):
         return len(self.indices)
@@ -181,16 +210,24 @@ def build_cache(config, accelerator):
     )
     accelerator.free_memory()  # the VAE and T5 are not needed any more
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish_cache(layout)
+    accelerator.wait_for_everyone()
     from tsa.alignment import ALIGNMENT_METHODS
 
     method = ALIGNMENT_METHODS.get(config.align)
-    dataset = CachedLatentDataset(videos, layout, with_pixels=method is not None and method.needs_pixels)
+    try:
+        dataset = CachedLatentDataset(videos, layout, with_pixels=method is not None and method.needs_pixels)
+    except DataError as error:
+        raise DataError(f"--data {config.data}: {error}") from None
     if accelerator.is_main_process:
         skipped = len(videos) - len(dataset)
         print(f"latent cache {layout.directory}: {len(dataset)} of {len(videos)} videos cached "
               f"(process 0 encoded {encoded}, reused {hits})" + (f", {skipped} skipped" if skipped else ""))
         if skipped:
-            warnings.warn(f"{skipped} of {len(videos)} videos could not be decoded and are left out", stacklevel=2)
+            names = ", ".join(str(video) for video in dataset.skipped_videos[:5])
+            warnings.warn(f"{skipped} of {len(videos)} videos could not be decoded and are left out: {names}"
+                          + (" ..." if skipped > 5 else ""), UndecodableVideoWarning, stacklevel=2)
     return dataset
 
 
@@ -204,7 +241,7 @@ def precompute_cache(config):
     from tsa.training.validation import check_training_config
 
     config = resolve_config(config)
-    check_training_config(config, needs_teacher=False)
+    check_training_config(config, needs_teacher=False, run_outputs=False)
     accelerator = Accelerator()
     if config.preset == "tiny":
         with accelerator.main_process_first():

@@ -136,6 +136,7 @@ class TrainConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
     resume: str | None = None
+    overwrite: bool = False  # replace the run already in output_dir (else such a folder is refused)
     viz_steps: int = 0
     no_progress: bool = False
 

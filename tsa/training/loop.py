@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tsa.errors import NonFiniteError
+from tsa.errors import NonFiniteError, TrainingInterrupted
 from tsa.training.cache import build_cache, collate_entries, precision_dtype
 from tsa.training.checkpoints import (
     TRAINING_ARGS_NAME,
+    checkpoint_dir,
     checkpoint_step,
     keep_trainable_state,
     load_trainable_weights,
@@ -27,6 +28,7 @@ from tsa.training.checkpoints import (
     verify_checkpoint,
 )
 from tsa.training.config import TrainConfig, resolve_config
+from tsa.training.interrupts import StopSignals, signal_name
 from tsa.training.validation import check_training_config
 
 LOSS_NAMES = ("loss", "diffusion", "align", "drift", "predictor")
@@ -127,15 +129,15 @@ def check_finite_losses(losses, step):
 
 
 def plot_losses(history, path, smoothing=0.9):
-    """Each loss component against the optimizer step (raw and exponentially smoothed) as a PNG: log scale, or
-    symlog when a value is <= 0 (e.g. REPA's negative cosine loss); components that are 0 throughout (off)
-    are named in the legend's title."""
+    """Each loss component against the optimizer step (raw faint, exponentially smoothed bold) as a PNG: log
+    scale, or symlog when a value is <= 0 (e.g. REPA's negative cosine loss). The legend sits right of the axes,
+    off the curves; components that are 0 throughout (switched off) are listed under it, not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(8.5, 4))
     steps = [row["step"] for row in history]
     series = {name: [row[name] for row in history] for name in LOSS_NAMES}
     off = [name for name, values in series.items() if not any(values)]
@@ -153,10 +155,13 @@ def plot_losses(history, path, smoothing=0.9):
         axis.set_yscale("symlog", linthresh=min(abs(value) for value in plotted if value))
     else:
         axis.set_yscale("log")
-    axis.set(xlabel="optimizer step", ylabel="loss (smoothed; raw faint)",
-             title=f"tsa-train losses ({path.parent.name})")
+    axis.set(xlabel="optimizer step", ylabel="loss (bold: smoothed, faint: raw)",
+             title=f"Training loss components per optimizer step ({path.parent.name})")
     axis.grid(alpha=0.3)
-    axis.legend(title=f"0 throughout: {', '.join(off)}" if off else None)
+    axis.legend(title="loss term", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    if off:
+        axis.annotate("not drawn (0 throughout):\n" + ", ".join(off), xy=(1.02, 0.0), xycoords="axes fraction",
+                      fontsize="small", va="bottom")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -214,7 +219,10 @@ def prepare_training(config, accelerator):
 def train(config: TrainConfig):
     """Train with `config` (resolved and checked first: UsageError for a mistake, before anything is built);
     returns the per-step loss history (None with config.precompute). Run under `accelerate launch` for several
-    processes; CheckpointError for a bad --resume checkpoint, NonFiniteError for a NaN / inf loss or weight."""
+    processes; CheckpointError for a bad --resume checkpoint, NonFiniteError for a NaN / inf loss or weight,
+    DataError when no video of the dataset decodes. SIGINT / SIGTERM stop the run after the current optimizer step
+    with a checkpoint at that step (TrainingInterrupted, see tsa.training.interrupts); `config.output_dir` must not
+    hold another run unless config.resume or config.overwrite (tsa.outputs)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration
 
@@ -236,6 +244,11 @@ def train(config: TrainConfig):
     if config.precompute:
         build_cache(config, accelerator)
         return None
+    if config.overwrite and config.resume is None and accelerator.is_main_process:
+        from tsa.outputs import clear_run
+
+        clear_run(config.output_dir)
+    accelerator.wait_for_everyone()
     resume_from = resolve_resume(config)
     if resume_from is not None:
         verify_checkpoint(resume_from)  # before any model is built: every tensor loads and is finite
@@ -258,6 +271,8 @@ def train(config: TrainConfig):
         accelerator.load_state(str(resume_from), **strict)
         step = checkpoint_step(resume_from)
         history = [row for row in json.loads((resume_from / "losses.json").read_text()) if row["step"] <= step]
+        if accelerator.is_main_process:
+            print(f"tsa-train: resuming from {resume_from} at step {step} of {config.max_steps}", flush=True)
     if accelerator.is_main_process:
         config.output_dir.mkdir(parents=True, exist_ok=True)
         # Absolute paths, so tsa-sample finds the base model from any working directory.
@@ -273,49 +288,62 @@ def train(config: TrainConfig):
                     disable=config.no_progress or not accelerator.is_local_main_process)
     window, micro_step = [], 0
     objective.train()
-    for epoch in itertools.count(first_epoch):
-        if step >= config.max_steps:
-            break
-        # Same data order on resume: the sampler is seeded by (seed, epoch), finished batches are skipped.
-        dataloader.set_epoch(epoch)
-        batches = dataloader
-        if epoch == first_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(dataloader, skip_batches * config.gradient_accumulation_steps)
-        for batch in batches:
-            torch.manual_seed(_step_seed(config.seed, step, micro_step, accelerator.process_index))
-            with accelerator.accumulate(objective):
-                latents = sample_latents(batch, family, vae_config, weight_dtype)
-                loss, losses = compute_losses(objective, lamo, config.motion_drift_weight, batch, latents,
-                                              weight_dtype)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    check_finite_gradients(accelerator, objective, config.max_grad_norm, step + 1, losses)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses["predictor"] = 0.0
-            if lamo is not None:
-                losses["predictor"] = lamo.step(latents, batch["prompt_embeds"], batch["prompt_mask"])
-            window.append([losses[name] for name in LOSS_NAMES])
-            micro_step += 1
-            if not accelerator.sync_gradients:
-                continue
-            # The optimizer step's losses: mean over its micro-batches, then over the processes.
-            means = accelerator.reduce(torch.tensor(window, device=accelerator.device).mean(0), reduction="mean")
-            step += 1
-            check_finite_losses(dict(zip(LOSS_NAMES, means.tolist())), step)
-            row = {"step": step, **dict(zip(LOSS_NAMES, means.tolist())), "lr": lr_scheduler.get_last_lr()[0]}
-            history.append(row)
-            window, micro_step = [], 0
-            accelerator.log(row, step=step)
-            progress.update(1)
-            progress.set_postfix({name: f"{row[name]:.4g}" for name in LOSS_NAMES if row[name] or name == "loss"})
-            if step % config.checkpointing_steps == 0 or step == config.max_steps:
-                save_checkpoint(accelerator, config, step, history, lamo)
-            if viz is not None and step % config.viz_steps == 0:
-                viz(objective, step)
+    with StopSignals(announce=accelerator.is_local_main_process) as stop_signals:
+        for epoch in itertools.count(first_epoch):
             if step >= config.max_steps:
                 break
+            # Same data order on resume: the sampler is seeded by (seed, epoch), finished batches are skipped.
+            dataloader.set_epoch(epoch)
+            batches = dataloader
+            if epoch == first_epoch and skip_batches:
+                batches = accelerator.skip_first_batches(dataloader,
+                                                         skip_batches * config.gradient_accumulation_steps)
+            for batch in batches:
+                torch.manual_seed(_step_seed(config.seed, step, micro_step, accelerator.process_index))
+                with accelerator.accumulate(objective):
+                    latents = sample_latents(batch, family, vae_config, weight_dtype)
+                    loss, losses = compute_losses(objective, lamo, config.motion_drift_weight, batch, latents,
+                                                  weight_dtype)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        check_finite_gradients(accelerator, objective, config.max_grad_norm, step + 1, losses)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses["predictor"] = 0.0
+                if lamo is not None:
+                    losses["predictor"] = lamo.step(latents, batch["prompt_embeds"], batch["prompt_mask"])
+                window.append([losses[name] for name in LOSS_NAMES])
+                micro_step += 1
+                if not accelerator.sync_gradients:
+                    continue
+                # The optimizer step's losses: mean over its micro-batches, then over the processes.
+                means = accelerator.reduce(torch.tensor(window, device=accelerator.device).mean(0), reduction="mean")
+                step += 1
+                check_finite_losses(dict(zip(LOSS_NAMES, means.tolist())), step)
+                row = {"step": step, **dict(zip(LOSS_NAMES, means.tolist())), "lr": lr_scheduler.get_last_lr()[0]}
+                history.append(row)
+                window, micro_step = [], 0
+                accelerator.log(row, step=step)
+                progress.update(1)
+                progress.set_postfix({name: f"{row[name]:.4g}" for name in LOSS_NAMES if row[name] or name == "loss"})
+                saved = step % config.checkpointing_steps == 0 or step == config.max_steps
+                if saved:
+                    save_checkpoint(accelerator, config, step, history, lamo)
+                stop = stop_signals.agreed(accelerator)  # every process, every step: they stop at the same one
+                if stop is not None:
+                    if not saved:
+                        save_checkpoint(accelerator, config, step, history, lamo)
+                    progress.close()
+                    accelerator.end_training()
+                    checkpoint = checkpoint_dir(config.output_dir, step)
+                    message = (f"stopped by {signal_name(stop)} after step {step} of {config.max_steps}; checkpoint "
+                               f"saved in {checkpoint}; continue with the same command and --resume latest")
+                    raise TrainingInterrupted(message if accelerator.is_main_process else "", stop, step, checkpoint)
+                if viz is not None and step % config.viz_steps == 0:
+                    viz(objective, step)
+                if step >= config.max_steps:
+                    break
     progress.close()
 
     accelerator.wait_for_everyone()
@@ -323,7 +351,10 @@ def train(config: TrainConfig):
     if accelerator.is_main_process:
         (config.output_dir / "losses.json").write_text(json.dumps(history))
         plot_losses(history, config.output_dir / "loss_curve.png")
-        print(f"tsa-train: {step} steps, final weights and loss_curve.png in {config.output_dir}; try\n"
+        skipped = dataloader.dataset.skipped_videos
+        print(f"tsa-train: {step} steps, final weights and loss_curve.png in {config.output_dir}"
+              + (f"; {len(skipped)} of {len(skipped) + len(dataloader.dataset)} clips skipped (undecodable)"
+                 if skipped else "") + "; try\n"
               f"  tsa-sample {config.output_dir} --prompt \"a red ball falls and bounces on the floor\"")
     accelerator.end_training()
     return history

@@ -134,8 +134,22 @@ def check_dataset(data, video_column: str = "video", caption_column: str = "capt
     return len(samples)
 
 
-def check_training_config(config, *, needs_teacher: bool = True) -> None:
-    """The paths and values of a TrainConfig (those given; the tiny preset builds the rest). UsageError."""
+def check_given_paths_exist(config) -> None:
+    """The input paths a TrainConfig names exist (checked first: a mistyped path is the mistake to report, not
+    the options that depend on it). UsageError naming the option."""
+    for name in ("model_path", "teacher_path", "data"):
+        path = getattr(config, name)
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"{option_flag(name)} {path} does not exist")
+    if config.resume not in (None, "latest") and not Path(config.resume).exists():
+        raise UsageError(f"--resume {config.resume} does not exist (give a checkpoint-STEP folder or 'latest')")
+
+
+def check_training_config(config, *, needs_teacher: bool = True, run_outputs: bool = True) -> None:
+    """The paths and values of a TrainConfig (those given; the tiny preset builds the rest), and, with
+    `run_outputs` (a training run, not a cache fill), that the output folder holds no run it would overwrite
+    (tsa.outputs). UsageError."""
+    check_given_paths_exist(config)
     check_ranges(config, TRAINING_RANGES)
     from diffusers.optimization import SchedulerType
 
@@ -156,3 +170,7 @@ def check_training_config(config, *, needs_teacher: bool = True) -> None:
             raise UsageError(f"--resume {path} is not a checkpoint-STEP folder written by tsa-train")
         if not (path / "model.safetensors").is_file():
             raise UsageError(f"--resume {path} has no model.safetensors")
+    if run_outputs and not config.precompute:
+        from tsa.outputs import refuse_existing_run
+
+        refuse_existing_run(config.output_dir, resume=config.resume, overwrite=config.overwrite)

@@ -3,6 +3,8 @@ nn.Module."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from stss_kernels._core import (
@@ -17,6 +19,7 @@ from stss_kernels._core import (
     resolve_backend,
     skip_hint,
 )
+from stss_kernels._core.sharding import sharded_loss
 from stss_kernels.ops.relation_distance.pairs import VARIANTS
 
 # backend name -> (module, function); imported at call time so that Triton stays optional.
@@ -38,6 +41,7 @@ def relation_distance(
     normalize: bool = True,
     reduction: str = "mean",
     backend: str = "auto",
+    process_group=None,
 ) -> torch.Tensor:
     """Margin-clipped distance between student and teacher token relations (VideoREPA's TRD loss).
 
@@ -55,7 +59,30 @@ def relation_distance(
     computed). The result is float32 (float64 for float64 inputs), computed in the inputs' dtype whether or
     not autocast is on. backend: "auto", "reference", "torch" or "triton"; the torch and triton backends are
     torch.library custom ops (torch.compile(fullgraph=True) traces them) and refuse double backward.
+
+    process_group (a torch.distributed group, e.g. dist.group.WORLD): sharded tokens. Each rank passes its
+    contiguous slice (B, n_r, C) of the frame-major sequence (slices in rank order make the whole; uneven sizes
+    and split frames allowed), `frames` of the whole sequence (for "spatial" / "temporal") and its local
+    query_mask (B, n_r). "mean" / "sum" are global and identical on every rank, "none" gives the local rows
+    (B, n_r); each rank's gradients are its slice of the one-process gradient. Every rank calls it, and backward.
+    See stss_kernels._core.sharding.
     """
+    if process_group is not None:
+        return sharded_loss(
+            "relation_distance",
+            functools.partial(
+                relation_distance, margin=margin, variant=variant, normalize=False, reduction="none", backend=backend
+            ),
+            student,
+            teacher,
+            frames=1 if frames is None and variant == "full" else frames,
+            query_mask=query_mask,
+            normalize=normalize,
+            reduction=reduction,
+            process_group=process_group,
+            options=dict(op="relation_distance", margin=margin, variant=variant, backend=backend),
+            check_options=lambda: _check_options(student, margin, variant, backend),
+        )
     check_choice("variant", variant, VARIANTS)
     if variant == "full" and frames is None and isinstance(student, torch.Tensor) and student.dim() == 3:
         frames = 1
@@ -71,10 +98,19 @@ def relation_distance(
     return reduce_rows(rows, weight, reduction)
 
 
+def _check_options(student, margin, variant, backend) -> None:
+    """The scalar options' checks (a rank of a sharded call runs them before the first collective)."""
+    check_choice("variant", variant, VARIANTS)
+    check_real("margin", margin, inclusive=True)
+    if isinstance(student, torch.Tensor):
+        resolve_backend(BACKENDS, backend, student.device, student.dtype)
+
+
 class RelationDistance(torch.nn.Module):
     """nn.Module form of `relation_distance`, holding the margin, variant, normalisation, reduction and backend.
 
-    forward(student, teacher, frames=None, query_mask=None) -> the reduced loss (see `relation_distance`).
+    forward(student, teacher, frames=None, query_mask=None) -> the reduced loss (see `relation_distance`); with a
+    process_group, the inputs are this rank's token slice (see `relation_distance`).
     """
 
     def __init__(
@@ -84,6 +120,7 @@ class RelationDistance(torch.nn.Module):
         normalize: bool = True,
         reduction: str = "mean",
         backend: str = "auto",
+        process_group=None,
     ):
         super().__init__()
         self.margin = check_real("margin", margin, inclusive=True)
@@ -91,6 +128,7 @@ class RelationDistance(torch.nn.Module):
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.backend = check_choice("backend", backend, ("auto", *BACKENDS))
         self.normalize = normalize
+        self.process_group = process_group
 
     def forward(
         self,
@@ -109,6 +147,7 @@ class RelationDistance(torch.nn.Module):
             normalize=self.normalize,
             reduction=self.reduction,
             backend=self.backend,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

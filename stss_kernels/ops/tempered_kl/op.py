@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from stss_kernels._core import (
@@ -16,6 +18,7 @@ from stss_kernels._core import (
     resolve_backend,
     skip_hint,
 )
+from stss_kernels._core.sharding import sharded_loss
 
 # backend name -> (module, function); imported at call time so that Triton stays optional.
 BACKENDS = {
@@ -36,6 +39,7 @@ def tempered_kl(
     normalize: bool = True,
     reduction: str = "mean",
     backend: str = "auto",
+    process_group=None,
 ) -> torch.Tensor:
     """Tempered self-similarity KL between student and teacher token features.
 
@@ -51,7 +55,34 @@ def tempered_kl(
     float32 (float64 for float64 inputs), computed in the inputs' dtype whether or not autocast is on.
     backend: "auto", "reference", "torch" or "triton"; the torch and triton backends are torch.library
     custom ops (torch.compile(fullgraph=True) traces them) and refuse double backward.
+
+    process_group (a torch.distributed group, e.g. dist.group.WORLD): sharded tokens. Each rank passes its
+    contiguous slice (B, n_r, C) of the frame-major sequence (slices in rank order make the whole; uneven sizes
+    and split frames allowed), `frames` of the whole sequence and its local query_mask (B, n_r). "mean" / "sum"
+    are global and identical on every rank, "none" gives the local rows (B, n_r); each rank's gradients are its
+    slice of the one-process gradient. Every rank calls it, and backward. See stss_kernels._core.sharding.
     """
+    if process_group is not None:
+        return sharded_loss(
+            "tempered_kl",
+            functools.partial(
+                tempered_kl,
+                tau_student=tau_student,
+                tau_teacher=tau_teacher,
+                normalize=False,
+                reduction="none",
+                backend=backend,
+            ),
+            student,
+            teacher,
+            frames=frames,
+            query_mask=query_mask,
+            normalize=normalize,
+            reduction=reduction,
+            process_group=process_group,
+            options=dict(op="tempered_kl", tau_student=tau_student, tau_teacher=tau_teacher, backend=backend),
+            check_options=lambda: _check_options(student, tau_student, tau_teacher, backend),
+        )
     student, teacher, frames = flatten_tokens(student, teacher, frames, "frames=1 gives one softmax over all N")
     weight = query_weight(query_mask, student, accumulation_dtype(student.dtype))
     tau_student = check_temperature("tau_student", tau_student)
@@ -65,10 +96,19 @@ def tempered_kl(
     return reduce_rows(kl, weight, reduction)
 
 
+def _check_options(student, tau_student, tau_teacher, backend) -> None:
+    """The scalar options' checks (a rank of a sharded call runs them before the first collective)."""
+    check_temperature("tau_student", tau_student)
+    check_temperature("tau_teacher", tau_teacher)
+    if isinstance(student, torch.Tensor):
+        resolve_backend(BACKENDS, backend, student.device, student.dtype)
+
+
 class TemperedKL(torch.nn.Module):
     """nn.Module form of `tempered_kl`, holding the temperatures, normalisation, reduction and backend.
 
-    forward(student, teacher, frames=None, query_mask=None) -> the reduced loss (see `tempered_kl`).
+    forward(student, teacher, frames=None, query_mask=None) -> the reduced loss (see `tempered_kl`); with a
+    process_group, the inputs are this rank's token slice (see `tempered_kl`).
     """
 
     def __init__(
@@ -78,6 +118,7 @@ class TemperedKL(torch.nn.Module):
         normalize: bool = True,
         reduction: str = "mean",
         backend: str = "auto",
+        process_group=None,
     ):
         super().__init__()
         self.tau_student = check_temperature("tau_student", tau_student)
@@ -85,6 +126,7 @@ class TemperedKL(torch.nn.Module):
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.backend = check_choice("backend", backend, ("auto", *BACKENDS))
         self.normalize = normalize
+        self.process_group = process_group
 
     def forward(
         self,
@@ -103,6 +145,7 @@ class TemperedKL(torch.nn.Module):
             normalize=self.normalize,
             reduction=self.reduction,
             backend=self.backend,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
