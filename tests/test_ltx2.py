@@ -158,7 +158,8 @@ def test_training_sigmas_follow_ltx_trainers_shifted_logit_normal(tiny):
         cdf = 0.5 * (1 + math.erf((math.log(value / (1 - value)) - mu) / math.sqrt(2)))
         assert float((sigmas <= s).double().mean()) == pytest.approx(cdf, abs=0.01)
     assert 0 <= float(sigmas.min()) and float(sigmas.max()) <= 1
-    mixed = LTX2Family(uniform_prob=1.0).sample_sigmas(scheduler, 40000, tokens, "cpu", torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    mixed = LTX2Family(uniform_prob=1.0).sample_sigmas(scheduler, 40000, tokens, "cpu", generator)
     assert float((mixed <= 0.25).double().mean()) == pytest.approx(0.25, abs=0.01)
     ranged = LTX2Family(timestep_range=(200, 400)).sample_timesteps(scheduler, 500, "cpu", num_tokens=tokens)
     assert 200 <= float(ranged.min()) and float(ranged.max()) < 400

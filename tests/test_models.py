@@ -9,7 +9,12 @@ import torch
 
 from tsa.features import BlockFeatureCapture
 from tsa.models import (
-    all_objective_options, detect_family, detect_family_name, family_for_pipeline, family_of, get_family,
+    all_objective_options,
+    detect_family,
+    detect_family_name,
+    family_for_pipeline,
+    family_of,
+    get_family,
 )
 from tsa.models.base import noise_level_alphas_cumprod
 from tsa.models.cogvideox import cogvideox_scheduler

@@ -59,7 +59,7 @@ class MotionPriorGuidance:
         self._real_step, self._real_encode_prompt = self.scheduler.step, pipe.encode_prompt
         # update_wrapper keeps the real signatures visible to the pipeline's `inspect.signature(...)` checks. The
         # guided step is a method bound to the scheduler, so that a deep copy of it (a pipeline's second scheduler,
-        # e.g. LTX-2's for its audio stream) is bound to the copy, whose steps pass through unguided.
+        # e.g. one copied for an audio stream) is bound to the copy, whose steps pass through unguided.
         self._guided_step = types.MethodType(
             functools.update_wrapper(lambda scheduler, *a, **k: self._step(scheduler, *a, **k),
                                      type(self.scheduler).step),

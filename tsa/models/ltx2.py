@@ -38,7 +38,9 @@ NORMAL_999_PERCENTILE = 3.0902
 NORMAL_005_PERCENTILE = -2.5758
 # Video-only LoRA targets of ltx-trainer's configuration reference (video self- and text cross-attention).
 VIDEO_ATTENTION_TARGETS = tuple(
-    f"{attention}.{projection}" for attention in ("attn1", "attn2") for projection in ("to_k", "to_q", "to_v", "to_out.0")
+    f"{attention}.{projection}"
+    for attention in ("attn1", "attn2")
+    for projection in ("to_k", "to_q", "to_v", "to_out.0")
 )
 PIPELINE_SIZE_MULTIPLE = 32  # LTX2Pipeline.check_inputs refuses other heights and widths, whatever the VAE
 GEMMA_MAX_SEQUENCE_LENGTH = 1024  # LTX2Pipeline.__call__'s default; ltx-core gemma_assets.TOKENIZER_MAX_LENGTH
@@ -140,7 +142,8 @@ class LTX2Family(ModelFamily):
     ):
         super().__init__(timestep_range)
         check_flow_sampling_options(timestep_sampling, logit_std, shift)
-        for option, value in (("uniform_prob", uniform_prob), ("first_frame_conditioning_p", first_frame_conditioning_p)):
+        probabilities = {"uniform_prob": uniform_prob, "first_frame_conditioning_p": first_frame_conditioning_p}
+        for option, value in probabilities.items():
             if not 0 <= value <= 1:
                 raise ValueError(f"{option} must be in [0, 1], got {value}")
         if not fps > 0:
@@ -172,7 +175,9 @@ class LTX2Family(ModelFamily):
         if (vae_dir / "config.json").is_file():
             temporal, spatial = cls().vae_compression(json.loads((vae_dir / "config.json").read_text()))
             transformer_config = Path(model_path) / expert / "config.json"
-            patch = json.loads(transformer_config.read_text()).get("patch_size", 1) if transformer_config.is_file() else 1
+            patch = 1
+            if transformer_config.is_file():
+                patch = json.loads(transformer_config.read_text()).get("patch_size", 1)
             options.setdefault("temporal_compression", temporal)
             options.setdefault("spatial_multiple", math.lcm(PIPELINE_SIZE_MULTIPLE, spatial * patch))
             if not {"latents_mean", "latents_std"} & set(options):
@@ -318,7 +323,8 @@ class LTX2Family(ModelFamily):
     def check_latents(self, config, latents):
         if latents.shape[2] != config.in_channels:
             raise ValueError(f"latents have {latents.shape[2]} channels, the transformer takes {config.in_channels}")
-        if latents.shape[1] % config.patch_size_t or latents.shape[3] % config.patch_size or latents.shape[4] % config.patch_size:
+        patch, patch_t = config.patch_size, config.patch_size_t
+        if latents.shape[1] % patch_t or latents.shape[3] % patch or latents.shape[4] % patch:
             raise ValueError(
                 f"latents (B, F, C, h, w) = {tuple(latents.shape)} must divide by the patch size "
                 f"({config.patch_size_t}, {config.patch_size}, {config.patch_size}) (F, h, w)"
@@ -380,7 +386,7 @@ class LTX2Family(ModelFamily):
                 eps = 1e-3
                 use_uniform = torch.rand(draws, generator=generator, device=gen_device, dtype=torch.float64)
                 candidate = torch.where(use_uniform > self.uniform_prob, stretched, (1 - eps) * uniform + eps)
-            accepted = (candidate >= low) & (candidate < high) if self.timestep_range else torch.ones_like(missing[missing])
+            accepted = (candidate >= low) & (candidate < high) if self.timestep_range else candidate.isfinite()
             filled = sigmas[missing]
             filled[accepted] = candidate[accepted]
             sigmas[missing] = filled
