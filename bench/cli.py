@@ -1,5 +1,4 @@
-"""`python -m bench`: time and memory of an op (the tempered KL, the relation distance) across providers, workloads
-and modes."""
+"""`python -m bench`: time and memory of an op of stss_kernels.ops across providers, workloads and modes."""
 
 from __future__ import annotations
 
@@ -8,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +15,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from stss_kernels._core.spec import OpOption
+from stss_kernels.ops import op_specs
+
 from . import report
 from .dit import DIT_MODELS, format_dit, run_dit
-from .measure import DTYPES, Case, base_result, matmul_tflops, run_case
-from .providers import OPS, PROVIDERS
+from .measure import DTYPES, WORKER_ENV, Case, base_result, matmul_tflops, run_case
+from .providers import DEFAULT_OP, OPS, PROVIDERS
 from .shards import main_shards
 from .workloads import PRESETS, build_workloads, flop_count
 
@@ -30,9 +33,6 @@ RUNS_DIR = PROJECT_ROOT / "bench" / "runs"  # one folder per run otherwise (git-
 CASE_SETTINGS = (
     "op",
     "dtype",
-    "tau",
-    "margin",
-    "variant",
     "mask_ratio",
     "normalize",
     "teacher_grad",
@@ -43,11 +43,21 @@ CASE_SETTINGS = (
     "check",
 )
 
+# The workload sizes an option can override, in plain words.
+WORKLOAD_FIELDS = {
+    "batch": "videos per batch",
+    "frames": "frames per video",
+    "hw": "tokens per frame (height x width of the token grid)",
+    "cs": "student feature channels",
+    "ct": "teacher feature channels",
+}
+
 # Loss providers timed beside a DiT step by default (torch.compile of the naive loss is left out: slow to build).
 DIT_PROVIDERS = ("reference", "triton")
 
-# Large freed buffers go back to the OS at once, so a CPU worker's resident set tracks live tensors.
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+# Option values that are negative numbers, exponents included ("-1e-4"), are values, not options.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$|^-inf$", re.IGNORECASE)
 
 
 def _csv(choices: tuple[str, ...]):
@@ -78,70 +88,193 @@ def _shard_counts(text: str) -> list[int]:
     return counts
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--op", choices=OPS, default="tempered_kl", help="the op to measure")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tsa-grid")
-    for field in ("batch", "frames", "hw", "cs", "ct"):
-        parser.add_argument(f"--{field}", type=int, help=f"override the preset's {field}")
-    parser.add_argument("--max-tokens", type=int, help="drop workloads with more tokens (e.g. to cut the sweep)")
-    parser.add_argument("--providers", type=_csv(PROVIDERS), help=f"default: all ({','.join(PROVIDERS)}); "
-                        f"with --dit: {','.join(DIT_PROVIDERS)}")  # fmt: skip
-    parser.add_argument("--modes", type=_csv(report.MODES), default=list(report.MODES))
-    parser.add_argument("--teacher-grad", action="store_true", help="fwd+bwd also computes teacher gradients")
-    parser.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="None: bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--tau", type=float, default=0.1, help="tempered_kl: student and teacher temperature")
-    parser.add_argument("--margin", type=float, default=0.1, help="relation_distance: margin")
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _op_option_type(option: OpOption):
+    """argparse type of an op option: its parse, then its check (a bad value is a usage error)."""
+
+    def parse(text: str):
+        try:
+            value = option.parse(text)
+            return value if option.check is None else option.check(option.name, value)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = option.parse.__name__  # argparse names the type in its own messages
+    return parse
+
+
+def _op_options() -> dict[str, tuple[OpOption, list[str]]]:
+    """{option name: (the option, the ops that have it)} over every registered op."""
+    options: dict[str, tuple[OpOption, list[str]]] = {}
+    for spec in op_specs().values():
+        for option in spec.options:
+            known = options.setdefault(option.name, (option, []))
+            if known[0].default != option.default or known[0].choices != option.choices:
+                raise ValueError(f"ops {known[1]} and {spec.name} define option {option.name!r} differently")
+            known[1].append(spec.name)
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, allow_abbrev=False)
+    parser._negative_number_matcher = NEGATIVE_NUMBER  # argparse's own matcher misses "-1e-4"
+    parser.add_argument("--op", choices=OPS, default=DEFAULT_OP, help=f"the op to measure (default: {DEFAULT_OP})")
     parser.add_argument(
-        "--variant", choices=("full", "spatial", "temporal"), default="full", help="relation_distance: pairs"
+        "--preset",
+        choices=sorted(PRESETS),
+        default="tsa-grid",
+        help="the workloads: the TSA alignment grid (tsa-grid, the default), a CogVideoX DiT "
+        "grid, or a sweep of N from 1k to 64k tokens",
     )
-    parser.add_argument("--mask-ratio", type=_mask_ratio, default=1.0, help="fraction of queries kept")
-    parser.add_argument("--no-normalize", dest="normalize", action="store_false", help="raw dot products")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU: torch threads")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-runs", type=int, default=3, help="CPU: timed runs at least")
-    parser.add_argument("--min-time", dest="min_time_s", type=float, default=1.0, help="CPU: timed seconds at least")
-    parser.add_argument("--no-check", dest="check", action="store_false", help="skip the correctness check")
+    for field, meaning in WORKLOAD_FIELDS.items():
+        parser.add_argument(f"--{field}", type=_positive_int, help=f"{meaning} (default: the preset's)")
+    parser.add_argument(
+        "--max-tokens", type=_positive_int, help="leave out workloads with more tokens (default: keep all)"
+    )
+    parser.add_argument(
+        "--providers",
+        type=_csv(PROVIDERS),
+        help="comma-separated implementations to time: reference (the loss in naive eager PyTorch), compiled "
+        "(torch.compile of it), torch and triton (the stss_kernels backends) "
+        f"(default: {','.join(PROVIDERS)}; with --dit: {','.join(DIT_PROVIDERS)})",
+    )
+    parser.add_argument(
+        "--modes",
+        type=_csv(report.MODES),
+        default=list(report.MODES),
+        help="comma-separated: fwd times the forward only, fwd+bwd the forward and the "
+        f"backward (default: {','.join(report.MODES)})",
+    )
+    parser.add_argument(
+        "--teacher-grad",
+        action="store_true",
+        help="fwd+bwd also computes the teacher's gradient (default: the student's only)",
+    )
+    parser.add_argument(
+        "--device",
+        type=torch.device,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to run (default: cuda when a GPU is present, else cpu)",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="dtype of the features (default: bfloat16 on a GPU, float32 on the CPU)"
+    )
+    for name, (option, ops) in _op_options().items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=_op_option_type(option),
+            choices=option.choices,
+            default=None,
+            help=f"{', '.join(ops)}: {option.help} (default: {option.default})",
+        )
+    parser.add_argument(
+        "--mask-ratio",
+        type=_mask_ratio,
+        default=1.0,
+        help="fraction of query tokens kept by a random query mask (default: 1, no mask)",
+    )
+    parser.add_argument(
+        "--no-normalize",
+        dest="normalize",
+        action="store_false",
+        help="use raw dot products as similarities (default: cosine similarities)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=torch.get_num_threads(),
+        help=f"CPU: torch threads (default: {torch.get_num_threads()}, torch's default here)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random features (default: 0)")
+    parser.add_argument("--min-runs", type=_positive_int, default=3, help="CPU: timed runs at least (default: 3)")
+    parser.add_argument(
+        "--min-time",
+        dest="min_time_s",
+        type=_non_negative_float,
+        default=1.0,
+        help="CPU: timed seconds at least (default: 1)",
+    )
+    parser.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        help="skip the correctness check against the float64 naive loss (default: check)",
+    )
     parser.add_argument(
         "--isolate",
         choices=("auto", "process", "none"),
         default="auto",
-        help="run each case in a fresh process (auto: on CPU, where peak RSS cannot be reset otherwise)",
+        help="run each case in a fresh process (process) or all in this one (none); auto, the "
+        "default: a fresh process on the CPU, where peak memory cannot be reset otherwise",
     )
     parser.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="folder for the JSON and PNG files (None: a new bench/runs/UTC-TIMESTAMP/)",
+        help="folder for the JSON and PNG files (default: a new bench/runs/UTC-TIMESTAMP/)",
     )
     parser.add_argument(
         "--update-results",
         action="store_true",
-        help="write to bench/results/, replacing the committed result files of the same tag",
+        help="write to bench/results/, replacing the committed result files of the same tag (default: off)",
     )
-    parser.add_argument("--tag", help="file name stem (None: PRESET-DEVICE-DTYPE[-maskR][-teacher-grad])")
-    parser.add_argument("--no-plot", dest="plot", action="store_false")
+    parser.add_argument("--tag", help="file name stem (default: [OP-]PRESET-DEVICE-DTYPE[-maskR][-teacher-grad])")
+    parser.add_argument("--no-plot", dest="plot", action="store_false", help="write no PNG plots (default: plot)")
     parser.add_argument(
-        "--dit", choices=sorted(DIT_MODELS), help="time a training step of this DiT beside the loss at its grid (GPU)"
+        "--dit",
+        choices=sorted(DIT_MODELS),
+        help="time a training step of this DiT beside the loss at its grid (GPU; default: off)",
     )
     parser.add_argument(
-        "--shards", type=_shard_counts, help="time the op on sharded tokens over these process counts (bench/shards.py)"
+        "--shards",
+        type=_shard_counts,
+        help="time the op on sharded tokens (process_group=) over these comma-separated process counts, beside "
+        "the one-process op (bench/shards.py; default: off)",
     )
-    parser.add_argument("--tiny", action="store_true", help="with --dit: a 2-layer model on a small grid (CPU test)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="with --dit: a 2-layer model on a small grid, to test on a CPU (default: off)",
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.dit and args.device.type != "cuda" and not args.tiny:
         parser.error(f"--dit {args.dit} times the real model and needs a CUDA device; add --tiny for a small CPU run")
     if args.tiny and not args.dit:
         parser.error("--tiny only applies to --dit")
+    spec = op_specs()[args.op]
+    given = {name: getattr(args, name) for name in _op_options() if getattr(args, name) is not None}
+    foreign = sorted(set(given) - {option.name for option in spec.options})
+    if foreign:
+        ops = _op_options()[foreign[0]][1]
+        parser.error(f"--{foreign[0].replace('_', '-')} applies to {', '.join(ops)}, not to --op {args.op}")
+    args.options = spec.option_values(given)
+    if not args.dit:
+        try:
+            shape = {field: getattr(args, field) for field in ("batch", "frames", "hw", "cs", "ct")}
+            args.workloads = build_workloads(args.preset, max_tokens=args.max_tokens, **shape)
+        except ValueError as error:
+            parser.error(str(error))
     args.providers = args.providers or list(DIT_PROVIDERS if args.dit else PROVIDERS)
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
-    if args.tau <= 0:
-        parser.error(f"--tau must be > 0, got {args.tau}")
-    if not args.margin >= 0:
-        parser.error(f"--margin must be >= 0, got {args.margin}")
     if args.update_results and args.out is not None:
         parser.error("--update-results writes to bench/results/; leave out --out")
     if args.out is None:
@@ -207,11 +340,12 @@ def run_isolated(case: Case) -> dict:
 
 
 def default_tag(args: argparse.Namespace) -> str:
-    """PRESET-DEVICE-DTYPE, with -maskRATIO and -teacher-grad when those are set; prefixed by the op (and its
-    variant unless "full") for ops other than tempered_kl."""
+    """PRESET-DEVICE-DTYPE, with -maskRATIO and -teacher-grad when those are set; prefixed by the op (and the
+    values of its options that name files, where not their defaults) for ops other than the default op."""
     tag = f"{args.preset}-{args.device.type}-{args.dtype}"
-    if args.op != "tempered_kl":
-        tag = f"{args.op}-" + ("" if args.variant == "full" else f"{args.variant}-") + tag
+    if args.op != DEFAULT_OP:
+        options = op_specs()[args.op].file_name_part(args.options)
+        tag = f"{args.op}-" + (f"{options}-" if options else "") + tag
     if args.mask_ratio < 1.0:
         tag += f"-mask{args.mask_ratio:g}"
     return tag + ("-teacher-grad" if args.teacher_grad else "")
@@ -240,12 +374,13 @@ def main(argv: list[str] | None = None) -> dict:
         return main_dit(args, argv)
     if args.shards:
         return main_shards(args, argv, environment(args, argv))
-    shape = {field: getattr(args, field) for field in ("batch", "frames", "hw", "cs", "ct")}
-    workloads = build_workloads(args.preset, max_tokens=args.max_tokens, **shape)
+    workloads = args.workloads
     isolate = args.isolate == "process" or (args.isolate == "auto" and args.device.type == "cpu")
     settings = {field: getattr(args, field) for field in CASE_SETTINGS}
     cases = [
-        Case(workload=workload, provider=provider, mode=mode, device=str(args.device), **settings)
+        Case(
+            workload=workload, provider=provider, mode=mode, device=str(args.device), options=args.options, **settings
+        )  # fmt: skip
         for workload in workloads
         for mode in args.modes
         for provider in args.providers

@@ -24,16 +24,12 @@ import io
 import json
 import math
 import os
-import pkgutil
 import re
 import subprocess
 import sys
 import tempfile
 import warnings
 
-# Every op package under stss_kernels.ops whose triton_backend declares aot_kernels() (in the package or
-# its `aot` module) is compiled.
-OPS_PACKAGE = "stss_kernels.ops"
 DTYPES = ("bf16", "fp16", "fp32")
 SIXTEEN_BIT = ("bf16", "fp16")
 
@@ -76,13 +72,15 @@ PRESET_NAMES = ("tsa-grid", "cogvideox-native", "tsa-grid-c64")
 
 
 def discover_kernels() -> list:
-    """AotKernel entries of every op backend that declares aot_kernels()."""
-    ops = importlib.import_module(OPS_PACKAGE)
+    """AotKernel entries of every registered op (stss_kernels.ops.op_specs) with Triton kernels: what its
+    triton_backend's aot_kernels() (in the package or its `aot` module) declares."""
+    from stss_kernels.ops import op_specs
+
     kernels = []
-    for op in sorted(m.name for m in pkgutil.iter_modules(ops.__path__) if m.ispkg):
-        backend = f"{OPS_PACKAGE}.{op}.triton_backend"
-        if importlib.util.find_spec(backend) is None:
+    for spec in op_specs().values():
+        if not spec.triton_kernels:
             continue
+        backend = f"{spec.package}.triton_backend"
         module = importlib.import_module(backend)
         if not hasattr(module, "aot_kernels") and importlib.util.find_spec(f"{backend}.aot") is not None:
             module = importlib.import_module(f"{backend}.aot")

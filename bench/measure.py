@@ -25,7 +25,9 @@ from collections.abc import Callable
 
 import torch
 
-from .providers import NAIVE_LOSSES, make_loss, naive_peak_bytes, op_arguments, unavailable_reason
+from stss_kernels.ops import op_spec
+
+from .providers import DEFAULT_OP, make_loss, naive_peak_bytes, unavailable_reason
 from .workloads import Workload, flop_count
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -33,6 +35,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Acceptance rule of the correctness check: error against fp64 truth no worse than twice the error of the
 # naive reference in the same dtype, plus this tolerance. Errors are relative (loss and gradients' L2 norm).
 CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+# Large freed buffers go back to the OS at once, so a CPU worker's resident set tracks live tensors (the environment
+# of the processes that measure CPU cases).
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 # Rank of the component shared by student and teacher tokens, so the softmaxes are far from uniform.
 SHARED_RANK = 8
@@ -45,12 +51,11 @@ class Case:
     workload: Workload
     provider: str
     mode: str  # "fwd" or "fwd+bwd"
-    op: str = "tempered_kl"  # or "relation_distance"
+    op: str = DEFAULT_OP  # a name of stss_kernels.ops.OP_NAMES
     dtype: str = "float32"
     device: str = "cpu"
-    tau: float = 0.1  # tempered_kl: student and teacher temperature
-    margin: float = 0.1  # relation_distance
-    variant: str = "full"  # relation_distance
+    # The op's options (OpOption names of its spec) and their values; the spec's defaults for the rest.
+    options: dict = dataclasses.field(default_factory=dict)
     mask_ratio: float = 1.0
     normalize: bool = True
     teacher_grad: bool = False
@@ -113,8 +118,9 @@ class LossCall:
     def __call__(self) -> torch.Tensor:
         self.zero_grad()
         case = self.case
-        arguments = op_arguments(case.op, case.tau, case.margin, case.variant)
-        loss = self.loss_fn(self.student, self.teacher, case.workload.frames, *arguments, self.mask, case.normalize)
+        arguments = op_spec(case.op).keyword_arguments(case.options)
+        loss = self.loss_fn(self.student, self.teacher, frames=case.workload.frames, query_mask=self.mask,
+                            normalize=case.normalize, **arguments)  # fmt: skip
         if self.backward:
             loss.backward()
         return loss.detach()
@@ -235,8 +241,9 @@ def check_case(case: Case, loss_fn, device: torch.device) -> dict:
     def outputs(fn, cast: torch.dtype) -> list[torch.Tensor]:
         return LossCall(fn, student.detach().to(cast), teacher.detach().to(cast), mask, check).outputs()
 
-    truth = outputs(NAIVE_LOSSES[case.op], torch.float64)
-    same_dtype_reference = outputs(NAIVE_LOSSES[case.op], dtype)
+    naive_loss = op_spec(case.op).naive_loss
+    truth = outputs(naive_loss, torch.float64)
+    same_dtype_reference = outputs(naive_loss, dtype)
     provider = same_dtype_reference if case.provider == "reference" else outputs(loss_fn, dtype)
     error = max(relative_error(v, t) for v, t in zip(provider, truth))
     reference_error = max(relative_error(v, t) for v, t in zip(same_dtype_reference, truth))
@@ -252,7 +259,7 @@ def check_case(case: Case, loss_fn, device: torch.device) -> dict:
 
 def base_result(case: Case, status: str = "ok", note: str = "") -> dict:
     """The fields every result has: what was run, and how it went."""
-    workload = case.workload
+    workload, spec = case.workload, op_spec(case.op)
     fraction = kept_fraction(workload.tokens, case.mask_ratio)
     return {
         "workload": dataclasses.asdict(workload),
@@ -261,7 +268,7 @@ def base_result(case: Case, status: str = "ok", note: str = "") -> dict:
         "provider": case.provider,
         "mode": case.mode,
         "dtype": case.dtype,
-        **({"tau": case.tau} if case.op == "tempered_kl" else {"margin": case.margin, "variant": case.variant}),
+        **spec.option_values(case.options),
         "mask_ratio": case.mask_ratio,
         "kept_fraction": fraction,
         "teacher_grad": case.teacher_grad,
@@ -270,7 +277,7 @@ def base_result(case: Case, status: str = "ok", note: str = "") -> dict:
             case.mode,
             kept_fraction=fraction,
             teacher_grad=case.teacher_grad,
-            symmetric_grad=case.op == "relation_distance" and fraction == 1.0,
+            symmetric_grad=spec.symmetric_gradient and fraction == 1.0,
         ),
         "status": status,
         "note": note,

@@ -30,10 +30,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import stss_kernels
 from stss_kernels._core.sharding import count_communication
+from stss_kernels.ops import op_spec
 
-from .measure import DTYPES, peak_memory_bytes
+from .measure import DTYPES, WORKER_ENV, peak_memory_bytes
 
 BACKENDS = ("reference", "torch", "triton")
 # Seconds a collective may wait before it fails (instead of hanging the benchmark).
@@ -54,9 +54,8 @@ class ShardCase:
     mode: str  # "fwd" or "fwd+bwd"
     dtype: str = "float32"
     device: str = "cpu"
-    tau: float = 0.1
-    margin: float = 0.1
-    variant: str = "full"
+    # The op's options (OpOption names of its spec) and their values; the spec's defaults for the rest.
+    options: dict = dataclasses.field(default_factory=dict)
     mask_ratio: float = 1.0
     teacher_grad: bool = False
     seed: int = 0
@@ -90,12 +89,8 @@ def _loss_call(case: ShardCase, student, teacher, mask, group):
     backward = case.mode == "fwd+bwd"
     student.requires_grad_(backward)
     teacher.requires_grad_(backward and case.teacher_grad)
-    if case.op == "tempered_kl":
-        options = dict(tau_student=case.tau, tau_teacher=case.tau)
-        op = stss_kernels.tempered_kl
-    else:
-        options = dict(margin=case.margin, variant=case.variant)
-        op = stss_kernels.relation_distance
+    spec = op_spec(case.op)
+    options, op = spec.keyword_arguments(case.options), spec.function
 
     def call():
         student.grad = teacher.grad = None
@@ -188,8 +183,6 @@ def _worker(rank: int, world: int, case_json: str, grouped: bool, out_dir: str) 
 
 def run_shards(case: ShardCase, shards: int | None) -> dict:
     """Spawn the ranks (shards=None: one process without a group) and collect their per-rank results."""
-    from .cli import WORKER_ENV  # CPU: freed buffers go back to the OS, so the resident set tracks live tensors
-
     world = shards or 1
     saved = {name: os.environ.get(name) for name in WORKER_ENV}
     os.environ.update(WORKER_ENV)
@@ -257,8 +250,8 @@ def main_shards(args, argv: list[str], meta: dict) -> dict:
     for mode in args.modes:
         case = ShardCase(
             op=args.op, batch=workload.batch, frames=workload.frames, hw=workload.hw, cs=workload.cs,
-            ct=workload.ct, backend=backend, mode=mode, dtype=args.dtype, device=str(args.device), tau=args.tau,
-            margin=args.margin, variant=args.variant, mask_ratio=args.mask_ratio, teacher_grad=args.teacher_grad,
+            ct=workload.ct, backend=backend, mode=mode, dtype=args.dtype, device=str(args.device),
+            options=args.options, mask_ratio=args.mask_ratio, teacher_grad=args.teacher_grad,
             seed=args.seed, threads=1, min_runs=args.min_runs, min_time_s=args.min_time_s,
         )  # fmt: skip
         rows = [run_shards(case, None)] + [run_shards(case, shards) for shards in args.shards]

@@ -91,7 +91,7 @@ def flop_count(
     forward:  2 * B * q*N * N * (Cs + Ct)   (the two Gram matrices; q = kept query fraction)
     backward: the forward again (recompute), plus 2 * 2 * B * q*N * N * C for each input needing a
               gradient (dS @ s and dS^T @ s for the student, the same for the teacher); half that when
-              dS is symmetric (relation_distance without a mask: (dS + dS^T) s = 2 dS s).
+              dS is symmetric (an op spec's symmetric_gradient, without a mask: (dS + dS^T) s = 2 dS s).
     """
     rows = kept_fraction * workload.batch * workload.tokens * workload.tokens
     forward = 2 * rows * (workload.cs + workload.ct)

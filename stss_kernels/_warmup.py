@@ -8,6 +8,7 @@ import torch
 
 from stss_kernels._core.backends import triton_interpreting
 from stss_kernels._core.tuning import tuned_configs
+from stss_kernels.ops import op_specs
 
 
 def warmup(
@@ -18,17 +19,21 @@ def warmup(
     backward: bool = True,
     teacher_grad: bool = False,
     device: torch.device | str = "cuda",
+    ops: Iterable[str] | None = None,
 ) -> dict[str, dict]:
-    """Run tempered_kl (backend="triton") once per shape, dtype and mask setting so every kernel it launches is
-    tuned now, outside any CUDA-graph capture or torch.compile region; later calls of the same shape class
-    reuse the configs. Returns {kernel: {shape class: config}} of everything tuned so far.
+    """Run each op (backend="triton", its default settings) once per shape, dtype and mask setting so every
+    kernel it launches is tuned now, outside any CUDA-graph capture or torch.compile region; later calls of
+    the same shape class reuse the configs. Returns {kernel: {shape class: config}} of everything tuned so far.
 
     shapes: (batch, frames, hw, cs, ct) each; mask_ratios: None for unmasked, or the kept fraction of queries
     (masked launches are a separate class); backward: also run the backward (student gradient; teacher too
-    with teacher_grad).
+    with teacher_grad); ops: names from stss_kernels.ops.OP_NAMES (None: every op with Triton kernels).
     """
-    from stss_kernels import tempered_kl
-
+    specs = op_specs()
+    ops = [name for name, spec in specs.items() if spec.triton_kernels] if ops is None else list(ops)
+    for name in ops:
+        if name not in specs or not specs[name].triton_kernels:
+            raise ValueError(f"ops: expected names of ops with Triton kernels {tuple(specs)}, got {name!r}")
     device = torch.device(device)
     if device.type != "cuda" and not triton_interpreting():
         raise ValueError(f"device: warmup tunes GPU kernels and needs a CUDA device, got {device}")
@@ -47,9 +52,12 @@ def warmup(
                 mask = None
                 if ratio is not None:
                     mask = (torch.rand(batch, tokens, generator=generator) < ratio).to(device)
-                loss = tempered_kl(student, teacher, frames=frames, query_mask=mask, backend="triton")
-                if backward:
-                    loss.backward()
+                for name in ops:
+                    spec = specs[name]
+                    loss = spec.function(student, teacher, frames=frames, query_mask=mask, backend="triton",
+                                         **spec.keyword_arguments())  # fmt: skip
+                    if backward:
+                        loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return tuned_configs()

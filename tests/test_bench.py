@@ -12,8 +12,9 @@ import bench.measure
 import bench.providers
 from bench import cli, report
 from bench.measure import Case, run_case
-from bench.providers import naive_peak_bytes, naive_tempered_kl_loss
+from bench.providers import DEFAULT_OP, naive_peak_bytes
 from bench.workloads import SWEEP_TOKENS, Workload, build_workloads, flop_count
+from stss_kernels.ops import op_spec
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TINY = Workload("tiny", batch=2, frames=3, hw=10, cs=12, ct=7)
@@ -96,7 +97,7 @@ def test_isolated_cli_measures_peak_memory_and_plots(tmp_path):
 
 
 def _raising(error: BaseException):
-    def loss(*args):
+    def loss(*args, **kwargs):
         raise error
 
     return loss
@@ -129,7 +130,8 @@ def test_errors_and_wrong_results_are_reported(monkeypatch):
     failed = run_case(tiny_case("compiled"))
     assert failed["status"] == "error" and "ValueError: unsupported" in failed["note"] and failed["traceback"]
 
-    monkeypatch.setattr(bench.measure, "make_loss", lambda *_: lambda *args: 1.01 * naive_tempered_kl_loss(*args))
+    naive_loss = op_spec(DEFAULT_OP).naive_loss
+    monkeypatch.setattr(bench.measure, "make_loss", lambda *_: lambda *args, **kw: 1.01 * naive_loss(*args, **kw))
     wrong = run_case(tiny_case("torch"))
     assert wrong["status"] == "mismatch" and wrong["check"]["passed"] is False
     assert wrong["check"]["error"] == pytest.approx(0.01, rel=1e-3)
@@ -145,22 +147,53 @@ def test_triton_provider(monkeypatch):
     assert run_case(tiny_case("triton"))["status"] == "unavailable"
 
 
-def test_bad_arguments_are_rejected():
-    for argv in (["--mask-ratio", "0"], ["--providers", "eager"], ["--modes", "bwd"], ["--tau", "0"]):
-        with pytest.raises(SystemExit):
-            cli.parse_config(argv)
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        ("--mask-ratio 0", "--mask-ratio: expected a kept fraction in (0, 1], got 0"),
+        ("--providers eager", "--providers: expected a comma-separated subset of"),
+        ("--modes bwd", "--modes: expected a comma-separated subset of"),
+        ("--tau 0", "--tau: tau must be a finite number > 0, got 0.0"),
+        ("--tau -1e-4", "--tau: tau must be a finite number > 0, got -0.0001"),  # a negative value, not an option
+        ("--op relation_distance --margin -1", "--margin: margin must be a finite number >= 0, got -1.0"),
+        ("--margin 0.2", "--margin applies to relation_distance, not to --op tempered_kl"),
+        ("--variant spatial", "--variant applies to relation_distance, not to --op tempered_kl"),
+        ("--batch 0", "--batch: expected a positive integer, got 0"),
+        ("--max-tokens 100", "max_tokens=100 leaves no workload of preset 'tsa-grid'"),
+        ("--max-tok 100", "unrecognized arguments: --max-tok"),  # no abbreviations
+        ("--tiny", "--tiny only applies to --dit"),
+    ],
+)
+def test_bad_arguments_are_one_line_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(argv.split())
+    assert exit_info.value.code == 2
+    error_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error_line.startswith("python -m bench: error: ") and message in error_line
+
+
+def test_help_says_what_each_option_does_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: True)" not in text and "(default: False)" not in text and "(default: None)" not in text
+    for option in cli.build_parser()._actions:
+        assert option.help, f"{option.option_strings} has no help"
+    for fragment in ("--no-check skip the correctness check against the float64 naive loss (default: check)",
+                     "--no-normalize use raw dot products as similarities (default: cosine similarities)",
+                     "tempered_kl: softmax temperature", "(default: 0.1)", "--preset"):  # fmt: skip
+        assert fragment in text
 
 
 def test_results_go_to_a_run_folder_unless_told_to_update(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli, "RUNS_DIR", tmp_path / "runs")
-    assert cli.parse_config([]).out.parent == tmp_path / "runs"  # bench/runs/<timestamp>/
-    assert cli.parse_config(["--update-results"]).out == cli.DEFAULT_OUT
-    assert cli.parse_config(["--out", str(tmp_path)]).out == tmp_path
+    assert cli.parse_args([]).out.parent == tmp_path / "runs"  # bench/runs/<timestamp>/
+    assert cli.parse_args(["--update-results"]).out == cli.DEFAULT_OUT
+    assert cli.parse_args(["--out", str(tmp_path)]).out == tmp_path
     with pytest.raises(SystemExit):
-        cli.parse_config(["--update-results", "--out", str(tmp_path)])
+        cli.parse_args(["--update-results", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
-        cli.parse_config(["--help"])
-    assert "(default: 0.1)" in capsys.readouterr().out  # --help shows the defaults
+        cli.parse_args(["--help"])
 
 
 def test_relation_distance_op(tmp_path, capsys):
@@ -181,4 +214,4 @@ def test_relation_distance_op(tmp_path, capsys):
     assert run_case(unmasked)["flops"] == flop_count(TINY, "fwd+bwd", symmetric_grad=True)
     assert flop_count(TINY, "fwd+bwd", symmetric_grad=True) == 4 * 2 * 30 * 30 * 19 + 2 * 2 * 30 * 30 * 12
     with pytest.raises(SystemExit):
-        cli.parse_config(["--op", "relation_distance", "--margin", "-1"])
+        cli.parse_args(["--op", "relation_distance", "--margin", "-1"])

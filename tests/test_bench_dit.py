@@ -32,12 +32,12 @@ def test_tiny_dit_step_and_loss_share(name, tmp_path, capsys):
 
 def test_dit_needs_a_gpu_without_tiny(capsys):
     with pytest.raises(SystemExit):
-        cli.parse_config(["--dit", "cogvideox-2b", "--device", "cpu"])
+        cli.parse_args(["--dit", "cogvideox-2b", "--device", "cpu"])
     assert "needs a CUDA device" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.parse_config(["--tiny"])
+        cli.parse_args(["--tiny"])
     with pytest.raises(SystemExit):
-        cli.parse_config(["--dit", "cogvideox-5b", "--tiny"])
+        cli.parse_args(["--dit", "cogvideox-5b", "--tiny"])
 
 
 def test_real_configs_match_the_published_models():

@@ -83,7 +83,7 @@ def test_exit_code_follows_the_verdict(monkeypatch, capsys, spill, code):
 def test_cli_rejects_bad_options(capsys):
     for argv in (["--arch", "sm_75"], ["--dtype", "fp8"], ["--mask-ratio", "0"], ["--jobs", "0"]):
         with pytest.raises(SystemExit) as error:
-            aot.build_parser().parse_config(argv)
+            aot.build_parser().parse_args(argv)
         assert error.value.code == 2
     assert "expected a comma-separated subset" in capsys.readouterr().err
 
@@ -96,7 +96,7 @@ def test_build_tasks_compiles_a_hopper_only_config_for_sm90a_only():
 
     configs = [triton.Config(dict(BLOCK_M=16), num_warps=4), hopper_only(triton.Config(dict(BLOCK_M=32), num_warps=4))]
     spec = AotKernel("op", "kernel", "-", None, configs, None, None)
-    tasks = aot.build_tasks([spec], aot.build_parser().parse_config([]), Problem("p", 1, 1, 16, 16, 16))
+    tasks = aot.build_tasks([spec], aot.build_parser().parse_args([]), Problem("p", 1, 1, 16, 16, 16))
     assert {(config, arch) for _, config, _, _, arch, _ in tasks} == {(0, "sm_90a"), (0, "sm_80"), (1, "sm_90a")}
     assert len(tasks) == 3 * 3 * 2  # x dtypes x masks
 

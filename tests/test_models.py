@@ -60,7 +60,8 @@ def test_family_detection_and_unsupported_pipelines(assets, tmp_path):
     with pytest.raises(
         ValueError,
         match="unsupported pipeline 'HunyuanVideoPipeline'; supported model families: "
-        "cogvideox \\(CogVideoXPipeline\\), wan \\(WanPipeline\\)",
+        "cogvideox \\(CogVideoXPipeline, CogVideoXImageToVideoPipeline\\), wan \\(WanPipeline, "
+        "WanImageToVideoPipeline\\)",
     ):
         detect_family(tmp_path)
     with pytest.raises(FileNotFoundError, match="no model_index.json"):

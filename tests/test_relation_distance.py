@@ -8,12 +8,24 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    REFERENCE_TOLERANCE,
+    assert_close_to_truth,
+    assert_no_worse_than_reference,
+    features,
+    query_mask,
+    relation_distance_truth,
+    truth_value_and_grads,
+    value_and_grads,
+)
 
 import stss_kernels
 from stss_kernels import RelationDistance, relation_distance
 from stss_kernels._core.backends import triton_available
 
 VARIANTS = ("full", "spatial", "temporal")
+# Student and teacher share a component of this rank, so S and T are correlated and |S - T| straddles the margin.
+SHARED_RANK = 3
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -38,19 +50,6 @@ SHAPES = {
 }
 
 
-def _features(batch, frames, hw, cs, ct, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
-    """Student and teacher sharing a 3-dim component, so S and T are correlated and |S - T| straddles 0.1."""
-    gen = torch.Generator().manual_seed(seed)
-    shared = torch.randn(batch, frames * hw, 3, generator=gen, dtype=torch.float64)
-
-    def side(channels):
-        mixing = torch.randn(3, channels, generator=gen, dtype=torch.float64)
-        return shared @ mixing + 0.8 * torch.randn(batch, frames * hw, channels, generator=gen, dtype=torch.float64)
-
-    student, teacher = side(cs) * scale, side(ct) * scale
-    return student.to(device, dtype), teacher.to(device, dtype)
-
-
 def _gaps(student, teacher, normalize=True):
     """Every |S_ij - T_ij| in fp64 (all pairs of every video)."""
     s, t = student.double().flatten(1, -2), teacher.double().flatten(1, -2)
@@ -73,66 +72,19 @@ def _margin_between_pairs(student, teacher, normalize=True, near=0.1, clearance=
     return margin
 
 
-def _mask(kind, batch, num_tokens, device="cpu"):
-    gen = torch.Generator().manual_seed(1)
-    if kind == "none":
-        return None
-    if kind == "bool":
-        return (torch.rand(batch, num_tokens, generator=gen) < 0.4).to(device)
-    if kind == "float":
-        return torch.rand(batch, num_tokens, generator=gen).mul(2).to(device)
-    if kind == "empty":
-        return torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
-    return torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
-
-
 def _truth(student, teacher, frames, margin, variant, weight=None, normalize=True, reduction="none"):
-    """The op's definition written out on fp64 copies with explicit loops over pairs' frames."""
-    s, t = student.double().flatten(1, -2), teacher.double().flatten(1, -2)
-    if normalize:
-        s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
-    distance = ((s @ s.transpose(1, 2) - t @ t.transpose(1, 2)).abs() - margin).clamp_min(0)
-    frame = torch.arange(s.shape[1]) // (s.shape[1] // frames)
-    same = frame[:, None] == frame[None, :]
-    pairs = {"full": torch.ones_like(same), "spatial": same, "temporal": ~same}[variant]
-    rows = (distance * pairs).sum(-1) / pairs.sum(-1).clamp_min(1)
-    w = torch.ones_like(rows) if weight is None else weight.double()
-    if reduction == "none":
-        return w * rows
-    if reduction == "sum":
-        return (w * rows).sum()
-    return (w * rows).sum() / w.sum() if w.sum() > 0 else (w * rows).sum() * 0
-
-
-def _value_and_grads(fn, student, teacher):
-    """fn(student, teacher), and the gradients of <out, upstream> for a fixed random upstream."""
-    student = student.detach().requires_grad_()
-    teacher = teacher.detach().requires_grad_()
-    out = fn(student, teacher)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    grad_s, grad_t = torch.autograd.grad(out, (student, teacher), upstream.to(out))
-    return out.detach(), grad_s, grad_t
-
-
-def _truth_value_and_grads(student, teacher, *args, **kwargs):
-    return _value_and_grads(lambda s, t: _truth(s, t, *args, **kwargs), student.double(), teacher.double())
-
-
-def _max_error(actual, expected):
-    assert actual.shape == expected.shape
-    return (actual.double() - expected).abs().max().item()
-
-
-def _assert_close_to_truth(actual, truth, rel_tol=1e-5):
-    for name, a, expected in zip(("value", "grad_student", "grad_teacher"), actual, truth):
-        err = _max_error(a, expected)
-        assert err <= rel_tol * expected.abs().max().item() + 1e-12, f"{name}: max error {err:.3g}"
-
-
-def _assert_no_worse_than_reference(actual, same_dtype_reference, truth, rel_tol):
-    for name, a, r, expected in zip(("value", "grad_student", "grad_teacher"), actual, same_dtype_reference, truth):
-        err, ref_err = _max_error(a, expected), _max_error(r, expected)
-        assert err <= ref_err + rel_tol * expected.abs().max().item(), f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+    """Value and gradients of the float64 truth (tests/helpers.py)."""
+    return truth_value_and_grads(
+        relation_distance_truth,
+        student,
+        teacher,
+        frames,
+        margin,
+        variant,
+        weight=weight,
+        normalize=normalize,
+        reduction=reduction,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -141,23 +93,23 @@ def _assert_no_worse_than_reference(actual, same_dtype_reference, truth, rel_tol
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_matches_fp64_truth(backend, shape, normalize, variant):
     batch, frames, hw, cs, ct = shape
-    student, teacher = _features(*shape, scale=1.0 if normalize else 0.25)
+    student, teacher = features(*shape, scale=1.0 if normalize else 0.25, shared_rank=SHARED_RANK)
     margin = _margin_between_pairs(student, teacher, normalize)
     kwargs = dict(frames=frames, margin=margin, variant=variant, normalize=normalize)
-    actual = _value_and_grads(
+    actual = value_and_grads(
         lambda s, t: relation_distance(s, t, reduction="none", backend=backend, **kwargs), student, teacher
     )
-    truth = _truth_value_and_grads(student, teacher, frames, margin, variant, normalize=normalize)
+    truth = _truth(student, teacher, frames, margin, variant, normalize=normalize)
     assert actual[0].dtype == torch.float32 and actual[0].shape == (batch, frames * hw)
     assert truth[0].abs().max() > 0.05 and (truth[0] > 0).all(), "degenerate test input"
-    _assert_close_to_truth(actual, truth)
+    assert_close_to_truth(actual, truth)
 
 
 def _mask_cases():
     """Every mask, reduction and variant on reference and torch; Triton (slow under the interpreter) with "mean"
     everywhere and "none" on the non-trivial masks: the reduction is backend-independent code."""
     for variant in VARIANTS:
-        for mask_kind in ("none", "bool", "float", "empty", "all_true"):
+        for mask_kind in ("none", "bool", "float", "empty", "full"):
             for reduction in ("none", "sum", "mean"):
                 yield from (pytest.param(b, mask_kind, reduction, variant) for b in ("reference", "torch"))
                 if reduction == "mean" or (reduction == "none" and mask_kind in ("bool", "float")):
@@ -167,16 +119,16 @@ def _mask_cases():
 @pytest.mark.parametrize("backend,mask_kind,reduction,variant", _mask_cases())
 def test_masks_and_reductions(backend, mask_kind, reduction, variant):
     batch, frames, hw, cs, ct = SHAPES["ragged"]
-    student, teacher = _features(batch, frames, hw, cs, ct, seed=3)
+    student, teacher = features(batch, frames, hw, cs, ct, seed=3, shared_rank=SHARED_RANK)
     margin = _margin_between_pairs(student, teacher)
-    mask = _mask(mask_kind, batch, frames * hw)
+    mask = query_mask(mask_kind, batch, frames * hw)
     kwargs = dict(frames=frames, margin=margin, variant=variant, query_mask=mask)
-    actual = _value_and_grads(
+    actual = value_and_grads(
         lambda s, t: relation_distance(s, t, reduction=reduction, backend=backend, **kwargs), student, teacher
     )
-    truth = _truth_value_and_grads(student, teacher, frames, margin, variant, mask, reduction=reduction)
+    truth = _truth(student, teacher, frames, margin, variant, mask, reduction=reduction)
     assert all(x.isfinite().all() for x in actual)
-    _assert_close_to_truth(actual, truth)
+    assert_close_to_truth(actual, truth)
     if mask_kind == "empty":
         assert all((x == 0).all() for x in actual)
 
@@ -185,7 +137,7 @@ def test_masks_and_reductions(backend, mask_kind, reduction, variant):
 def test_unmasked_mean_is_videorepas_trd(backend):
     """VideoREPA's released formulas (finetune/models/cogvideox_t2v_align/lora_trainer.py), transcribed."""
     batch, frames, height, width, channels = 2, 3, 2, 3, 6
-    student, teacher = _features(batch, frames, height * width, channels, channels, seed=12)
+    student, teacher = features(batch, frames, height * width, channels, channels, seed=12, shared_rank=SHARED_RANK)
     video = lambda x: x.view(batch, frames, height * width, channels)
     a, b = F.normalize(video(student), dim=-1), F.normalize(video(teacher), dim=-1)
     margin = _margin_between_pairs(student, teacher)
@@ -208,22 +160,22 @@ def test_unmasked_mean_is_videorepas_trd(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_five_d_input_matches_flattened(backend):
     batch, frames, height, width = 2, 3, 2, 3
-    student, teacher = _features(batch, frames, height * width, 5, 6, seed=4)
+    student, teacher = features(batch, frames, height * width, 5, 6, seed=4, shared_rank=SHARED_RANK)
     as_video = lambda x: x.view(batch, frames, height, width, -1)
-    mask = _mask("float", batch, frames * height * width)
+    mask = query_mask("float", batch, frames * height * width)
     common = dict(variant="spatial", query_mask=mask, backend=backend)
-    flat = _value_and_grads(lambda s, t: relation_distance(s, t, frames=frames, **common), student, teacher)
-    video = _value_and_grads(lambda s, t: relation_distance(as_video(s), as_video(t), **common), student, teacher)
+    flat = value_and_grads(lambda s, t: relation_distance(s, t, frames=frames, **common), student, teacher)
+    video = value_and_grads(lambda s, t: relation_distance(as_video(s), as_video(t), **common), student, teacher)
     explicit = relation_distance(as_video(student), as_video(teacher), frames=frames, **common)
-    truth = _truth_value_and_grads(student, teacher, frames, 0.1, "spatial", mask, reduction="mean")
-    _assert_close_to_truth(video, truth)
+    truth = _truth(student, teacher, frames, 0.1, "spatial", mask, reduction="mean")
+    assert_close_to_truth(video, truth)
     for a, b in zip(video, flat):
         torch.testing.assert_close(a.view_as(b), b)
     torch.testing.assert_close(explicit, video[0])
 
 
 def test_full_variant_needs_no_frames():
-    student, teacher = _features(*SHAPES["ragged"], seed=13)
+    student, teacher = features(*SHAPES["ragged"], seed=13, shared_rank=SHARED_RANK)
     torch.testing.assert_close(
         relation_distance(student, teacher, backend="torch"),
         relation_distance(student, teacher, frames=3, backend="torch"),
@@ -239,15 +191,15 @@ def test_full_variant_needs_no_frames():
 )
 def test_degenerate_shapes(backend, variant, frames, hw):
     """One token, one token per frame, a single frame ("temporal": no pair, 0 with zero gradients)."""
-    student, teacher = _features(2, frames, hw, 3, 5, seed=5)
-    actual = _value_and_grads(
+    student, teacher = features(2, frames, hw, 3, 5, seed=5, shared_rank=SHARED_RANK)
+    actual = value_and_grads(
         lambda s, t: relation_distance(s, t, frames=frames, variant=variant, reduction="none", backend=backend),
         student,
         teacher,
     )
-    truth = _truth_value_and_grads(student, teacher, frames, 0.1, variant)
+    truth = _truth(student, teacher, frames, 0.1, variant)
     assert all(x.isfinite().all() for x in actual)
-    _assert_close_to_truth(actual, truth)
+    assert_close_to_truth(actual, truth)
     if variant == "temporal" and frames == 1:
         assert all((x == 0).all() for x in actual)
 
@@ -255,8 +207,8 @@ def test_degenerate_shapes(backend, variant, frames, hw):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_identical_relations_give_zero(backend):
     """A teacher with the student's relations (a scaled copy): every |S - T| is rounding noise below the margin."""
-    student, _ = _features(*SHAPES["ragged"], seed=6)
-    actual = _value_and_grads(
+    student, _ = features(*SHAPES["ragged"], seed=6, shared_rank=SHARED_RANK)
+    actual = value_and_grads(
         lambda s, t: relation_distance(s, t, frames=3, reduction="sum", backend=backend), student, 3 * student
     )
     assert all((x == 0).all() for x in actual)
@@ -265,24 +217,30 @@ def test_identical_relations_give_zero(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_reduced_precision_cpu(backend, dtype):
-    """Error against fp64 truth no worse than the reference backend's in the same dtype (+ a small tol)."""
+    """The reference within the dtype's tolerance of the float64 truth; the fused backends' error against it no
+    worse than the reference's in the same dtype (+ a small tol)."""
     batch, frames, hw, cs, ct = SHAPES["ragged"]
-    student, teacher = _features(batch, frames, hw, cs, ct, dtype=dtype, seed=7)
+    student, teacher = features(batch, frames, hw, cs, ct, dtype=dtype, seed=7, shared_rank=SHARED_RANK)
     margin = _margin_between_pairs(student, teacher, clearance=2e-3)
-    mask = _mask("float", batch, frames * hw)
+    mask = query_mask("float", batch, frames * hw)
     for variant in VARIANTS:
         kwargs = dict(frames=frames, margin=margin, variant=variant, query_mask=mask, reduction="none")
-        actual, same_dtype_reference = (
-            _value_and_grads(lambda s, t: relation_distance(s, t, backend=name, **kwargs), student, teacher)  # noqa: B023
-            for name in (backend, "reference")
+        run = lambda name: value_and_grads(  # noqa: E731
+            lambda s, t: relation_distance(s, t, backend=name, **kwargs),  # noqa: B023
+            student,
+            teacher,
         )
-        truth = _truth_value_and_grads(student, teacher, frames, margin, variant, mask)
+        actual = run(backend)
+        truth = _truth(student, teacher, frames, margin, variant, mask)
         assert actual[0].dtype == torch.float32
         assert actual[1].dtype == actual[2].dtype == dtype
+        if backend == "reference":
+            assert_close_to_truth(actual, truth, rel_tol=REFERENCE_TOLERANCE[dtype])
+            continue
         # fp16 gradients are rounded once to the output dtype: which entry's rounding error is largest is chance,
         # so half an fp16 ulp of the gradient's scale is the slack.
         rel_tol = 1e-5 if dtype == torch.float32 else 2**-11
-        _assert_no_worse_than_reference(actual, same_dtype_reference, truth, rel_tol)
+        assert_no_worse_than_reference(actual, run("reference"), truth, rel_tol)
 
 
 @CUDA
@@ -302,33 +260,33 @@ def test_bf16_cuda(backend, variant, mask_kind):
         return (3 * (centres[labels] + noise)).to("cuda", torch.bfloat16)
 
     student, teacher, margin = clustered(cs, 4), clustered(ct, 5), 0.1
-    mask = _mask(mask_kind, batch, frames * hw, device="cuda")
+    mask = query_mask(mask_kind, batch, frames * hw, device="cuda")
     kwargs = dict(frames=frames, margin=margin, variant=variant, query_mask=mask, reduction="mean")
-    run = lambda name: _value_and_grads(lambda s, t: relation_distance(s, t, backend=name, **kwargs), student, teacher)
+    run = lambda name: value_and_grads(lambda s, t: relation_distance(s, t, backend=name, **kwargs), student, teacher)
     actual, same_dtype_reference = run(backend), run("reference")
-    truth = _truth_value_and_grads(student.cpu(), teacher.cpu(), frames, margin, variant, mask, reduction="mean")
+    truth = _truth(student.cpu(), teacher.cpu(), frames, margin, variant, mask, reduction="mean")
     truth = [x.cuda() for x in truth]
     assert all(x.isfinite().all() for x in actual)
     assert actual[0].dtype == torch.float32 and actual[1].dtype == torch.bfloat16
-    _assert_no_worse_than_reference(actual, same_dtype_reference, truth, rel_tol=1e-2)
+    assert_no_worse_than_reference(actual, same_dtype_reference, truth, rel_tol=1e-2)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_torch_backend_gradcheck_through_public_op(variant):
-    student, teacher = _features(2, 2, 3, 3, 4, dtype=torch.float64, seed=9)
+    student, teacher = features(2, 2, 3, 3, 4, dtype=torch.float64, seed=9, shared_rank=SHARED_RANK)
     margin = _margin_between_pairs(student, teacher, clearance=1e-4)
-    mask = _mask("float", 2, 6).double()
+    mask = query_mask("float", 2, 6).double()
     mask[0, 1] = 0
-    for query_mask in (mask, None):  # a general G, and a symmetric one (the mean's uniform gradient)
-        kwargs = dict(frames=2, margin=margin, variant=variant, query_mask=query_mask, backend="torch")
+    for weights in (mask, None):  # a general G, and a symmetric one (the mean's uniform gradient)
+        kwargs = dict(frames=2, margin=margin, variant=variant, query_mask=weights, backend="torch")
         fn = lambda s, t, kwargs=kwargs: relation_distance(s, t, **kwargs)
         assert torch.autograd.gradcheck(fn, (student.requires_grad_(), teacher.requires_grad_()))
         assert fn(student, teacher).dtype == torch.float64
 
 
 def test_float_mask_weights_get_gradients():
-    student, teacher = _features(*SHAPES["ragged"], seed=10)
-    mask = _mask("float", 2, 21).requires_grad_()
+    student, teacher = features(*SHAPES["ragged"], seed=10, shared_rank=SHARED_RANK)
+    mask = query_mask("float", 2, 21).requires_grad_()
     kwargs = dict(frames=3, variant="temporal", backend="torch")
     loss = relation_distance(student, teacher, query_mask=mask, reduction="sum", **kwargs)
     (grad,) = torch.autograd.grad(loss, mask)
@@ -356,7 +314,7 @@ class _BackendSpy:
 
 
 def _bad_inputs():
-    s, t = _features(2, 3, 4, 5, 6)
+    s, t = features(2, 3, 4, 5, 6, shared_rank=SHARED_RANK)
     video = lambda x: x.view(2, 3, 2, 2, -1)
     ok = dict(student=s, teacher=t, frames=3)
     meta = torch.device("meta")
@@ -389,29 +347,43 @@ def _bad_inputs():
     ]
 
 
-@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
-@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda case: case[0])
-def test_bad_input_raises_before_any_kernel(monkeypatch, case, backend):
-    _, kwargs, error, argument = case
-    _BackendSpy(monkeypatch, forbid=True)
-    kwargs = dict(dict(backend=backend), **kwargs)
+def _call_with(case, backend=None):
+    _, kwargs, _, _ = case
+    kwargs = dict(kwargs) if backend is None else dict(kwargs, backend=backend)
     student, teacher = kwargs.pop("student"), kwargs.pop("teacher")
+    return relation_distance(student, teacher, **kwargs)
+
+
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda case: case[0])
+def test_bad_input_raises_before_any_kernel(monkeypatch, case):
+    """Validation is the op layer's, before it picks a backend (every backend is replaced by a spy that fails)."""
+    _, _, error, argument = case
+    _BackendSpy(monkeypatch, forbid=True)
     with pytest.raises(error, match=argument):
-        relation_distance(student, teacher, **kwargs)
+        _call_with(case)
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_bad_input_raises_whichever_backend_is_named(monkeypatch, backend):
+    """The one backend-dependent part: naming a backend does not move validation after the backend's code."""
+    _BackendSpy(monkeypatch, forbid=True)
+    case = next(case for case in _bad_inputs() if case[0] == "mask_shape")
+    with pytest.raises(ValueError, match="query_mask"):
+        _call_with(case, backend)
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs Triton")
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    student, teacher = _features(*SHAPES["ragged"])
+    student, teacher = features(*SHAPES["ragged"], shared_rank=SHARED_RANK)
     with pytest.raises(ValueError, match="backend='triton'.*TRITON_INTERPRET"):
         relation_distance(student, teacher, frames=3, backend="triton")
 
 
 def test_backend_receives_normalised_input_dtype_tensors_and_float_weights(monkeypatch):
     spy = _BackendSpy(monkeypatch, forbid=False)
-    student, teacher = _features(*SHAPES["ragged"], dtype=torch.float16)
-    mask = _mask("bool", 2, 21)
+    student, teacher = features(*SHAPES["ragged"], dtype=torch.float16, shared_rank=SHARED_RANK)
+    mask = query_mask("bool", 2, 21)
     relation_distance(student, teacher, frames=3, query_mask=mask, backend="auto", margin=0.2, variant="spatial")
     relation_distance(student, teacher, frames=3, normalize=False, backend="reference")
     (auto_call, raw_call) = spy.calls
@@ -428,15 +400,15 @@ def test_backend_receives_normalised_input_dtype_tensors_and_float_weights(monke
 @CUDA
 def test_auto_picks_triton_on_cuda(monkeypatch):
     spy = _BackendSpy(monkeypatch, forbid=False)
-    student, teacher = _features(*SHAPES["ragged"], device="cuda")
+    student, teacher = features(*SHAPES["ragged"], device="cuda", shared_rank=SHARED_RANK)
     relation_distance(student, teacher, frames=3)
     assert spy.calls[0][0] == "relation_distance_triton"
 
 
 @pytest.mark.parametrize("backend", ["torch", TRITON])
 def test_module_matches_functional(backend):
-    student, teacher = _features(*SHAPES["ragged"], seed=11)
-    mask = _mask("bool", 2, 21)
+    student, teacher = features(*SHAPES["ragged"], seed=11, shared_rank=SHARED_RANK)
+    mask = query_mask("bool", 2, 21)
     settings = dict(margin=0.2, variant="temporal", normalize=False, reduction="sum", backend=backend)
     module = RelationDistance(**settings)
     expected = relation_distance(student, teacher, frames=3, query_mask=mask, **settings)

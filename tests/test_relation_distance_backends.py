@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close_to_truth, features, relation_distance_truth, value_and_grads
 
 from stss_kernels import relation_distance_reference
 from stss_kernels._core.chunking import CHUNK_BUDGET_BYTES
@@ -35,20 +36,12 @@ def _triton():
     return relation_distance_triton
 
 
-def _unit_features(batch, num_tokens, channels, dtype=torch.float64, seed=0, shared=None):
-    """Unit features; with `shared` (B, N, 3) they share a component, so |S - T| straddles 0.1."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, num_tokens, channels, generator=gen, dtype=torch.float64)
-    if shared is not None:
-        x = x + 1.5 * shared @ torch.randn(3, channels, generator=gen, dtype=torch.float64)
-    return F.normalize(x, dim=-1).to(DEVICE if dtype != torch.float64 else "cpu", dtype)
-
-
 def _pair(batch, num_tokens, cs, ct, dtype=torch.float64, seed=0):
-    shared = torch.randn(batch, num_tokens, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    student = _unit_features(batch, num_tokens, cs, dtype, seed + 1, shared)
-    teacher = _unit_features(batch, num_tokens, ct, dtype, seed + 2, shared)
-    return student, teacher
+    """The shared test features (tests/helpers.py) with a shared rank-3 component, so |S - T| straddles 0.1,
+    normalised (what the backends receive from the op); float64 on the CPU, other dtypes on DEVICE."""
+    student, teacher = features(batch, 1, num_tokens, cs, ct, dtype=torch.float64, seed=seed, shared_rank=3)
+    device = DEVICE if dtype != torch.float64 else "cpu"
+    return tuple(F.normalize(x, dim=-1).to(device, dtype) for x in (student, teacher))
 
 
 def _clustered_pair(batch, num_tokens, cs, ct, dtype, seed=0):
@@ -76,26 +69,17 @@ def _clear_margin(student, teacher, near=0.1):
     return float((window[best] + window[best + 1]) / 2)
 
 
-def _value_and_grads(fn, student, teacher, upstream, teacher_grad=True):
-    student = student.detach().clone().requires_grad_()
-    teacher = teacher.detach().clone().requires_grad_(teacher_grad)
-    out = fn(student, teacher)
-    out.backward(upstream.to(out))
-    return out.detach(), student.grad, teacher.grad
-
-
 def _truth(student, teacher, frames, margin, variant, upstream):
-    fn = lambda s, t: relation_distance_reference(s, t, frames, margin, variant)
-    return _value_and_grads(fn, student.double().cpu(), teacher.double().cpu(), upstream.double().cpu())
+    """Rows and gradients of the float64 truth (tests/helpers.py) on the (already normalised) features."""
+    fn = lambda s, t: relation_distance_truth(s, t, frames, margin, variant, normalize=False)
+    return value_and_grads(fn, student.double().cpu(), teacher.double().cpu(), upstream.double().cpu())
 
 
 def _assert_matches(actual, truth, rel=1e-5):
-    for name, value, expected in zip(("rows", "grad student", "grad teacher"), actual, truth):
-        if value is None:
-            continue
-        err = (value.double().cpu() - expected).abs().max().item()
-        assert torch.isfinite(value).all(), name
-        assert err <= rel * expected.abs().max().item() + 1e-12, f"{name}: error {err:.3g}"
+    """The outputs that were computed (a frozen teacher has no gradient) within rel of their truth's scale."""
+    names = ("rows", "grad student", "grad teacher")
+    computed = [(name, value, expected) for name, value, expected in zip(names, actual, truth) if value is not None]
+    assert_close_to_truth([v for _, v, _ in computed], [e for _, _, e in computed], rel, [n for n, _, _ in computed])
 
 
 # ---- torch backend ----------------------------------------------------------------------------------------
@@ -113,7 +97,7 @@ def test_torch_chunk_size_does_not_change_the_result(chunk_size, variant, upstre
     else:
         upstream = torch.randn(2, frames * hw, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     fn = lambda s, t: relation_distance_torch(s, t, frames, margin, variant, chunk_size=chunk_size)
-    actual = _value_and_grads(fn, student, teacher, upstream)
+    actual = value_and_grads(fn, student, teacher, upstream)
     expected = _truth(student, teacher, frames, margin, variant, upstream)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
@@ -125,7 +109,7 @@ def test_torch_zero_weight_rows_are_skipped():
     weight = torch.tensor([[1.0, 0, 0.5, 0, 0, 2, 1, 0, 1, 1], [0.0] * 10], dtype=torch.float64)
     upstream = torch.randn(2, frames * hw, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     fn = lambda s, t: relation_distance_torch(s, t, frames, 0.1, "temporal", query_weight=weight, chunk_size=3)
-    actual = _value_and_grads(fn, student, teacher, upstream)
+    actual = value_and_grads(fn, student, teacher, upstream)
     kept = (weight != 0).double()
     expected = _truth(student, teacher, frames, 0.1, "temporal", upstream * kept)
     for a, e in zip(actual, (expected[0] * kept, *expected[1:])):
@@ -151,7 +135,7 @@ def test_torch_frozen_teacher_and_reduced_precision_gradient_dtype():
     rows = relation_distance_torch(student, teacher.cpu(), 4, 0.1, "spatial")
     rows.sum().backward()
     assert rows.dtype == torch.float32 and student.grad.dtype == torch.float16 and teacher.grad is None
-    expected = relation_distance_reference(student.detach().double(), teacher.cpu().double(), 4, 0.1, "spatial")
+    expected = relation_distance_truth(student.detach().cpu(), teacher.cpu(), 4, 0.1, "spatial", normalize=False)
     torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -264,7 +248,7 @@ def test_triton_fp32_matches_fp64_reference(
         upstream = torch.full((batch, tokens), 1.0 / (batch * tokens), device=DEVICE)
     else:
         upstream = torch.randn(batch, tokens, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    actual = _value_and_grads(lambda s, t: triton_fn(s, t, frames, margin, variant), student, teacher, upstream)
+    actual = value_and_grads(lambda s, t: triton_fn(s, t, frames, margin, variant), student, teacher, upstream)
     assert actual[0].dtype == torch.float32 and actual[1].dtype == actual[2].dtype == torch.float32
     _assert_matches(actual, _truth(student, teacher, frames, margin, variant, upstream))
 
@@ -284,7 +268,7 @@ def test_triton_zero_weight_rows_are_skipped_and_exact_elsewhere(variant, key_sp
     weight = weight.to(DEVICE)
     upstream = torch.ones(batch, tokens, device=DEVICE)  # uniform, but the mask makes G non-symmetric
     fn = lambda s, t: triton_fn(s, t, frames, margin, variant, weight)
-    rows, grad_student, grad_teacher = _value_and_grads(fn, student, teacher, upstream)
+    rows, grad_student, grad_teacher = value_and_grads(fn, student, teacher, upstream)
     kept = weight != 0
     assert (rows[~kept] == 0).all()
     truth = _truth(student, teacher, frames, margin, variant, upstream * kept)
@@ -297,7 +281,7 @@ def test_triton_all_zero_weight_and_single_frame_temporal_give_zeros(backward_pa
     empty = torch.zeros(1, 14, dtype=torch.bool, device=DEVICE)
     upstream = torch.ones(1, 14, device=DEVICE)
     for fn in (lambda s, t: triton_fn(s, t, 2, 0.1, "full", empty), lambda s, t: triton_fn(s, t, 1, 0.1, "temporal")):
-        for value in _value_and_grads(fn, student, teacher, upstream):
+        for value in value_and_grads(fn, student, teacher, upstream):
             assert torch.equal(value, torch.zeros_like(value))
 
 
@@ -313,7 +297,7 @@ def test_triton_frozen_teacher_and_non_contiguous_inputs(backward_path):
     assert not student.is_contiguous() and not upstream.is_contiguous()
     margin = _clear_margin(student, teacher)
     fn = lambda s, t: triton_fn(s, t, frames, margin, "temporal")
-    rows, grad_student, grad_teacher = _value_and_grads(fn, student, teacher, upstream, teacher_grad=False)
+    rows, grad_student, grad_teacher = value_and_grads(fn, student, teacher, upstream, teacher_grad=False)
     assert grad_teacher is None
     truth = _truth(student, teacher, frames, margin, "temporal", upstream)
     _assert_matches((rows, grad_student), truth[:2])
@@ -345,8 +329,8 @@ def test_triton_half_precision_no_worse_than_pytorch(dtype, upstream_kind, varia
     else:
         upstream = torch.randn(batch, tokens, generator=torch.Generator().manual_seed(5)).to(DEVICE) / tokens**2
     truth = _truth(student, teacher, frames, margin, variant, upstream)
-    ours = _value_and_grads(lambda s, t: triton_fn(s, t, frames, margin, variant), student, teacher, upstream)
-    pytorch = _value_and_grads(
+    ours = value_and_grads(lambda s, t: triton_fn(s, t, frames, margin, variant), student, teacher, upstream)
+    pytorch = value_and_grads(
         lambda s, t: relation_distance_reference(s, t, frames, margin, variant), student, teacher, upstream
     )
     assert ours[1].dtype == ours[2].dtype == dtype
@@ -399,5 +383,5 @@ def test_triton_gpu_fp32_realistic_frame_spans_many_key_tiles(variant):
         torch.full((batch, tokens), 1.0 / tokens, device=DEVICE),
         torch.randn(batch, tokens, generator=torch.Generator().manual_seed(16)).to(DEVICE),
     ):
-        actual = _value_and_grads(lambda s, t: triton_fn(s, t, frames, margin, variant), student, teacher, upstream)
+        actual = value_and_grads(lambda s, t: triton_fn(s, t, frames, margin, variant), student, teacher, upstream)
         _assert_matches(actual, _truth(student, teacher, frames, margin, variant, upstream), rel=1e-4)

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
+from helpers import features, relation_distance_truth
 
 import stss_kernels
-from stss_kernels import relation_distance, relation_distance_reference
+from stss_kernels import relation_distance
 from stss_kernels._core.backends import triton_available, triton_interpreting
 
 TRITON = pytest.param(
@@ -27,13 +28,6 @@ SHAPE = (2, 3, 7, 5, 12)  # batch, frames, hw, student channels, teacher channel
 MARGIN = 0.05
 
 
-def _features(batch, frames, hw, cs, ct, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    student = torch.randn(batch, frames * hw, cs, generator=gen)
-    teacher = torch.randn(batch, frames * hw, ct, generator=gen)
-    return student.to(DEVICE, dtype), teacher.to(DEVICE, dtype)
-
-
 def _weights(batch, num_tokens, seed=1):
     gen = torch.Generator().manual_seed(seed)
     weight = torch.rand(batch, num_tokens, generator=gen).mul(2)
@@ -41,8 +35,8 @@ def _weights(batch, num_tokens, seed=1):
 
 
 def _truth_rows(student, teacher, frames, variant):
-    s, t = F.normalize(student.double(), dim=-1), F.normalize(teacher.double(), dim=-1)
-    return relation_distance_reference(s, t, frames, MARGIN, variant)
+    """Per-query rows (B, N) of the float64 truth (tests/helpers.py), cosine similarities."""
+    return relation_distance_truth(student.cpu(), teacher.cpu(), frames, MARGIN, variant).to(DEVICE)
 
 
 def _loss_and_grads(fn, student, teacher, forward_context=contextlib.nullcontext):
@@ -55,7 +49,7 @@ def _loss_and_grads(fn, student, teacher, forward_context=contextlib.nullcontext
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_changes_nothing(backend):
-    student, teacher = _features(*SHAPE, seed=2)
+    student, teacher = features(*SHAPE, seed=2, device=DEVICE)
     mask = _weights(2, 21)
     fn = lambda s, t: relation_distance(s, t, frames=3, margin=MARGIN, variant="spatial", query_mask=mask,
                                         backend=backend)  # fmt: skip
@@ -67,7 +61,7 @@ def test_autocast_changes_nothing(backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_double_backward_raises_a_clear_error(backend):
-    student, teacher = _features(*SHAPE, seed=3)
+    student, teacher = features(*SHAPE, seed=3, device=DEVICE)
     student.requires_grad_()
     loss = relation_distance(student, teacher, frames=3, margin=MARGIN, backend=backend)
     (grad,) = torch.autograd.grad(loss, student, create_graph=True)
@@ -75,20 +69,20 @@ def test_double_backward_raises_a_clear_error(backend):
         torch.autograd.grad(grad.square().sum(), student)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")], ids=["neg", "nan", "inf"])
-def test_bad_mask_weights_are_refused(backend, bad):
-    student, teacher = _features(*SHAPE)
+def test_bad_mask_weights_are_refused(bad):
+    """The op layer's check, before it picks a backend (test_relation_distance.py checks that for every backend)."""
+    student, teacher = features(*SHAPE, device=DEVICE)
     mask = _weights(2, 21)
     mask[1, 4] = bad
     with pytest.raises(ValueError, match="query_mask"):
-        relation_distance(student, teacher, frames=3, query_mask=mask, backend=backend)
+        relation_distance(student, teacher, frames=3, query_mask=mask)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_mask_that_requires_grad_gets_the_exact_gradient(backend, reduction):
-    student, teacher = _features(*SHAPE, seed=4)
+    student, teacher = features(*SHAPE, seed=4, device=DEVICE)
     weight = _weights(2, 21, seed=5)
     mask = weight.clone().requires_grad_()
     loss = relation_distance(student, teacher, frames=3, margin=MARGIN, variant="temporal", query_mask=mask,
@@ -105,7 +99,7 @@ def test_mask_that_requires_grad_gets_the_exact_gradient(backend, reduction):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_zero_norm_tokens_stay_zero_with_zero_gradient(backend, dtype):
-    student, teacher = _features(*SHAPE, seed=6)
+    student, teacher = features(*SHAPE, seed=6, device=DEVICE)
     student[0, 4] = 0
     teacher[1, 0] = 0
     value, grad_s, grad_t = _loss_and_grads(
@@ -123,7 +117,7 @@ def _backend_functions():
 
 
 def _bad_backend_args():
-    s, t = _features(2, 3, 4, 5, 6)
+    s, t = features(2, 3, 4, 5, 6, device=DEVICE)
     ok = dict(student=s, teacher=t, frames=3, margin=0.1, variant="full", query_weight=None)
     return [
         ("student_list", dict(ok, student=s.tolist()), TypeError, "student"),
@@ -158,7 +152,7 @@ def test_compile_fullgraph_matches_eager(backend, mask_kind):
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(loss_fn, fullgraph=True, backend=counter)
     for seed in (0, 1):
-        student, teacher = _features(*SHAPE, seed=seed)
+        student, teacher = features(*SHAPE, seed=seed, device=DEVICE)
         expected = _loss_and_grads(loss_fn, student, teacher)
         actual = _loss_and_grads(compiled, student, teacher)
         for a, e in zip(actual, expected):
@@ -169,7 +163,7 @@ def test_compile_fullgraph_matches_eager(backend, mask_kind):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 def test_forward_op_passes_opcheck(backend, masked):
-    student, teacher = (F.normalize(x, dim=-1) for x in _features(*SHAPE, seed=7))
+    student, teacher = (F.normalize(x, dim=-1) for x in features(*SHAPE, seed=7, device=DEVICE))
     weight = _weights(2, 21) if masked else None
     args = (student.requires_grad_(), teacher.requires_grad_(), 3, MARGIN, "temporal", weight)
     op = getattr(torch.ops.stss_kernels, f"relation_distance_{backend}").default
@@ -183,7 +177,7 @@ def test_paths_without_host_sync_match(backend, monkeypatch):
     from stss_kernels._core import chunking
     from stss_kernels.ops.relation_distance import pairs
 
-    student, teacher = (F.normalize(x, dim=-1) for x in _features(*SHAPE, seed=8))
+    student, teacher = (F.normalize(x, dim=-1) for x in features(*SHAPE, seed=8, device=DEVICE))
     weight = _weights(2, 21)
     upstream = torch.randn(2, 21, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     kl_fn = getattr(stss_kernels, f"relation_distance_{backend}")

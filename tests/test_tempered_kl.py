@@ -7,10 +7,19 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import (
+    REFERENCE_TOLERANCE,
+    assert_close_to_truth,
+    assert_no_worse_than_reference,
+    features,
+    query_mask,
+    tempered_kl_truth,
+    truth_value_and_grads,
+    value_and_grads,
+)
 
 import stss_kernels
-from stss_kernels import TemperedKL, tempered_kl, tempered_kl_reference
+from stss_kernels import TemperedKL, tempered_kl
 from stss_kernels._core.backends import triton_available
 
 
@@ -40,72 +49,11 @@ SHAPES = {
 }
 
 
-def _features(batch, frames, hw, cs, ct, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    student = torch.randn(batch, frames * hw, cs, generator=gen) * scale
-    teacher = torch.randn(batch, frames * hw, ct, generator=gen) * scale
-    return student.to(device, dtype), teacher.to(device, dtype)
-
-
-def _mask(kind, batch, num_tokens, device="cpu"):
-    gen = torch.Generator().manual_seed(1)
-    if kind == "none":
-        return None
-    if kind == "bool":
-        return (torch.rand(batch, num_tokens, generator=gen) < 0.4).to(device)
-    if kind == "float":
-        return torch.rand(batch, num_tokens, generator=gen).mul(2).to(device)
-    if kind == "empty":
-        return torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
-    return torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
-
-
 def _truth(student, teacher, frames, weight=None, normalize=True, reduction="none", tau=(TAU_STUDENT, TAU_TEACHER)):
-    """The op's definition written out on fp64 copies, independent of the public op's code."""
-    s, t = student.flatten(1, -2), teacher.flatten(1, -2)
-    if normalize:
-        s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
-    kl = tempered_kl_reference(s, t, frames, *tau)
-    w = torch.ones_like(kl) if weight is None else weight.double()
-    if reduction == "none":
-        return w * kl
-    if reduction == "sum":
-        return (w * kl).sum()
-    return (w * kl).sum() / w.sum() if w.sum() > 0 else (w * kl).sum() * 0
-
-
-def _value_and_grads(fn, student, teacher):
-    """fn(student, teacher), and the gradients of <out, upstream> for a fixed random upstream."""
-    student = student.detach().requires_grad_()
-    teacher = teacher.detach().requires_grad_()
-    out = fn(student, teacher)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    grad_s, grad_t = torch.autograd.grad(out, (student, teacher), upstream.to(out))
-    return out.detach(), grad_s, grad_t
-
-
-def _truth_value_and_grads(student, teacher, *args, **kwargs):
-    """Value and gradients of `_truth` on fp64 copies of the inputs."""
-    return _value_and_grads(lambda s, t: _truth(s, t, *args, **kwargs), student.double(), teacher.double())
-
-
-def _max_error(actual, expected):
-    assert actual.shape == expected.shape
-    return (actual.double() - expected).abs().max().item()
-
-
-def _assert_close_to_truth(actual, truth, rel_tol=1e-5):
-    """Value and both gradients: max error within rel_tol of the tensor's own scale (plus 1e-12)."""
-    for name, a, expected in zip(("value", "grad_student", "grad_teacher"), actual, truth):
-        err = _max_error(a, expected)
-        assert err <= rel_tol * expected.abs().max().item() + 1e-12, f"{name}: max error {err:.3g}"
-
-
-def _assert_no_worse_than_reference(actual, same_dtype_reference, truth, rel_tol):
-    """Acceptance rule: error against fp64 truth <= the reference backend's same-dtype error + a small tol."""
-    for name, a, r, expected in zip(("value", "grad_student", "grad_teacher"), actual, same_dtype_reference, truth):
-        err, ref_err = _max_error(a, expected), _max_error(r, expected)
-        assert err <= ref_err + rel_tol * expected.abs().max().item(), f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+    """Value and gradients of the float64 truth (tests/helpers.py) at this file's temperatures."""
+    return truth_value_and_grads(
+        tempered_kl_truth, student, teacher, frames, *tau, weight=weight, normalize=normalize, reduction=reduction
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -114,21 +62,21 @@ def _assert_no_worse_than_reference(actual, same_dtype_reference, truth, rel_tol
 def test_matches_fp64_truth(backend, shape, normalize):
     batch, frames, hw, cs, ct = shape
     # Raw dot products of unit-variance features would give logits ~ C / tau: scale them to cosine range.
-    student, teacher = _features(*shape, scale=1.0 if normalize else 0.4)
+    student, teacher = features(*shape, scale=1.0 if normalize else 0.4)
     kwargs = dict(frames=frames, tau_student=TAU_STUDENT, tau_teacher=TAU_TEACHER, normalize=normalize)
-    actual = _value_and_grads(
+    actual = value_and_grads(
         lambda s, t: tempered_kl(s, t, reduction="none", backend=backend, **kwargs), student, teacher
     )
-    truth = _truth_value_and_grads(student, teacher, frames, normalize=normalize)
+    truth = _truth(student, teacher, frames, normalize=normalize)
     assert actual[0].dtype == torch.float32 and actual[0].shape == (batch, frames * hw)
     assert truth[0].abs().max() > 0.1, "degenerate test input"
-    _assert_close_to_truth(actual, truth)
+    assert_close_to_truth(actual, truth)
 
 
 def _mask_cases():
     """Every mask with every reduction; Triton (slow under the interpreter) only with "none" and "mean",
     since the reduction is backend-independent code and "none" already exposes each row."""
-    for mask_kind in ("none", "bool", "float", "empty", "all_true"):
+    for mask_kind in ("none", "bool", "float", "empty", "full"):
         for reduction in ("none", "sum", "mean"):
             yield from (pytest.param(backend, mask_kind, reduction) for backend in ("reference", "torch"))
             if reduction != "sum":
@@ -138,15 +86,15 @@ def _mask_cases():
 @pytest.mark.parametrize("backend,mask_kind,reduction", _mask_cases())
 def test_masks_and_reductions(backend, mask_kind, reduction):
     batch, frames, hw, cs, ct = SHAPES["ragged"]
-    student, teacher = _features(batch, frames, hw, cs, ct, seed=3)
-    mask = _mask(mask_kind, batch, frames * hw)
+    student, teacher = features(batch, frames, hw, cs, ct, seed=3)
+    mask = query_mask(mask_kind, batch, frames * hw)
     kwargs = dict(frames=frames, tau_student=TAU_STUDENT, tau_teacher=TAU_TEACHER, query_mask=mask)
-    actual = _value_and_grads(
+    actual = value_and_grads(
         lambda s, t: tempered_kl(s, t, reduction=reduction, backend=backend, **kwargs), student, teacher
     )
-    truth = _truth_value_and_grads(student, teacher, frames, mask, reduction=reduction)
+    truth = _truth(student, teacher, frames, mask, reduction=reduction)
     assert all(x.isfinite().all() for x in actual)
-    _assert_close_to_truth(actual, truth)
+    assert_close_to_truth(actual, truth)
     if mask_kind == "empty":
         assert all((x == 0).all() for x in actual)
 
@@ -154,15 +102,15 @@ def test_masks_and_reductions(backend, mask_kind, reduction):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_five_d_input_matches_flattened(backend):
     batch, frames, height, width = 2, 3, 2, 3
-    student, teacher = _features(batch, frames, height * width, 5, 6, seed=4)
+    student, teacher = features(batch, frames, height * width, 5, 6, seed=4)
     as_video = lambda x: x.view(batch, frames, height, width, -1)
-    mask = _mask("float", batch, frames * height * width)
+    mask = query_mask("float", batch, frames * height * width)
     common = dict(tau_student=TAU_STUDENT, tau_teacher=TAU_TEACHER, query_mask=mask, backend=backend)
-    flat = _value_and_grads(lambda s, t: tempered_kl(s, t, frames=frames, **common), student, teacher)
-    video = _value_and_grads(lambda s, t: tempered_kl(as_video(s), as_video(t), **common), student, teacher)
+    flat = value_and_grads(lambda s, t: tempered_kl(s, t, frames=frames, **common), student, teacher)
+    video = value_and_grads(lambda s, t: tempered_kl(as_video(s), as_video(t), **common), student, teacher)
     explicit = tempered_kl(as_video(student), as_video(teacher), frames=frames, **common)
-    truth = _truth_value_and_grads(student, teacher, frames, mask, reduction="mean")
-    _assert_close_to_truth(video, truth)
+    truth = _truth(student, teacher, frames, mask, reduction="mean")
+    assert_close_to_truth(video, truth)
     for a, b in zip(video, flat):
         torch.testing.assert_close(a.view_as(b), b)
     torch.testing.assert_close(explicit, video[0])
@@ -175,43 +123,85 @@ def test_five_d_input_matches_flattened(backend):
     ids=["one_token", "hw1", "single_frame_tiny", "tiny"],
 )
 def test_degenerate_shapes(backend, frames, hw):
-    student, teacher = _features(2, frames, hw, 3, 5, seed=5)
-    actual = _value_and_grads(
+    student, teacher = features(2, frames, hw, 3, 5, seed=5)
+    actual = value_and_grads(
         lambda s, t: tempered_kl(
             s, t, frames=frames, tau_student=TAU_STUDENT, tau_teacher=TAU_TEACHER, reduction="none", backend=backend
         ),
         student,
         teacher,
     )
-    truth = _truth_value_and_grads(student, teacher, frames)
-    _assert_close_to_truth(actual, truth)
+    truth = _truth(student, teacher, frames)
+    assert_close_to_truth(actual, truth)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_static_clip(backend):
     """Every frame identical (a static video): finite and exact."""
-    student, teacher = _features(2, 1, 6, 5, 7, seed=6)
+    student, teacher = features(2, 1, 6, 5, 7, seed=6)
     student, teacher = student.repeat(1, 4, 1), teacher.repeat(1, 4, 1)
     kwargs = dict(frames=4, tau_student=TAU_STUDENT, tau_teacher=TAU_TEACHER, reduction="none", backend=backend)
-    actual = _value_and_grads(lambda s, t: tempered_kl(s, t, **kwargs), student, teacher)
-    truth = _truth_value_and_grads(student, teacher, 4)
-    _assert_close_to_truth(actual, truth)
+    actual = value_and_grads(lambda s, t: tempered_kl(s, t, **kwargs), student, teacher)
+    truth = _truth(student, teacher, 4)
+    assert_close_to_truth(actual, truth)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_reduced_precision_cpu(backend, dtype):
-    """Error against fp64 truth no worse than the reference backend's in the same dtype (+ a small tol)."""
+    """The reference within the dtype's tolerance of the float64 truth; the fused backends' error against it no
+    worse than the reference's in the same dtype (+ a small tol)."""
     batch, frames, hw, cs, ct = SHAPES["ragged"]
-    student, teacher = _features(batch, frames, hw, cs, ct, dtype=dtype, seed=7)
-    mask = _mask("float", batch, frames * hw)
+    student, teacher = features(batch, frames, hw, cs, ct, dtype=dtype, seed=7)
+    mask = query_mask("float", batch, frames * hw)
     kwargs = dict(frames=frames, tau_student=TAU_STUDENT, tau_teacher=TAU_TEACHER, query_mask=mask, reduction="none")
-    run = lambda name: _value_and_grads(lambda s, t: tempered_kl(s, t, backend=name, **kwargs), student, teacher)
-    actual, same_dtype_reference = run(backend), run("reference")
-    truth = _truth_value_and_grads(student, teacher, frames, mask)
+    run = lambda name: value_and_grads(lambda s, t: tempered_kl(s, t, backend=name, **kwargs), student, teacher)
+    actual = run(backend)
+    truth = _truth(student, teacher, frames, mask)
     assert actual[0].dtype == torch.float32
     assert actual[1].dtype == actual[2].dtype == dtype
-    _assert_no_worse_than_reference(actual, same_dtype_reference, truth, rel_tol=1e-5)
+    if backend == "reference":
+        assert_close_to_truth(actual, truth, rel_tol=REFERENCE_TOLERANCE[dtype])
+    else:
+        assert_no_worse_than_reference(actual, run("reference"), truth, rel_tol=1e-5)
+
+
+# Features of norm about 100 and small temperatures: raw dot products give logits up to about 1e5 (cosine ones 50),
+# where a log-softmax that subtracts an absolute log-sum-exp loses about u * |logit| of every log-probability.
+LARGE_LOGIT_CASES = {
+    "dot_two_frames": dict(normalize=False, frames=2, tau_student=0.02, tau_teacher=1.0, shared_rank=0),
+    "cosine_one_frame": dict(normalize=True, frames=1, tau_student=0.02, tau_teacher=0.02, shared_rank=8),
+}
+
+
+def _large_logit_cases():
+    """Every case on every backend; the Triton kernels' teacher gradient at raw dot products is a known gap (about
+    4x the reference's error of its scale, 2e-4 against 5e-5), so that case is an expected failure."""
+    known_gap = pytest.mark.xfail(reason="Triton at logits ~1e5: about 4x the reference's error", strict=False)
+    for name, case in LARGE_LOGIT_CASES.items():
+        yield pytest.param("reference", case, id=f"{name}-reference")
+        yield pytest.param("torch", case, id=f"{name}-torch")
+        marks = [*TRITON.marks, *([known_gap] if name == "dot_two_frames" else [])]
+        yield pytest.param("triton", case, marks=marks, id=f"{name}-triton")
+
+
+@pytest.mark.parametrize("backend,case", _large_logit_cases())
+def test_large_logits_as_accurate_as_naive_pytorch(backend, case):
+    """float32 at large logits: error against the float64 truth within twice the naive reference's (bench's
+    acceptance rule); the reference itself within 1e-4 of each output's scale."""
+    kwargs = dict(case, reduction="none")
+    frames, shared_rank = kwargs.pop("frames"), kwargs.pop("shared_rank")
+    student, teacher = features(1, frames, 42 // frames, 103, 103, scale=10.0, seed=12, shared_rank=shared_rank)
+    run = lambda name: value_and_grads(
+        lambda s, t: tempered_kl(s, t, frames=frames, backend=name, **kwargs), student, teacher
+    )
+    taus = (case["tau_student"], case["tau_teacher"])
+    truth = _truth(student, teacher, frames, normalize=case["normalize"], tau=taus)
+    assert truth[0].abs().max() > 1e-3, "degenerate test input"
+    reference = run("reference")
+    assert_close_to_truth(reference, truth, rel_tol=1e-4)
+    if backend != "reference":
+        assert_no_worse_than_reference(run(backend), reference, truth, rel_tol=1e-5, factor=2.0)
 
 
 @CUDA
@@ -219,20 +209,20 @@ def test_reduced_precision_cpu(backend, dtype):
 @pytest.mark.parametrize("tau", [0.1, 0.02])
 def test_bf16_cuda(backend, tau):
     batch, frames, hw, cs, ct = 2, 3, 50, 40, 72
-    student, teacher = _features(batch, frames, hw, cs, ct, dtype=torch.bfloat16, device="cuda", seed=8)
-    mask = _mask("bool", batch, frames * hw, device="cuda")
+    student, teacher = features(batch, frames, hw, cs, ct, dtype=torch.bfloat16, device="cuda", seed=8)
+    mask = query_mask("bool", batch, frames * hw, device="cuda")
     kwargs = dict(frames=frames, tau_student=tau, tau_teacher=tau, query_mask=mask, reduction="none")
-    run = lambda name: _value_and_grads(lambda s, t: tempered_kl(s, t, backend=name, **kwargs), student, teacher)
+    run = lambda name: value_and_grads(lambda s, t: tempered_kl(s, t, backend=name, **kwargs), student, teacher)
     actual, same_dtype_reference = run(backend), run("reference")
-    truth = _truth_value_and_grads(student, teacher, frames, mask, tau=(tau, tau))
+    truth = _truth(student, teacher, frames, mask, tau=(tau, tau))
     assert all(x.isfinite().all() for x in actual)
     assert actual[0].dtype == torch.float32 and actual[1].dtype == torch.bfloat16
-    _assert_no_worse_than_reference(actual, same_dtype_reference, truth, rel_tol=1e-3)
+    assert_no_worse_than_reference(actual, same_dtype_reference, truth, rel_tol=1e-3)
 
 
 def test_torch_backend_gradcheck_through_public_op():
-    student, teacher = _features(2, 2, 3, 3, 4, dtype=torch.float64, seed=9)
-    mask = _mask("float", 2, 6).double()
+    student, teacher = features(2, 2, 3, 3, 4, dtype=torch.float64, seed=9)
+    mask = query_mask("float", 2, 6).double()
     mask[0, 1] = 0
     fn = lambda s, t: tempered_kl(s, t, frames=2, query_mask=mask, tau_student=0.3, tau_teacher=0.2, backend="torch")
     assert torch.autograd.gradcheck(fn, (student.requires_grad_(), teacher.requires_grad_()))
@@ -240,8 +230,8 @@ def test_torch_backend_gradcheck_through_public_op():
 
 
 def test_float_mask_weights_get_gradients():
-    student, teacher = _features(*SHAPES["ragged"], seed=10)
-    mask = _mask("float", 2, 21).requires_grad_()
+    student, teacher = features(*SHAPES["ragged"], seed=10)
+    mask = query_mask("float", 2, 21).requires_grad_()
     loss = tempered_kl(student, teacher, frames=3, query_mask=mask, reduction="sum", backend="torch")
     (grad,) = torch.autograd.grad(loss, mask)
     torch.testing.assert_close(grad, tempered_kl(student, teacher, frames=3, reduction="none", backend="torch"))
@@ -268,7 +258,7 @@ class _BackendSpy:
 
 
 def _bad_inputs():
-    s, t = _features(2, 3, 4, 5, 6)
+    s, t = features(2, 3, 4, 5, 6)
     video = lambda x: x.view(2, 3, 2, 2, -1)
     ok = dict(student=s, teacher=t, frames=3)
     meta = torch.device("meta")
@@ -301,29 +291,43 @@ def _bad_inputs():
     ]
 
 
-@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
-@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda case: case[0])
-def test_bad_input_raises_before_any_kernel(monkeypatch, case, backend):
-    _, kwargs, error, argument = case
-    _BackendSpy(monkeypatch, forbid=True)
-    kwargs = dict(dict(backend=backend), **kwargs)
+def _call_with(case, backend=None):
+    _, kwargs, _, _ = case
+    kwargs = dict(kwargs) if backend is None else dict(kwargs, backend=backend)
     student, teacher = kwargs.pop("student"), kwargs.pop("teacher")
+    return tempered_kl(student, teacher, **kwargs)
+
+
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda case: case[0])
+def test_bad_input_raises_before_any_kernel(monkeypatch, case):
+    """Validation is the op layer's, before it picks a backend (every backend is replaced by a spy that fails)."""
+    _, _, error, argument = case
+    _BackendSpy(monkeypatch, forbid=True)
     with pytest.raises(error, match=argument):
-        tempered_kl(student, teacher, **kwargs)
+        _call_with(case)
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_bad_input_raises_whichever_backend_is_named(monkeypatch, backend):
+    """The one backend-dependent part: naming a backend does not move validation after the backend's code."""
+    _BackendSpy(monkeypatch, forbid=True)
+    case = next(case for case in _bad_inputs() if case[0] == "mask_shape")
+    with pytest.raises(ValueError, match="query_mask"):
+        _call_with(case, backend)
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs Triton")
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    student, teacher = _features(*SHAPES["ragged"])
+    student, teacher = features(*SHAPES["ragged"])
     with pytest.raises(ValueError, match="backend='triton'.*TRITON_INTERPRET"):
         tempered_kl(student, teacher, frames=3, backend="triton")
 
 
 def test_backend_receives_normalised_input_dtype_tensors_and_float_weights(monkeypatch):
     spy = _BackendSpy(monkeypatch, forbid=False)
-    student, teacher = _features(*SHAPES["ragged"], dtype=torch.float16)
-    mask = _mask("bool", 2, 21)
+    student, teacher = features(*SHAPES["ragged"], dtype=torch.float16)
+    mask = query_mask("bool", 2, 21)
     tempered_kl(student, teacher, frames=3, query_mask=mask, backend="auto", tau_student=0.2, tau_teacher=0.3)
     tempered_kl(student, teacher, frames=3, normalize=False, backend="reference")
     (auto_call, raw_call) = spy.calls
@@ -339,15 +343,15 @@ def test_backend_receives_normalised_input_dtype_tensors_and_float_weights(monke
 @CUDA
 def test_auto_picks_triton_on_cuda(monkeypatch):
     spy = _BackendSpy(monkeypatch, forbid=False)
-    student, teacher = _features(*SHAPES["ragged"], device="cuda")
+    student, teacher = features(*SHAPES["ragged"], device="cuda")
     tempered_kl(student, teacher, frames=3)
     assert spy.calls[0][0] == "tempered_kl_triton"
 
 
 @pytest.mark.parametrize("backend", ["torch", TRITON])
 def test_module_matches_functional(backend):
-    student, teacher = _features(*SHAPES["ragged"], seed=11)
-    mask = _mask("bool", 2, 21)
+    student, teacher = features(*SHAPES["ragged"], seed=11)
+    mask = query_mask("bool", 2, 21)
     module = TemperedKL(tau_student=0.2, tau_teacher=0.3, normalize=False, reduction="sum", backend=backend)
     expected = tempered_kl(
         student,

@@ -8,7 +8,7 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import assert_close_to_truth, features, tempered_kl_truth
 
 from stss_kernels import tempered_kl, tempered_kl_reference, tempered_kl_torch
 from stss_kernels._core.backends import triton_available
@@ -35,13 +35,6 @@ SHAPE = (2, 3, 7, 5, 12)
 TAUS = dict(tau_student=0.1, tau_teacher=0.15)
 
 
-def _features(batch, frames, hw, cs, ct, dtype=torch.float32, device="cpu", seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    student = torch.randn(batch, frames * hw, cs, generator=gen)
-    teacher = torch.randn(batch, frames * hw, ct, generator=gen)
-    return student.to(device, dtype), teacher.to(device, dtype)
-
-
 def _weights(batch, num_tokens, seed=1):
     """Float weights in [0, 2) with about a third of them exactly 0."""
     gen = torch.Generator().manual_seed(seed)
@@ -50,9 +43,8 @@ def _weights(batch, num_tokens, seed=1):
 
 
 def _truth_kl(student, teacher, frames, tau_student=0.1, tau_teacher=0.15):
-    """Per-query KL (B, N) on fp64 copies, written independently of the op (F.normalize then the reference)."""
-    s, t = F.normalize(student.double(), dim=-1), F.normalize(teacher.double(), dim=-1)
-    return tempered_kl_reference(s, t, frames, tau_student, tau_teacher)
+    """Per-query KL (B, N) of the float64 truth (tests/helpers.py), cosine similarities."""
+    return tempered_kl_truth(student.double(), teacher.double(), frames, tau_student, tau_teacher)
 
 
 def _loss_and_grads(fn, student, teacher, forward_context=contextlib.nullcontext):
@@ -75,7 +67,7 @@ def test_autocast_changes_nothing(backend, dtype, masked):
     if backend == "triton" and dtype == torch.bfloat16:
         pytest.skip("bf16 features need a GPU for the Triton backend")
     batch, frames, hw, cs, ct = SHAPE
-    student, teacher = _features(*SHAPE, dtype=dtype, seed=2)
+    student, teacher = features(*SHAPE, dtype=dtype, seed=2)
     mask = _weights(batch, frames * hw) if masked else None
     fn = lambda s, t: tempered_kl(s, t, frames=frames, query_mask=mask, backend=backend, **TAUS)
     expected = _loss_and_grads(fn, student, teacher)
@@ -88,7 +80,7 @@ def test_autocast_changes_nothing(backend, dtype, masked):
 @CUDA
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_changes_nothing_cuda(backend):
-    student, teacher = _features(2, 3, 50, 40, 24, device="cuda", seed=3)
+    student, teacher = features(2, 3, 50, 40, 24, device="cuda", seed=3)
     mask = _weights(2, 150).cuda()
     fn = lambda s, t: tempered_kl(s, t, frames=3, query_mask=mask, backend=backend, **TAUS)
     expected = _loss_and_grads(fn, student, teacher)
@@ -103,7 +95,7 @@ def test_autocast_changes_nothing_cuda(backend):
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_double_backward_raises_a_clear_error(backend):
     """Differentiating the fused backends' gradient again is refused, never silently wrong."""
-    student, teacher = _features(*SHAPE[:3], 5, 12, seed=4)
+    student, teacher = features(*SHAPE[:3], 5, 12, seed=4)
     student.requires_grad_()
     loss = tempered_kl(student, teacher, frames=SHAPE[1], backend=backend, **TAUS)
     (grad,) = torch.autograd.grad(loss, student, create_graph=True)
@@ -114,7 +106,7 @@ def test_double_backward_raises_a_clear_error(backend):
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_create_graph_first_order_gradient_is_right(backend):
     """create_graph=True alone (e.g. a penalty elsewhere in the graph) still gives the right first gradient."""
-    student, teacher = _features(*SHAPE, seed=5)
+    student, teacher = features(*SHAPE, seed=5)
     fn = lambda s, t: tempered_kl(s, t, frames=SHAPE[1], backend=backend, **TAUS)
     expected = _loss_and_grads(fn, student, teacher)
     s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
@@ -124,7 +116,7 @@ def test_create_graph_first_order_gradient_is_right(backend):
 
 
 def test_double_backward_reference_is_exact():
-    student, teacher = _features(1, 2, 3, 3, 4, dtype=torch.float64, seed=6)
+    student, teacher = features(1, 2, 3, 3, 4, dtype=torch.float64, seed=6)
     fn = lambda s, t: tempered_kl(s, t, frames=2, tau_student=0.3, tau_teacher=0.2, backend="reference")
     assert torch.autograd.gradgradcheck(fn, (student.requires_grad_(), teacher.requires_grad_()))
 
@@ -132,14 +124,14 @@ def test_double_backward_reference_is_exact():
 # --- mask weights ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf"), -float("inf")], ids=["neg", "nan", "inf", "-inf"])
-def test_bad_mask_weights_are_refused(backend, bad):
-    student, teacher = _features(*SHAPE)
+def test_bad_mask_weights_are_refused(bad):
+    """The op layer's check, before it picks a backend (test_tempered_kl.py checks that for every backend)."""
+    student, teacher = features(*SHAPE)
     mask = _weights(2, 21)
     mask[1, 4] = bad
     with pytest.raises(ValueError, match="query_mask"):
-        tempered_kl(student, teacher, frames=3, query_mask=mask, backend=backend)
+        tempered_kl(student, teacher, frames=3, query_mask=mask)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -147,7 +139,7 @@ def test_bad_mask_weights_are_refused(backend, bad):
 def test_mask_that_requires_grad_gets_the_exact_gradient(backend, reduction):
     """d loss / d w on every row, zero-weight rows included, against an fp64 computation."""
     batch, frames, hw, cs, ct = SHAPE
-    student, teacher = _features(*SHAPE, seed=7)
+    student, teacher = features(*SHAPE, seed=7)
     weight = _weights(batch, frames * hw, seed=8)
     upstream = torch.randn(batch, frames * hw, generator=torch.Generator().manual_seed(9))
 
@@ -173,25 +165,28 @@ def test_mask_that_requires_grad_gets_the_exact_gradient(backend, reduction):
     truth_grad_mask, truth_grad_student = torch.autograd.grad(truth, (w64, s64))
     assert (truth_grad_mask[weight == 0].abs() > 1e-3).any(), "degenerate test: zero rows need a gradient"
     assert kl.abs().max() > 0.1
-    torch.testing.assert_close(grad_mask.double(), truth_grad_mask, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(grad_student.double(), truth_grad_student, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(loss.double(), truth.detach(), rtol=1e-5, atol=1e-7)
+    assert_close_to_truth(
+        (loss, grad_mask, grad_student),
+        (truth, truth_grad_mask, truth_grad_student),
+        rel_tol=1e-5,
+        names=("value", "grad_mask", "grad_student"),
+    )
 
 
 # --- temperatures ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["tau_student", "tau_teacher"])
 @pytest.mark.parametrize("tau", [1e-320, 1e-40, 5e-324])
-def test_temperature_with_infinite_reciprocal_is_refused(backend, name, tau):
-    student, teacher = _features(*SHAPE)
+def test_temperature_with_infinite_reciprocal_is_refused(name, tau):
+    """The op layer's check (the backends' own: test_backends_validate_their_arguments)."""
+    student, teacher = features(*SHAPE)
     with pytest.raises(ValueError, match=name):
-        tempered_kl(student, teacher, frames=3, backend=backend, **{name: tau})
+        tempered_kl(student, teacher, frames=3, **{name: tau})
 
 
 def test_small_but_representable_temperature_is_accepted():
-    student, teacher = _features(*SHAPE)
+    student, teacher = features(*SHAPE)
     loss = tempered_kl(student, teacher, frames=3, tau_student=1e-30, tau_teacher=1e-30, backend="torch")
     assert loss.isfinite()
 
@@ -213,7 +208,7 @@ def test_zero_norm_tokens_stay_zero_with_zero_gradient(backend, dtype, reduction
     """normalize=True: an all-zero token normalises to zero (similarity 0 to every key) and gets zero gradient;
     value and the other tokens' gradients are finite and, in fp32, match the fp64 truth."""
     batch, frames, hw, cs, ct = SHAPE
-    student, teacher = _features(*SHAPE, seed=10)
+    student, teacher = features(*SHAPE, seed=10)
     student[0, 4] = 0
     student[1, 20] = 0
     teacher[0, 4] = 0
@@ -238,9 +233,7 @@ def test_zero_norm_tokens_stay_zero_with_zero_gradient(backend, dtype, reduction
     for zero_rows, g in (([(0, 4), (1, 20)], truth_s), ([(0, 4), (1, 0)], truth_t)):
         for b, i in zero_rows:
             g[b, i] = 0  # the convention: no gradient where the direction is undefined
-    torch.testing.assert_close(value.double(), truth.detach(), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(grad_s.double(), truth_s, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(grad_t.double(), truth_t, rtol=1e-4, atol=1e-6)
+    assert_close_to_truth((value, grad_s, grad_t), (truth, truth_s, truth_t), rel_tol=1e-5)
 
 
 # --- the directly importable backends validate like the op ------------------------------------------------
@@ -256,7 +249,7 @@ def _backend_functions():
 
 
 def _bad_backend_args():
-    s, t = _features(2, 3, 4, 5, 6)
+    s, t = features(2, 3, 4, 5, 6)
     ok = dict(student=s, teacher=t, frames=3, tau_student=0.1, tau_teacher=0.1, query_weight=None)
     return [
         ("student_list", dict(ok, student=s.tolist()), TypeError, "student"),
@@ -282,3 +275,30 @@ def test_backends_validate_their_arguments(fn, case):
     _, kwargs, error, argument = case
     with pytest.raises(error, match=argument):
         fn(**kwargs)
+
+
+# --- double backward under torch.compile ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+def test_compiled_double_backward_never_gives_a_second_derivative(backend, normalize):
+    """As the op's docstring says: compiled, the gradient's own gradient is an error (or, with allow_unused=True,
+    None), on every backend, never a value."""
+    torch._dynamo.reset()
+    student, teacher = features(1, 2, 4, 5, 6, seed=12)
+    student.requires_grad_()
+    compiled = torch.compile(
+        lambda s, t: tempered_kl(s, t, frames=2, normalize=normalize, backend=backend, **TAUS),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    (grad,) = torch.autograd.grad(compiled(student, teacher), student, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward|not have been used|does not require grad"):
+        torch.autograd.grad(grad.square().sum(), student)
+    try:
+        second = torch.autograd.grad(grad.square().sum(), student, allow_unused=True)
+    except RuntimeError as error:
+        assert "double backward" in str(error)
+    else:
+        assert second == (None,)

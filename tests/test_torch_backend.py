@@ -12,60 +12,56 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close_to_truth, features, tempered_kl_truth, value_and_grads
 
-from stss_kernels import tempered_kl_reference
 from stss_kernels._core.chunking import CHUNK_BUDGET_BYTES
 from stss_kernels.ops.tempered_kl.torch_backend import auto_chunk_size, tempered_kl_torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _unit_features(batch, num_tokens, channels, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(batch, num_tokens, channels, generator=gen, dtype=dtype), dim=-1)
+def _unit_features(batch, frames, hw, cs, ct, dtype=torch.float64, seed=0):
+    """The shared test features (tests/helpers.py), normalised: what the backend receives from the op."""
+    student, teacher = features(batch, frames, hw, cs, ct, dtype=torch.float64, seed=seed)
+    return F.normalize(student, dim=-1).to(dtype), F.normalize(teacher, dim=-1).to(dtype)
 
 
-def _value_and_grads(fn, student, teacher, upstream):
-    student, teacher = student.detach().requires_grad_(), teacher.detach().requires_grad_()
-    out = fn(student, teacher)
-    return (out.detach(), *torch.autograd.grad(out, (student, teacher), upstream))
+def _truth(frames, tau_student, tau_teacher):
+    """The float64 truth (tests/helpers.py) on already normalised features."""
+    return lambda s, t: tempered_kl_truth(s, t, frames, tau_student, tau_teacher, normalize=False)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 100, None])
 def test_chunk_size_does_not_change_the_result(chunk_size):
     frames, hw = 3, 7
-    student, teacher = _unit_features(2, frames * hw, 5, seed=1), _unit_features(2, frames * hw, 12, seed=2)
+    student, teacher = _unit_features(2, frames, hw, 5, 12, seed=1)
     upstream = torch.randn(2, frames * hw, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    actual = _value_and_grads(
+    actual = value_and_grads(
         lambda s, t: tempered_kl_torch(s, t, frames, 0.1, 0.2, chunk_size=chunk_size), student, teacher, upstream
     )
-    expected = _value_and_grads(lambda s, t: tempered_kl_reference(s, t, frames, 0.1, 0.2), student, teacher, upstream)
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    expected = value_and_grads(_truth(frames, 0.1, 0.2), student, teacher, upstream)
+    assert_close_to_truth(actual, expected, rel_tol=1e-10)
 
 
 def test_zero_weight_rows_are_skipped():
     frames, hw = 2, 5
-    student, teacher = _unit_features(2, frames * hw, 4, seed=4), _unit_features(2, frames * hw, 6, seed=5)
+    student, teacher = _unit_features(2, frames, hw, 4, 6, seed=4)
     weight = torch.tensor([[1.0, 0, 0.5, 0, 0, 2, 1, 0, 1, 1], [0.0] * 10], dtype=torch.float64)
     upstream = torch.randn(2, frames * hw, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    actual = _value_and_grads(
+    actual = value_and_grads(
         lambda s, t: tempered_kl_torch(s, t, frames, 0.1, 0.1, query_weight=weight, chunk_size=3),
         student,
         teacher,
         upstream,
     )
-    # Skipped rows: kl 0 and no gradient, i.e. the reference with those rows' upstream gradient zeroed.
+    # Skipped rows: kl 0 and no gradient, i.e. the truth with those rows' upstream gradient zeroed.
     kept = (weight != 0).double()
-    expected = _value_and_grads(
-        lambda s, t: tempered_kl_reference(s, t, frames, 0.1, 0.1) * kept, student, teacher, upstream
-    )
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    expected = value_and_grads(lambda s, t: _truth(frames, 0.1, 0.1)(s, t) * kept, student, teacher, upstream)
+    assert_close_to_truth(actual, expected, rel_tol=1e-10)
 
 
 def test_gradcheck_fp64():
-    student, teacher = _unit_features(2, 6, 3, seed=7), _unit_features(2, 6, 4, seed=8)
+    student, teacher = _unit_features(2, 3, 2, 3, 4, seed=7)
     weight = torch.ones(2, 6, dtype=torch.float64)
     weight[1, 2] = 0
     fn = lambda s, t: tempered_kl_torch(s, t, 3, 0.3, 0.2, query_weight=weight, chunk_size=2)
@@ -73,12 +69,12 @@ def test_gradcheck_fp64():
 
 
 def test_frozen_teacher_and_reduced_precision_gradient_dtype():
-    student = _unit_features(1, 12, 5, dtype=torch.float16, seed=9).requires_grad_()
-    teacher = _unit_features(1, 12, 7, dtype=torch.float16, seed=10)
+    student, teacher = _unit_features(1, 4, 3, 5, 7, dtype=torch.float16, seed=9)
+    student.requires_grad_()
     kl = tempered_kl_torch(student, teacher, 4, 0.1, 0.1)
     kl.sum().backward()
     assert kl.dtype == torch.float32 and student.grad.dtype == torch.float16 and teacher.grad is None
-    expected = tempered_kl_reference(student.detach().double(), teacher.double(), 4, 0.1, 0.1)
+    expected = _truth(4, 0.1, 0.1)(student.detach().double(), teacher.double())
     torch.testing.assert_close(kl.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -92,7 +88,7 @@ def test_auto_chunk_size_respects_the_budget():
 
 @pytest.mark.parametrize("chunk_size", [0, -3, 2.5, True])
 def test_bad_chunk_size(chunk_size):
-    student = _unit_features(1, 4, 3)
+    student, _ = _unit_features(1, 2, 2, 3, 3)
     with pytest.raises(ValueError, match="chunk_size"):
         tempered_kl_torch(student, student, 2, 0.1, 0.1, chunk_size=chunk_size)
 

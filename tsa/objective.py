@@ -123,9 +123,11 @@ class AlignmentObjective(nn.Module):
         timesteps: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        condition: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
+        """`condition`: an image-to-video model's first-frame condition (ModelFamily.image_condition)."""
         self._check_inputs(latents, prompt_embeds, pixels)
-        step = dict(timesteps=timesteps, noise=noise, generator=generator)
+        step = dict(timesteps=timesteps, noise=noise, generator=generator, **(condition or {}))
         if self.align == "none":
             out = self.family.denoise_and_loss(self.transformer, self.scheduler, latents, prompt_embeds, **step)
             align = out["loss"].new_zeros(())

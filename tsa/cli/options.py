@@ -14,7 +14,8 @@ from tsa.choices import GRID_MODES, TEACHER_KINDS
 from tsa.cli.common import OneLineArgumentParser, add_debug_option, positive_int
 from tsa.errors import UsageError
 from tsa.models import DEFAULT_FAMILY, FAMILIES, TIMESTEP_SAMPLING, all_experts, family_class
-from tsa.training.config import PRESETS, TrainConfig, preset_values, resolve_config
+from tsa.training.config import LATENTS, PRESETS, TASKS, TrainConfig, preset_values, resolve_config
+from tsa.training.data import CLIP_START, FRAME_SAMPLING
 from tsa.training.validation import check_given_paths_exist
 
 DEFAULTS = {item.name: item.default for item in dataclasses.fields(TrainConfig)
@@ -44,19 +45,26 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
     model.add_argument("--expert", choices=all_experts(), default=DEFAULTS["expert"],
                        help="Two-expert pipelines (Wan2.2 A14B): the denoiser this run trains, on its own timestep "
                             "range (transformer: high noise, t >= boundary_ratio * 1000; transformer_2: low noise).")
+    model.add_argument("--task", choices=TASKS, default=DEFAULTS["task"],
+                       help="t2v, or i2v (first-frame conditioned, the image-to-video pipelines); default: the model "
+                            "folder's (model_index.json), t2v for tiny (i2v builds a tiny image-to-video model).")
     model.add_argument("--output-dir", type=Path, default=DEFAULTS["output_dir"],
                        help="Folder of the run: checkpoints, logs, losses, final weights. A folder that already "
                             "holds a run is refused unless --resume or --overwrite is given.")
     model.add_argument("--finetune", choices=("full", "lora"), default=DEFAULTS["finetune"],
                        help="Train every transformer weight (full) or LoRA adapters on a frozen transformer (lora).")
     model.add_argument("--lora-rank", type=positive_int, default=DEFAULTS["lora_rank"],
-                       help="Rank of the LoRA adapters (--finetune lora).")
+                       help="Rank of the LoRA adapters (--finetune lora); 32 (finetrainers, DiffSynth-Studio) "
+                            "unless a preset says otherwise.")
     model.add_argument("--lora-alpha", type=float, default=DEFAULTS["lora_alpha"],
-                       help="LoRA scale numerator: the adapters' output is multiplied by alpha / rank.")
+                       help="LoRA scale numerator: the adapters' output is multiplied by alpha / rank; 32 unless a "
+                            "preset says otherwise.")
     model.add_argument("--lora-target-modules", default=DEFAULTS["lora_target_modules"],
-                       help="Comma-separated module names that get LoRA adapters (default: the family's; "
-                            + "; ".join(f"{name}: {','.join(family_class(name).default_lora_target_modules)}"
-                                        for name in FAMILIES) + ").")
+                       help="Modules that get LoRA adapters: attn (the default), attn+ffn (also the feed-forward "
+                            "layers, as musubi-tuner and DiffSynth-Studio), or comma-separated module names; "
+                            + "; ".join(f"{name}: attn = {','.join(family_class(name).default_lora_target_modules)}, "
+                                        f"ffn = {','.join(family_class(name).ffn_lora_target_modules)}"
+                                        for name in FAMILIES) + ".")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, default=DEFAULTS["data"],
@@ -72,6 +80,19 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
     data.add_argument("--num-frames", type=positive_int, default=DEFAULTS["num_frames"], help="4k+1 frames per clip.")
     data.add_argument("--cache-dir", type=Path, default=DEFAULTS["cache_dir"],
                       help="Latent and T5 embedding cache (default: OUTPUT_DIR/cache).")
+    data.add_argument("--frame-sampling", choices=FRAME_SAMPLING, default=DEFAULTS["frame_sampling"],
+                      help="fps: consecutive frames at --fps, resampled from each clip's own rate (a clip too short "
+                           "is refused by name); spread: frames spread evenly over the whole clip.")
+    data.add_argument("--fps", type=float, default=DEFAULTS["fps"],
+                      help="Frame rate of the training clips with --frame-sampling fps (default: the model's "
+                           "sampling fps: CogVideoX 8, Wan 16, Wan2.2 TI2V-5B 24).")
+    data.add_argument("--clip-start", choices=CLIP_START, default=DEFAULTS["clip_start"],
+                      help="With --frame-sampling fps: start at the first frame, or at a random one per clip "
+                           "(drawn from --seed).")
+    data.add_argument("--latents", choices=LATENTS, default=DEFAULTS["latents"],
+                      help="Train on the VAE posterior's mean (deterministic) or a fresh sample of it each step "
+                           "(default: the family's reference, "
+                           + ", ".join(f"{name}: {family_class(name).default_latents}" for name in FAMILIES) + ").")
     data.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=DEFAULTS["vae_tiling"],
                       help="Encode in overlapping tiles (saves memory at 480x720, slow on tiny models).")
     data.add_argument("--precompute", action="store_true", help="Only fill the latent cache, then exit (as tsa-cache).")
@@ -122,7 +143,9 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"],
-                       help="AdamW learning rate of the transformer (or its adapters) and the projector.")
+                       help="AdamW learning rate of the transformer (or its adapters) and the projector: "
+                            "2e-6 for a full fine-tune (the papers'), 1e-4 for LoRA (DiffSynth-Studio), "
+                            "unless a preset says otherwise.")
     optim.add_argument("--lr-scheduler", default=DEFAULTS["lr_scheduler"],
                        help="Any diffusers.optimization.get_scheduler name (linear, cosine, ...).")
     optim.add_argument("--lr-warmup-steps", type=int, default=DEFAULTS["lr_warmup_steps"],

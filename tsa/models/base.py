@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,6 +96,54 @@ def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """One model variant's own sampling recipe: tsa-sample's defaults (docs/method.md, "Sampling defaults").
+
+    `guidance_scale_2` is the second (low-noise) expert's scale of a two-expert model (None: one expert);
+    `flow_shift` the flow-matching timestep shift (None: the family is not a flow model); `source` names the
+    files the values come from."""
+
+    variant: str
+    num_inference_steps: int
+    guidance_scale: float
+    fps: int
+    negative_prompt: str = ""
+    guidance_scale_2: float | None = None
+    flow_shift: float | None = None
+    source: str = ""
+
+
+def with_flow_shift(scheduler, shift: float):
+    """A copy of a flow-matching scheduler with its timestep shift set to `shift` (`shift`, or UniPC's
+    `flow_shift`)."""
+    config = dict(scheduler.config)
+    key = "shift" if "shift" in config else "flow_shift"
+    return type(scheduler).from_config(config, **{key: float(shift)})
+
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights writes
+LORA_EXPERT_KEY = "tsa.expert"  # safetensors metadata: the pipeline component a LoRA file adapts
+
+
+def record_lora_expert(path, expert: str) -> None:
+    """Add the expert a LoRA file adapts to its safetensors metadata (the tensors are rewritten unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    save_file(load_file(str(path)), str(path), metadata={**metadata, LORA_EXPERT_KEY: expert})
+
+
+def read_lora_expert(path) -> str | None:
+    """The expert a LoRA file's metadata names (None: a file written without one)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return (handle.metadata() or {}).get(LORA_EXPERT_KEY)
+
+
 TIMESTEP_SAMPLING = ("logit-normal", "uniform")  # training timestep densities of flow-matching families
 
 
@@ -119,9 +168,11 @@ class ModelFamily:
       `transformer_class_names` (diffusers class names, for detection), `experts` (pipeline components that are
       denoisers), `objective_options` (run-config option -> constructor keyword for the family's objective
       options, e.g. {"flow_shift": "shift"}; options not listed are refused for the family),
-      `default_lora_target_modules`, `temporal_compression`, `spatial_multiple`, `default_guidance_scale`,
-      `default_fps` (tsa-sample's defaults), `presets` (named tsa-train option sets), `tiny_preset` (values of
-      the tiny preset the family's tiny models need, e.g. sizes its pipeline accepts);
+      `default_lora_target_modules` and `ffn_lora_target_modules`, `default_latents` (the reference trainer's
+      --latents), `temporal_compression`, `spatial_multiple`, `default_guidance_scale`, `default_fps`
+      (tsa-sample's defaults unless `sampling_defaults` names each variant's own), `presets` (named tsa-train
+      option sets), `tiny_preset` (values of the tiny preset the family's tiny models need, e.g. sizes its
+      pipeline accepts);
     - loading: `transformer_class`, `pipeline_class`, `load_encoders`, `max_sequence_length` (and `encode_entry`,
       a clip and caption -> a cache entry, where the pipeline's encode_prompt differs from CogVideoX's); the rest
       (`load_transformer`, `load_scheduler`, `load_pipeline`, `from_model_path`) has defaults to override
@@ -144,7 +195,11 @@ class ModelFamily:
     pipeline_class_names: tuple[str, ...] = ()
     transformer_class_names: tuple[str, ...] = ()
     experts: tuple[str, ...] = ("transformer",)  # pipeline components that are denoisers
-    default_lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    default_lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # --lora-target-modules attn
+    ffn_lora_target_modules: tuple[str, ...] = ()  # added by --lora-target-modules attn+ffn
+    default_latents: str = "sample"  # tsa-train --latents: train on a VAE posterior "sample" or its "mean"
+    image_pipeline_class_names: tuple[str, ...] = ()  # the image-to-video pipelines among pipeline_class_names
+    image_to_video: bool = False  # set per folder by from_model_path: the model takes a first-frame condition
     temporal_compression: int = 4
     spatial_multiple: int = 16
     default_guidance_scale: float = 6.0
@@ -172,7 +227,19 @@ class ModelFamily:
         the model's values)."""
         if expert not in cls.experts:
             raise ValueError(f"{cls.name} pipelines have the denoisers {cls.experts}, got expert={expert!r}")
-        return cls._with_options(**options)
+        family = cls._with_options(**options)
+        family.image_to_video = cls.is_image_to_video(model_path)
+        return family
+
+    @classmethod
+    def is_image_to_video(cls, model_path) -> bool:
+        """Whether a pipeline folder holds an image-to-video model (model_index.json's class)."""
+        return model_index(model_path).get("_class_name") in cls.image_pipeline_class_names
+
+    @classmethod
+    def tasks(cls, model_path) -> tuple[str, ...]:
+        """The tasks a pipeline folder's model does, its default first: ("t2v",), ("i2v",) or both."""
+        return ("i2v",) if cls.is_image_to_video(model_path) else ("t2v",)
 
     @classmethod
     def options_from(cls, values) -> dict:
@@ -215,8 +282,16 @@ class ModelFamily:
         config = json.loads(path.read_text())
         return getattr(diffusers, config["_class_name"]).from_pretrained(model_path, subfolder="scheduler")
 
-    def load_pipeline(self, model_path, dtype=torch.float32):
-        return self.pipeline_class().from_pretrained(model_path, torch_dtype=dtype)
+    def load_pipeline(self, model_path, dtype=torch.float32, image_to_video: bool = False):
+        """The folder's own pipeline class (text- or image-to-video) with its weights; `image_to_video` loads a
+        model that does both (Wan2.2 TI2V-5B) into the family's image-to-video pipeline."""
+        import diffusers
+
+        name = model_index(model_path).get("_class_name")
+        if image_to_video and name not in self.image_pipeline_class_names:
+            name = self.image_pipeline_class_names[0]
+        cls = getattr(diffusers, name) if name in self.pipeline_class_names else self.pipeline_class()
+        return cls.from_pretrained(model_path, torch_dtype=dtype)
 
     def load_encoders(self, model_path, device="cpu", dtype=torch.float32, tiling: bool = False):
         """A pipeline holding only the VAE, tokenizer and text encoder (for the latent cache)."""
@@ -241,8 +316,45 @@ class ModelFamily:
         prompt_mask = pipe.tokenizer(
             caption, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt",
         ).attention_mask[0]
-        return {"latent_dist": latent_dist.contiguous().cpu(), "prompt_embeds": prompt_embeds[0].contiguous().cpu(),
-                "prompt_mask": prompt_mask.bool()}
+        entry = {"latent_dist": latent_dist.contiguous().cpu(), "prompt_embeds": prompt_embeds[0].contiguous().cpu(),
+                 "prompt_mask": prompt_mask.bool()}
+        if self.image_to_video:  # what the first-frame condition needs
+            entry.update(self.encode_image_condition(pipe, video))
+        return entry
+
+    def lora_target_modules(self, spec) -> list[str]:
+        """Module names for LoRA from `spec`: None or "attn" (the attention projections), "attn+ffn" (and the
+        feed-forward layers), or module names (a list or a comma-separated string). ValueError."""
+        if spec is None or spec == "attn":
+            return list(self.default_lora_target_modules)
+        if spec == "attn+ffn":
+            if not self.ffn_lora_target_modules:
+                raise ValueError(f"the {self.name} family names no feed-forward modules; give the module names")
+            return [*self.default_lora_target_modules, *self.ffn_lora_target_modules]
+        names = [name.strip() for name in (spec.split(",") if isinstance(spec, str) else spec) if name.strip()]
+        if not names:
+            raise ValueError(f"give attn, attn+ffn or module names, got {spec!r}")
+        return names
+
+    # ------------------------------------------------------------------------------------------- image-to-video
+    def encode_image_condition(self, encoders, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cache-time tensors of the first-frame condition of a clip `video` (1, 3, T, H, W) in [-1, 1], with the
+        pipeline `load_encoders` returns (image-to-video models only; each tensor without the batch axis)."""
+        raise NotImplementedError(f"the {self.name} family has no image-to-video conditioning")
+
+    def image_condition(self, batch: dict, vae_config: dict, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The keyword arguments of `denoise_and_loss` that condition a batch on its first frames (from the cached
+        tensors of `encode_image_condition`, stacked), built as the family's image-to-video pipeline builds them;
+        {} for a text-to-video model."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------- sampling
+    def sampling_defaults(self, model_path, height: int | None = None, width: int | None = None) -> SamplingDefaults:
+        """The sampling recipe of the model variant in `model_path` at `height` x `width` pixels (None: the
+        pipeline's default size). The default: 50 steps, the class's guidance scale and fps, no negative prompt,
+        the folder's own scheduler shift."""
+        return SamplingDefaults(variant=self.name, num_inference_steps=50, guidance_scale=self.default_guidance_scale,
+                                fps=self.default_fps)
 
     # ------------------------------------------------------------------------------------------- latents
     def latents_from_distribution(
@@ -372,21 +484,38 @@ class ModelFamily:
 
     # ------------------------------------------------------------------------------------------- weights
     def save_lora_weights(self, output_dir, lora_layers: dict, metadata: dict, expert: str = "transformer"):
-        """Write `lora_layers` (peft state dict of `expert`) as the pipeline's load_lora_weights expects."""
+        """Write `lora_layers` (peft state dict of `expert`) as the pipeline's load_lora_weights expects, with the
+        expert it adapts in the file's metadata (LORA_EXPERT_KEY)."""
         self.pipeline_class().save_lora_weights(
             output_dir, transformer_lora_layers=lora_layers, transformer_lora_adapter_metadata=metadata
         )
+        record_lora_expert(Path(output_dir) / LORA_WEIGHTS, expert)
 
-    def load_run_weights(self, pipe, run_dir, expert: str = "transformer", dtype=torch.float32):
-        """Put a finished tsa-train run's weights (full `expert/` folder or LoRA file) into `pipe`."""
+    def lora_expert(self, lora_dir, expert: str | None = None) -> str:
+        """The expert a LoRA file adapts (its metadata; files without one adapt `transformer`), checked against
+        the `expert` a caller asks for (None: whichever the file names). ValueError in one line."""
+        recorded = read_lora_expert(Path(lora_dir) / LORA_WEIGHTS) or "transformer"
+        if expert is not None and expert != recorded:
+            raise ValueError(f"{Path(lora_dir) / LORA_WEIGHTS} adapts {recorded}, not {expert}: load it into {recorded}")
+        if recorded not in self.experts:
+            raise ValueError(f"{Path(lora_dir) / LORA_WEIGHTS} adapts {recorded}, which {self.name} pipelines do not "
+                             f"have (their denoisers: {', '.join(self.experts)})")
+        return recorded
+
+    def load_run_weights(self, pipe, run_dir, expert: str | None = None, dtype=torch.float32):
+        """Put a finished tsa-train run's weights (full `expert/` folder or LoRA file, into the expert the file
+        names) into `pipe`. A LoRA file for another expert than `expert`, or one the pipeline lacks: ValueError."""
         run_dir = Path(run_dir)
-        if (run_dir / expert).is_dir():
+        if expert is not None and (run_dir / expert).is_dir():
             setattr(pipe, expert, self.transformer_class().from_pretrained(run_dir / expert, torch_dtype=dtype))
-        elif (run_dir / "pytorch_lora_weights.safetensors").is_file():
+        elif (run_dir / LORA_WEIGHTS).is_file():
+            expert = self.lora_expert(run_dir, expert)
+            if getattr(pipe, expert, None) is None:
+                raise ValueError(f"{run_dir / LORA_WEIGHTS} adapts {expert}, and this {type(pipe).__name__} has none")
             self.load_lora_into(pipe, run_dir, expert)
         else:
             raise FileNotFoundError(
-                f"{run_dir} holds neither {expert}/ nor pytorch_lora_weights.safetensors "
+                f"{run_dir} holds neither {expert or 'transformer'}/ nor {LORA_WEIGHTS} "
                 "(the final weights of a finished tsa-train run)"
             )
         return pipe
@@ -396,18 +525,19 @@ class ModelFamily:
 
     def load_trained_transformer(self, run_dir, model_path, expert: str = "transformer", dtype=torch.float32):
         """A finished run's `expert` alone (no pipeline): RUN_DIR/expert (full fine-tune), or the base model's
-        with the run's LoRA file as a peft adapter (`disable_adapters()` gives the base model back)."""
+        with the run's LoRA file as a peft adapter (`disable_adapters()` gives the base model back); a LoRA file
+        for another expert: ValueError."""
         run_dir = Path(run_dir)
         if (run_dir / expert).is_dir():
             return self.transformer_class().from_pretrained(run_dir / expert, torch_dtype=dtype)
-        if not (run_dir / "pytorch_lora_weights.safetensors").is_file():
+        if not (run_dir / LORA_WEIGHTS).is_file():
             raise FileNotFoundError(
-                f"{run_dir} holds neither {expert}/ nor pytorch_lora_weights.safetensors "
-                "(the final weights of a finished tsa-train run)"
+                f"{run_dir} holds neither {expert}/ nor {LORA_WEIGHTS} (the final weights of a finished tsa-train run)"
             )
+        self.lora_expert(run_dir, expert)
         transformer = self.load_transformer(model_path, expert, dtype)
         # save_lora_weights writes every expert's layers under the pipeline's "transformer" prefix
-        transformer.load_lora_adapter(run_dir, weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
+        transformer.load_lora_adapter(run_dir, weight_name=LORA_WEIGHTS, prefix="transformer")
         return transformer
 
     # ------------------------------------------------------------------------------------------- tiny models
@@ -418,5 +548,10 @@ class ModelFamily:
     def save_tiny_pipeline(self, path, num_layers: int = 2, seed: int = 0, **options) -> Path:
         """Save a tiny random pipeline folder of this family's real classes (CPU tests, --preset tiny)."""
         path = Path(path)
-        self.pipeline_class()(**self.tiny_components(num_layers=num_layers, seed=seed, **options)).save_pretrained(path)
+        pipeline = self.tiny_pipeline_class(**options)
+        pipeline(**self.tiny_components(num_layers=num_layers, seed=seed, **options)).save_pretrained(path)
         return path
+
+    def tiny_pipeline_class(self, **options):
+        """The pipeline class of a tiny model with `options` (the image-to-video one for `i2v=True`)."""
+        return self.pipeline_class()

@@ -13,7 +13,23 @@ from types import SimpleNamespace
 
 import torch
 
-from tsa.models.base import ModelFamily
+from tsa.models.base import ModelFamily, SamplingDefaults, model_index
+
+# Each variant's sampling recipe: diffusers' pipeline defaults, which CogVideoX's own inference/cli_demo.py shares
+# (docs/method.md, "Sampling defaults", cites the lines). CogVideoX samples without a negative prompt.
+SAMPLING_DEFAULTS = {
+    defaults.variant: defaults
+    for defaults in (
+        SamplingDefaults("cogvideox-2b", 50, 6.0, 8, source="diffusers pipeline_cogvideox.py:514-516,63; "
+                         "CogVideo inference/cli_demo.py:62-63,80"),
+        SamplingDefaults("cogvideox-5b", 50, 6.0, 8, source="diffusers pipeline_cogvideox.py:514-516,63; "
+                         "CogVideo inference/cli_demo.py:62-63,80"),
+        SamplingDefaults("cogvideox-5b-i2v", 50, 6.0, 8, source="diffusers pipeline_cogvideox_image2video.py:608-610,"
+                         "62; CogVideo inference/cli_demo.py:62-63,80"),
+        SamplingDefaults("cogvideox1.5-5b", 50, 6.0, 16, source="CogVideo inference/cli_demo.py:62-63,68,80"),
+        SamplingDefaults("cogvideox1.5-5b-i2v", 50, 6.0, 16, source="CogVideo inference/cli_demo.py:62-63,68,80"),
+    )
+}
 
 
 def cogvideox_scheduler(snr_shift_scale: float = 3.0):
@@ -76,10 +92,13 @@ def diffusion_loss(scheduler, x0_pred: torch.Tensor, x0: torch.Tensor, timesteps
 
 class CogVideoXFamily(ModelFamily):
     name = "cogvideox"
-    pipeline_class_names = ("CogVideoXPipeline",)
+    pipeline_class_names = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline")
+    image_pipeline_class_names = ("CogVideoXImageToVideoPipeline",)
     transformer_class_names = ("CogVideoXTransformer3DModel",)
     default_guidance_scale = 6.0
     default_fps = 8
+    ffn_lora_target_modules = ("ff.net.0.proj", "ff.net.2")
+    default_latents = "sample"  # diffusers' CogVideoX training example samples the posterior each step  # the FeedForward's two linear layers
     presets = {
         # TSA / M-TSA on CogVideoX-2B, full fine-tune (8 GPUs x 4 = global batch 32).
         "cogvideox-2b-mtsa": dict(
@@ -124,6 +143,30 @@ class CogVideoXFamily(ModelFamily):
             vae_tiling=True,
         ),
     }
+
+    # ------------------------------------------------------------------------------------------- sampling
+    @staticmethod
+    def variant(model_path) -> str:
+        """The CogVideoX variant of a pipeline folder (a key of SAMPLING_DEFAULTS), from its configs: 3D sincos
+        positions are the 2B, RoPE the 5B, a temporal patch (patch_size_t) CogVideoX1.5; the image-to-video
+        pipeline adds "-i2v"."""
+        import json
+
+        path = Path(model_path) / "transformer" / "config.json"
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        if config.get("patch_size_t"):
+            name = "cogvideox1.5-5b"
+        elif config.get("use_rotary_positional_embeddings"):
+            name = "cogvideox-5b"
+        else:
+            name = "cogvideox-2b"
+        if model_index(model_path).get("_class_name") == "CogVideoXImageToVideoPipeline":
+            name = name.replace("-2b", "-5b") + "-i2v"
+        return name
+
+    def sampling_defaults(self, model_path, height=None, width=None) -> SamplingDefaults:
+        """CogVideoX's recipe for the variant in `model_path` (see SAMPLING_DEFAULTS and `variant`)."""
+        return SAMPLING_DEFAULTS[self.variant(model_path)]
 
     # ------------------------------------------------------------------------------------------- loading
     def transformer_class(self):
@@ -207,11 +250,35 @@ class CogVideoXFamily(ModelFamily):
     def sample_timesteps(self, scheduler, batch_size, device, generator=None):
         return sample_timesteps(scheduler, batch_size, device, generator, self.timestep_range)
 
+    # ------------------------------------------------------------------------------------------- image-to-video
+    def encode_image_condition(self, encoders, video):
+        """The VAE posterior (2C, 1, h, w) of the clip's first frame, as CogVideoXImageToVideoPipeline encodes its
+        image (prepare_latents: vae.encode(image[:, :, None]))."""
+        first = video[:, :, :1]
+        return {"image_latent_dist": encoders.vae.encode(first).latent_dist.parameters[0].contiguous().cpu()}
+
+    def image_condition(self, batch, vae_config, latents):
+        """image_latents (B, F, C, h, w) as CogVideoXImageToVideoPipeline.prepare_latents builds them: a sample of
+        the first frame's posterior times the VAE scaling factor (its inverse with invert_scale_latents), then
+        zero latent frames up to F."""
+        if not self.image_to_video:
+            return {}
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        image = DiagonalGaussianDistribution(batch["image_latent_dist"].float()).sample()
+        scale = vae_config["scaling_factor"]
+        image = (image / scale if vae_config.get("invert_scale_latents") else image * scale).permute(0, 2, 1, 3, 4)
+        padding = image.new_zeros(image.shape[0], latents.shape[1] - image.shape[1], *image.shape[2:])
+        return {"image_latents": torch.cat([image, padding], dim=1).to(latents.dtype)}
+
     def denoise_and_loss(
-        self, transformer, scheduler, latents, prompt_embeds, *, timesteps=None, noise=None, generator=None
+        self, transformer, scheduler, latents, prompt_embeds, *, timesteps=None, noise=None, generator=None,
+        image_latents=None,
     ):
         """x_t = scheduler.add_noise(x0, eps, t); v_hat = transformer(x_t, prompt, t);
-        x0_hat = scheduler.get_velocity(v_hat, x_t, t) = sqrt(ab) x_t - sqrt(1 - ab) v_hat."""
+        x0_hat = scheduler.get_velocity(v_hat, x_t, t) = sqrt(ab) x_t - sqrt(1 - ab) v_hat. Image-to-video:
+        `image_latents` (B, F, C, h, w, see image_condition) join x_t on the channel axis, as the pipeline's
+        transformer input, and CogVideoX1.5's `ofs` is 2.0 as the pipeline passes it."""
         batch = latents.shape[0]
         if timesteps is None:
             timesteps = self.sample_timesteps(scheduler, batch, latents.device, generator)
@@ -220,12 +287,18 @@ class CogVideoXFamily(ModelFamily):
             gen_device = generator.device if generator is not None else latents.device
             noise = torch.randn(latents.shape, generator=generator, device=gen_device, dtype=latents.dtype)
         noisy_latents = scheduler.add_noise(latents, noise.to(latents), timesteps)
+        model_input, extra = noisy_latents, {}
+        if image_latents is not None:
+            model_input = torch.cat([noisy_latents, image_latents.to(noisy_latents)], dim=2)
+            if self.unwrap(transformer).config.get("ofs_embed_dim") is not None:
+                extra["ofs"] = noisy_latents.new_full((1,), 2.0)
         velocity = transformer(
-            hidden_states=noisy_latents,
+            hidden_states=model_input,
             encoder_hidden_states=prompt_embeds,
             timestep=timesteps,
             image_rotary_emb=rotary_embeddings(transformer, latents),
             return_dict=False,
+            **extra,
         )[0]
         x0_pred = scheduler.get_velocity(velocity, noisy_latents, timesteps)
         return {
@@ -240,8 +313,9 @@ class CogVideoXFamily(ModelFamily):
         return alpha_bar.sqrt() * sample.float() - (1 - alpha_bar).sqrt() * model_output
 
     # ------------------------------------------------------------------------------------------- tiny models
-    def tiny_components(self, num_layers: int = 2, seed: int = 0, rotary: bool = False) -> dict:
-        """The five components of a CogVideoXPipeline, tiny and random (the scheduler is CogVideoX-2B's)."""
+    def tiny_components(self, num_layers: int = 2, seed: int = 0, rotary: bool = False, i2v: bool = False) -> dict:
+        """The five components of a CogVideoXPipeline, tiny and random (the scheduler is CogVideoX-2B's);
+        `i2v`: CogVideoX-5B-I2V-style (RoPE, the image latents' channels added to the transformer's input)."""
         from tsa.models.tiny import tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
@@ -249,13 +323,20 @@ class CogVideoXFamily(ModelFamily):
             "tokenizer": tokenizer,
             "text_encoder": tiny_t5(len(tokenizer), seed=seed),
             "vae": tiny_vae(seed=seed),
-            "transformer": tiny_transformer(num_layers=num_layers, rotary=rotary, seed=seed),
+            "transformer": tiny_transformer(num_layers=num_layers, rotary=rotary or i2v, seed=seed, i2v=i2v),
             "scheduler": cogvideox_scheduler(),
         }
 
+    def tiny_pipeline_class(self, i2v: bool = False, **options):
+        from diffusers import CogVideoXImageToVideoPipeline
 
-def tiny_transformer(num_layers: int = 2, latent_channels: int = 4, rotary: bool = False, seed: int = 0):
-    """CogVideoXTransformer3DModel: 2 heads x 16 dims; `rotary=True` mimics the 5B (3D RoPE) layout."""
+        return CogVideoXImageToVideoPipeline if i2v else self.pipeline_class()
+
+
+def tiny_transformer(num_layers: int = 2, latent_channels: int = 4, rotary: bool = False, seed: int = 0,
+                     i2v: bool = False):
+    """CogVideoXTransformer3DModel: 2 heads x 16 dims; `rotary=True` mimics the 5B (3D RoPE) layout, `i2v` the
+    5B-I2V's input (noisy and image latents concatenated: twice the channels in)."""
     from diffusers import CogVideoXTransformer3DModel
 
     from tsa.models.tiny import TINY_TEXT_DIM, TINY_TEXT_LENGTH
@@ -264,7 +345,7 @@ def tiny_transformer(num_layers: int = 2, latent_channels: int = 4, rotary: bool
     return CogVideoXTransformer3DModel(
         num_attention_heads=2,
         attention_head_dim=16,
-        in_channels=latent_channels,
+        in_channels=2 * latent_channels if i2v else latent_channels,
         out_channels=latent_channels,
         time_embed_dim=16,
         text_embed_dim=TINY_TEXT_DIM,

@@ -31,7 +31,13 @@ from pathlib import Path
 
 import torch
 
-from tsa.models.base import ModelFamily, check_flow_sampling_options, is_flow_scheduler, model_index
+from tsa.models.base import (
+    ModelFamily,
+    SamplingDefaults,
+    check_flow_sampling_options,
+    is_flow_scheduler,
+    model_index,
+)
 
 # ltx-trainer timestep_samplers.py: the standard-normal percentiles the stretched logit-normal maps to [0, 1].
 NORMAL_999_PERCENTILE = 3.0902
@@ -41,6 +47,27 @@ VIDEO_ATTENTION_TARGETS = tuple(
     f"{attention}.{projection}"
     for attention in ("attn1", "attn2")
     for projection in ("to_k", "to_q", "to_v", "to_out.0")
+)
+# Lightricks/LTX-2 packages/ltx-pipelines/src/ltx_pipelines/utils/constants.py:186-199 (DEFAULT_NEGATIVE_PROMPT).
+LTX2_NEGATIVE_PROMPT = (
+    "has_subtitles, has_blurbox, transition from black, transition to black, speech_ending_short, "
+    "blurry, out of focus, overexposed, underexposed, low contrast, washed out colors, excessive noise, "
+    "grainy texture, poor lighting, flickering, motion blur, distorted proportions, unnatural skin tones, "
+    "deformed facial features, asymmetrical face, missing facial features, extra limbs, disfigured hands, "
+    "wrong hand count, artifacts around text, inconsistent perspective, camera shake, incorrect depth of "
+    "field, background too sharp, background clutter, distracting reflections, harsh shadows, inconsistent "
+    "lighting direction, color banding, cartoonish rendering, 3D CGI look, unrealistic materials, uncanny "
+    "valley effect, incorrect ethnicity, wrong gender, exaggerated expressions, wrong gaze direction, "
+    "mismatched lip sync, silent or muted audio, distorted voice, robotic voice, echo, background noise, "
+    "off-sync audio, incorrect dialogue, added dialogue, repetitive speech, jittery movement, awkward "
+    "pauses, incorrect timing, unnatural transitions, inconsistent framing, tilted camera, flat lighting, "
+    "inconsistent tone, cinematic oversaturation, stylized filters, or AI artifacts."
+)
+# ltx-pipelines' PipelineParams (constants.py:40-68): 40 steps, video CFG 3.0, 24 fps; the shift is the scheduler's
+# own, resolution-dependent one (no fixed flow shift).
+SAMPLING_DEFAULTS = SamplingDefaults(
+    "ltx2", 40, 3.0, 24, LTX2_NEGATIVE_PROMPT, None, None,
+    "Lightricks/LTX-2 packages/ltx-pipelines/src/ltx_pipelines/utils/constants.py:40-68,186-199",
 )
 PIPELINE_SIZE_MULTIPLE = 32  # LTX2Pipeline.check_inputs refuses other heights and widths, whatever the VAE
 GEMMA_MAX_SEQUENCE_LENGTH = 1024  # LTX2Pipeline.__call__'s default; ltx-core gemma_assets.TOKENIZER_MAX_LENGTH
@@ -106,6 +133,8 @@ class LTX2Family(ModelFamily):
     pipeline_class_names = ("LTX2Pipeline",)
     transformer_class_names = ("LTX2VideoTransformer3DModel",)
     default_lora_target_modules = VIDEO_ATTENTION_TARGETS
+    ffn_lora_target_modules = ("ff.net.0.proj", "ff.net.2")  # the video feed-forward (not audio_ff)
+    default_latents = "mean"  # ltx-core's VideoEncoder returns the posterior mean (video_vae.py:334-336)
     prediction_type = "flow"
     temporal_compression = 8
     spatial_multiple = 32
@@ -225,6 +254,9 @@ class LTX2Family(ModelFamily):
     def max_sequence_length(self, model_path) -> int:
         return GEMMA_MAX_SEQUENCE_LENGTH
 
+    def sampling_defaults(self, model_path, height=None, width=None) -> SamplingDefaults:
+        return SAMPLING_DEFAULTS
+
     @torch.no_grad()
     def encode_prompts(self, pipe, captions, max_sequence_length=GEMMA_MAX_SEQUENCE_LENGTH, device=None, dtype=None):
         """Captions -> what the transformer's text cross-attention takes, as LTX2Pipeline.__call__ builds it:
@@ -257,13 +289,6 @@ class LTX2Family(ModelFamily):
         }
 
     # ------------------------------------------------------------------------------------------- latents
-    def latents_from_distribution(self, latent_dist, vae_config, sample=True):
-        """Cached posteriors (B, 2C, F, h, w) -> normalised latents (B, F, C, h, w): always the posterior mean, as
-        ltx-core's VideoEncoder returns it (no sampling, so `sample` is ignored)."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        return self.normalize_latents(DiagonalGaussianDistribution(latent_dist.float()).mode(), vae_config)
-
     def normalize_latents(self, latents, vae_config):
         """(z - latents_mean) * scaling_factor / latents_std per channel (LTX2Pipeline._normalize_latents), with the
         statistics from `vae_config` (keys latents_mean / latents_std) or from the folder this family was built on."""

@@ -24,6 +24,7 @@ import torch
 
 from tsa.models.base import (
     ModelFamily,
+    SamplingDefaults,
     check_flow_sampling_options,
     flow_shift,
     is_flow_scheduler,
@@ -31,13 +32,42 @@ from tsa.models.base import (
     shift_sigmas,
 )
 
+# Wan's own sample_neg_prompt (Wan-Video/Wan2.1 and Wan2.2 wan/configs/shared_config.py:19)
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+# Wan2.1 I2V-14B prepends "camera shake" (Wan-Video/Wan2.1 wan/configs/wan_i2v_14B.py:11)
+WAN21_I2V_NEGATIVE_PROMPT = "镜头晃动，" + WAN_NEGATIVE_PROMPT
+
+# Each variant's sampling recipe from Wan's own configs (docs/method.md, "Sampling defaults", cites the lines).
+SAMPLING_DEFAULTS = {
+    defaults.variant: defaults
+    for defaults in (
+        SamplingDefaults("wan2.1-t2v", 50, 5.0, 16, WAN_NEGATIVE_PROMPT, None, 5.0,
+                         "Wan2.1 generate.py:71-77,244; wan/configs/shared_config.py:18-19"),
+        SamplingDefaults("wan2.1-i2v-480p", 40, 5.0, 16, WAN21_I2V_NEGATIVE_PROMPT, None, 3.0,
+                         "Wan2.1 generate.py:71-79,244; wan/configs/wan_i2v_14B.py:11; shared_config.py:18"),
+        SamplingDefaults("wan2.1-i2v-720p", 40, 5.0, 16, WAN21_I2V_NEGATIVE_PROMPT, None, 5.0,
+                         "Wan2.1 generate.py:71-77,244; wan/configs/wan_i2v_14B.py:11; shared_config.py:18"),
+        SamplingDefaults("wan2.2-t2v-a14b", 40, 4.0, 16, WAN_NEGATIVE_PROMPT, 3.0, 12.0,
+                         "Wan2.2 wan/configs/wan_t2v_A14B.py:34-37; shared_config.py:18-19"),
+        SamplingDefaults("wan2.2-i2v-a14b", 40, 3.5, 16, WAN_NEGATIVE_PROMPT, 3.5, 5.0,
+                         "Wan2.2 wan/configs/wan_i2v_A14B.py:34-37; shared_config.py:18-19"),
+        SamplingDefaults("wan2.2-ti2v-5b", 50, 5.0, 24, WAN_NEGATIVE_PROMPT, None, 5.0,
+                         "Wan2.2 wan/configs/wan_ti2v_5B.py:32-35; shared_config.py:19"),
+    )
+}
+
 
 class WanFamily(ModelFamily):
     """Options: `timestep_sampling` ("logit-normal" or "uniform"), `logit_mean` / `logit_std`, `shift` (None: the
     scheduler's), `timestep_range` (see ModelFamily), `expand_timesteps` (TI2V-5B: per-token timesteps)."""
 
     name = "wan"
-    pipeline_class_names = ("WanPipeline",)
+    pipeline_class_names = ("WanPipeline", "WanImageToVideoPipeline")
+    image_pipeline_class_names = ("WanImageToVideoPipeline",)
     transformer_class_names = ("WanTransformer3DModel",)
     experts = ("transformer", "transformer_2")
     objective_options = {  # tsa-train options -> constructor keywords
@@ -46,6 +76,8 @@ class WanFamily(ModelFamily):
     }
     default_guidance_scale = 5.0
     default_fps = 16
+    ffn_lora_target_modules = ("ffn.net.0.proj", "ffn.net.2")
+    default_latents = "mean"  # Wan's own VAE encode returns the posterior mean (wan/modules/vae.py), as trainers use  # the FeedForward's two linear layers
     presets = {
         # M-TSA on Wan2.1 T2V-1.3B, full fine-tune, 81 x 480 x 832 (21 x 30 x 52 video tokens; block 18 of 30).
         "wan2.1-1.3b-mtsa": dict(
@@ -136,7 +168,29 @@ class WanFamily(ModelFamily):
             spatial = json.loads(vae_config.read_text()).get("scale_factor_spatial") or 8
             options.setdefault("spatial_multiple", 2 * spatial)
         options.setdefault("expand_timesteps", bool(index.get("expand_timesteps", False)))
-        return cls._with_options(**options)
+        family = cls._with_options(**options)
+        family.image_to_video = cls.is_image_to_video(model_path)
+        return family
+
+    # ------------------------------------------------------------------------------------------- sampling
+    @staticmethod
+    def variant(model_path, height: int | None = None, width: int | None = None) -> str:
+        """The Wan variant of a pipeline folder (a key of SAMPLING_DEFAULTS), from model_index.json: a
+        boundary_ratio is Wan2.2 A14B, expand_timesteps TI2V-5B, else Wan2.1 (T2V-1.3B and T2V-14B share their
+        recipe; I2V-14B's shift depends on the size, 480p up to 832 x 480 pixels as generate.py's "832*480")."""
+        index = model_index(model_path)
+        image = index.get("_class_name") == "WanImageToVideoPipeline"
+        if index.get("boundary_ratio") is not None:
+            return "wan2.2-i2v-a14b" if image else "wan2.2-t2v-a14b"
+        if index.get("expand_timesteps"):
+            return "wan2.2-ti2v-5b"
+        if image:
+            return "wan2.1-i2v-480p" if (height or 480) * (width or 832) <= 480 * 832 else "wan2.1-i2v-720p"
+        return "wan2.1-t2v"
+
+    def sampling_defaults(self, model_path, height=None, width=None) -> SamplingDefaults:
+        """Wan's own recipe for the variant in `model_path` (see SAMPLING_DEFAULTS and `variant`)."""
+        return SAMPLING_DEFAULTS[self.variant(model_path, height, width)]
 
     # ------------------------------------------------------------------------------------------- loading
     def transformer_class(self):
@@ -150,12 +204,26 @@ class WanFamily(ModelFamily):
         return WanPipeline
 
     def load_encoders(self, model_path, device="cpu", dtype=torch.float32, tiling=False):
-        from diffusers import AutoencoderKLWan, WanPipeline
+        from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", torch_dtype=dtype).to(device).eval()
         if tiling:
             vae.enable_tiling()
+        if self.is_image_to_video(model_path):  # with Wan2.1 I2V's CLIP image encoder where the folder has one
+            image = {"image_encoder": None, "image_processor": None}
+            if model_index(model_path).get("image_encoder", [None])[0] is not None:
+                from transformers import CLIPImageProcessor, CLIPVisionModel
+
+                image = {"image_encoder": CLIPVisionModel.from_pretrained(
+                             model_path, subfolder="image_encoder", torch_dtype=dtype).to(device).eval(),
+                         "image_processor": CLIPImageProcessor.from_pretrained(model_path, subfolder="image_processor")}
+            return WanImageToVideoPipeline(
+                tokenizer=AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer"),
+                text_encoder=UMT5EncoderModel.from_pretrained(
+                    model_path, subfolder="text_encoder", torch_dtype=dtype).to(device),
+                vae=vae, transformer=None, scheduler=None, **image,
+            )
         return WanPipeline(
             tokenizer=AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer"),
             text_encoder=UMT5EncoderModel.from_pretrained(model_path, subfolder="text_encoder", torch_dtype=dtype).to(
@@ -202,8 +270,8 @@ class WanFamily(ModelFamily):
                 f"latents (B, F, C, h, w) = {tuple(latents.shape)} must divide by the patch size "
                 f"{tuple(config.patch_size)} (F, h, w)"
             )
-        if latents.shape[2] != config.in_channels:
-            raise ValueError(f"latents have {latents.shape[2]} channels, the transformer takes {config.in_channels}")
+        if latents.shape[2] != config.out_channels:
+            raise ValueError(f"latents have {latents.shape[2]} channels, the transformer takes {config.out_channels}")
 
     # ------------------------------------------------------------------------------------------- objective
     def check_scheduler(self, scheduler):
@@ -263,10 +331,65 @@ class WanFamily(ModelFamily):
             return timesteps
         return timesteps[:, None].expand(-1, math.prod(grid))
 
+    # ------------------------------------------------------------------------------------------- image-to-video
+    @classmethod
+    def tasks(cls, model_path):
+        """TI2V-5B (expand_timesteps in a WanPipeline folder) does both: text-to-video by default."""
+        if model_index(model_path).get("expand_timesteps") and not cls.is_image_to_video(model_path):
+            return ("t2v", "i2v")
+        return super().tasks(model_path)
+
+    def encode_image_condition(self, encoders, video):
+        """As WanImageToVideoPipeline.prepare_latents: the VAE mode (z, F, h, w) of the clip's first frame followed
+        by zero frames ("condition_latents", normalised at training time), and with Wan2.1 I2V's CLIP encoder the
+        penultimate hidden states of the first frame ("image_embeds", encode_image)."""
+        frames = video.shape[2]
+        first = video[:, :, :1]
+        video_condition = first if self.expand_timesteps else torch.cat(
+            [first, first.new_zeros(*first.shape[:2], frames - 1, *first.shape[3:])], dim=2)
+        entry = {"condition_latents": encoders.vae.encode(video_condition).latent_dist.mode()[0].contiguous().cpu()}
+        if getattr(encoders, "image_encoder", None) is not None:
+            from PIL import Image
+
+            pixels = ((first[0, :, 0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            image = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+            entry["image_embeds"] = encoders.encode_image(image, video.device)[0].contiguous().cpu()
+        return entry
+
+    def image_condition(self, batch, vae_config, latents):
+        """`condition` (B, 4 + z, F, h, w): the first-frame mask (1 on the first latent frame's 4 pixel frames)
+        and the normalised condition latents, and `image_embeds` where cached, as WanImageToVideoPipeline
+        builds them (prepare_latents, encode_image)."""
+        if not self.image_to_video:
+            return {}
+        temporal = vae_config.get("scale_factor_temporal") or 4
+        batch_size, latent_frames, _, height, width = latents.shape
+        shape = (1, -1, 1, 1, 1)
+        mean = torch.tensor(vae_config["latents_mean"]).view(shape).to(latents.device, torch.float32)
+        inverse_std = 1.0 / torch.tensor(vae_config["latents_std"]).view(shape).to(latents.device, torch.float32)
+        condition_latents = (batch["condition_latents"].to(latents.device).float() - mean) * inverse_std
+        if self.expand_timesteps:  # TI2V-5B: the first latent frame is the image's, at timestep 0
+            return {"first_frame_latents": condition_latents.to(latents.dtype)}
+        num_frames = (latent_frames - 1) * temporal + 1
+        mask = torch.ones(batch_size, 1, num_frames, height, width, device=latents.device)
+        mask[:, :, 1:] = 0
+        mask = torch.cat([torch.repeat_interleave(mask[:, :, :1], temporal, dim=2), mask[:, :, 1:]], dim=2)
+        mask = mask.view(batch_size, -1, temporal, height, width).transpose(1, 2)
+        condition = {"condition": torch.cat([mask, condition_latents], dim=1).to(latents.dtype)}
+        if "image_embeds" in batch:
+            condition["image_embeds"] = batch["image_embeds"].to(latents.device, latents.dtype)
+        return condition
+
     def denoise_and_loss(
-        self, transformer, scheduler, latents, prompt_embeds, *, timesteps=None, noise=None, generator=None
+        self, transformer, scheduler, latents, prompt_embeds, *, timesteps=None, noise=None, generator=None,
+        condition=None, image_embeds=None, first_frame_latents=None,
     ):
-        """x_t = (1 - sigma) x0 + sigma eps; v_hat = transformer(x_t, prompt, t); x0_hat = x_t - sigma v_hat."""
+        """x_t = (1 - sigma) x0 + sigma eps; v_hat = transformer(x_t, prompt, t); x0_hat = x_t - sigma v_hat.
+        Image-to-video (see image_condition): `condition` (B, 4 + z, F, h, w) joins x_t on the channel axis and
+        `image_embeds` enter as encoder_hidden_states_image, as WanImageToVideoPipeline's transformer call.
+        TI2V-5B: `first_frame_latents` (B, z, 1, h, w) replace x_t's first latent frame, whose tokens get
+        timestep 0 (the pipeline's first_frame_mask), and the loss leaves that frame out (DiffSynth-Studio's
+        FlowMatchSFTLoss)."""
         self.check_scheduler(scheduler)
         batch = latents.shape[0]
         if timesteps is None:
@@ -280,14 +403,29 @@ class WanFamily(ModelFamily):
         noisy_latents = ((1 - sigma) * latents.float() + sigma * noise.float()).to(latents.dtype)
         module = self.unwrap(transformer)
         grid = self.token_grid(module.config, tuple(latents.shape))
+        model_input, extra = noisy_latents.permute(0, 2, 1, 3, 4), {}
+        transformer_timesteps = self.transformer_timesteps(timesteps, module, grid)
+        if first_frame_latents is not None:
+            mask = torch.ones_like(model_input[:1, :1])
+            mask[:, :, 0] = 0
+            model_input = (1 - mask) * first_frame_latents.to(model_input) + mask * model_input
+            _, patch_h, patch_w = module.config.patch_size
+            token_mask = mask[0, 0][:, ::patch_h, ::patch_w].flatten()
+            transformer_timesteps = transformer_timesteps * token_mask.to(transformer_timesteps)
+        if condition is not None:
+            model_input = torch.cat([model_input, condition.to(model_input)], dim=1)
+        if image_embeds is not None:
+            extra["encoder_hidden_states_image"] = image_embeds
         velocity = transformer(
-            hidden_states=noisy_latents.permute(0, 2, 1, 3, 4),
+            hidden_states=model_input,
             encoder_hidden_states=prompt_embeds,
-            timestep=self.transformer_timesteps(timesteps, module, grid),
+            timestep=transformer_timesteps,
             return_dict=False,
+            **extra,
         )[0].permute(0, 2, 1, 3, 4)
         target = noise.float() - latents.float()
-        loss = (velocity.float() - target).pow(2).flatten(1).mean(1).mean()
+        first = 1 if first_frame_latents is not None else 0  # TI2V: the given first frame is not learned
+        loss = (velocity.float() - target)[:, first:].pow(2).flatten(1).mean(1).mean()
         x0_pred = noisy_latents.float() - sigma * velocity.float()
         return {
             "loss": loss,
@@ -306,12 +444,19 @@ class WanFamily(ModelFamily):
         pipe.load_lora_weights(run_dir, load_into_transformer_2=expert == "transformer_2")
 
     # ------------------------------------------------------------------------------------------- tiny models
+    def tiny_pipeline_class(self, i2v: bool = False, **options):
+        from diffusers import WanImageToVideoPipeline
+
+        return WanImageToVideoPipeline if i2v else self.pipeline_class()
+
     def tiny_components(
-        self, num_layers: int = 2, seed: int = 0, two_experts: bool = False, ti2v: bool = False
+        self, num_layers: int = 2, seed: int = 0, two_experts: bool = False, ti2v: bool = False, i2v: bool = False
     ) -> dict:
         """The components of a WanPipeline, tiny and random: Wan2.1 by default, Wan2.2 A14B-style with
         `two_experts` (transformer + transformer_2, boundary_ratio 0.875), TI2V-5B-style with `ti2v`
-        (expand_timesteps, a residual VAE with 16x spatial compression)."""
+        (expand_timesteps, a residual VAE with 16x spatial compression); `i2v`: WanImageToVideoPipeline's, Wan2.1
+        I2V-style (a CLIP image encoder, mask and condition channels in) or with `two_experts` Wan2.2 I2V-A14B-style
+        (no image encoder, boundary_ratio 0.9)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from tsa.models.tiny import tiny_tokenizer
@@ -325,28 +470,54 @@ class WanFamily(ModelFamily):
             "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
             "transformer": tiny_wan_transformer(num_layers, channels, seed=seed),
         }
+        if i2v:
+            image_dim = None if two_experts else TINY_CLIP_DIM
+            components["transformer"] = tiny_wan_transformer(num_layers, channels, seed=seed, image_dim=image_dim,
+                                                             image_to_video=True)
+            components.update(tiny_clip(seed) if image_dim else {"image_encoder": None, "image_processor": None})
         if two_experts:
             components.update(
-                transformer_2=tiny_wan_transformer(num_layers, channels, seed=seed + 1), boundary_ratio=0.875
+                transformer_2=tiny_wan_transformer(num_layers, channels, seed=seed + 1, image_to_video=i2v),
+                boundary_ratio=0.9 if i2v else 0.875,
             )
         if ti2v:
             components["expand_timesteps"] = True
         return components
 
 
-def tiny_wan_transformer(num_layers: int = 2, latent_channels: int = 4, seed: int = 0):
-    """WanTransformer3DModel: 2 heads x 16 dims, patch (1, 2, 2), text width TINY_TEXT_DIM."""
+TINY_CLIP_DIM = 16  # hidden size of the tiny CLIP image encoder
+
+
+def tiny_clip(seed: int = 0) -> dict:
+    """A 2-layer CLIPVisionModel (32 x 32 images, patch 8) and its CLIPImageProcessor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=TINY_CLIP_DIM, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=32, patch_size=8)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return {"image_encoder": CLIPVisionModel(config).eval(), "image_processor": processor}
+
+
+def tiny_wan_transformer(num_layers: int = 2, latent_channels: int = 4, seed: int = 0, image_dim=None,
+                         image_to_video: bool | None = None):
+    """WanTransformer3DModel: 2 heads x 16 dims, patch (1, 2, 2), text width TINY_TEXT_DIM; `image_dim` (Wan2.1
+    I2V) adds the CLIP image cross-attention; image-to-video models (image_dim, or `image_to_video`) take the 4
+    mask and `latent_channels` condition channels besides the noisy latents."""
     from diffusers import WanTransformer3DModel
 
     from tsa.models.tiny import TINY_TEXT_DIM
 
     torch.manual_seed(seed)
+    image_to_video = image_dim is not None if image_to_video is None else image_to_video
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=16,
-        in_channels=latent_channels,
+        in_channels=2 * latent_channels + 4 if image_to_video else latent_channels,
         out_channels=latent_channels,
+        image_dim=image_dim,
+        added_kv_proj_dim=32 if image_dim is not None else None,
         text_dim=TINY_TEXT_DIM,
         freq_dim=16,
         ffn_dim=32,

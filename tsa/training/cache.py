@@ -54,12 +54,15 @@ class CacheLayout:
     max_sequence_length: int
     dtype: str = "float32"
     tiling: bool = False
+    frames: str = "spread"  # how frames are taken from a clip: "spread", or "fps{rate}-{first|random}{seed}"
+    task: str = "t2v"  # "i2v" entries also hold the first-frame condition
 
     @property
     def directory(self):
         encode = self.dtype + ("-tiled" if self.tiling else "")
-        return self.root / (f"{self.num_frames}x{self.height}x{self.width}-{self.model}-t{self.max_sequence_length}"
-                            f"-{encode}")
+        frames = ("" if self.frames == "spread" else f"-{self.frames}") + ("-i2v" if self.task == "i2v" else "")
+        return self.root / (f"{self.num_frames}x{self.height}x{self.width}{frames}-{self.model}"
+                            f"-t{self.max_sequence_length}-{encode}")
 
     @property
     def staging(self):
@@ -77,9 +80,13 @@ def cache_layout(config, dtype):
     """The CacheLayout of a TrainConfig, encoding in `dtype`."""
     from tsa.models import detect_family
 
+    frames = "spread"
+    if config.frame_sampling == "fps":
+        frames = f"fps{config.fps:g}-" + ("first" if config.clip_start == "first" else f"random{config.seed}")
     return CacheLayout(Path(config.cache_dir), config.height, config.width, config.num_frames,
                        model_fingerprint(config.model_path), detect_family(config.model_path).max_sequence_length(
-                           config.model_path), str(dtype).removeprefix("torch."), config.vae_tiling)
+                           config.model_path), str(dtype).removeprefix("torch."), config.vae_tiling, frames,
+                       config.task or "t2v")
 
 
 class LatentEncoder:
@@ -95,6 +102,7 @@ class LatentEncoder:
         if max_sequence_length is None:
             max_sequence_length = self.family.max_sequence_length(model_path)
         self.device, self.dtype, self.max_sequence_length = torch.device(device), dtype, max_sequence_length
+        self.family = family
 
     def __call__(self, pixels, caption):
         """pixels (T, 3, H, W) in [-1, 1] -> the family's cache entry (ModelFamily.encode_entry): latent_dist
@@ -195,17 +203,27 @@ def collate_entries(items):
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
+def _family_for_task(config):
+    """The folder's family, encoding the first-frame condition when the run's task is i2v."""
+    from tsa.models import detect_family
+
+    family = detect_family(config.model_path)
+    family.image_to_video = config.task == "i2v"
+    return family
+
+
 def build_cache(config, accelerator):
     """Fill the cache for `config` on every process of `accelerator` (sharded); returns the
     CachedLatentDataset of everything that is cached once all processes are done."""
     videos = VideoCaptionDataset(load_video_captions(config.data, config.video_column, config.caption_column),
-                                 config.height, config.width, config.num_frames)
+                                 config.height, config.width, config.num_frames,
+                                 config.fps if config.frame_sampling == "fps" else None, config.clip_start, config.seed)
     dtype = precision_dtype(accelerator.mixed_precision)
     layout = cache_layout(config, dtype)
     encoded, hits = fill_cache(
         videos, layout,
         lambda: LatentEncoder(config.model_path, accelerator.device, dtype, layout.max_sequence_length,
-                              config.vae_tiling),
+                              config.vae_tiling, family=_family_for_task(config)),
         accelerator.process_index, accelerator.num_processes, progress=accelerator.is_local_main_process,
     )
     accelerator.free_memory()  # the VAE and T5 are not needed any more

@@ -20,12 +20,14 @@ from typing import Any
 
 from tsa import alignment
 from tsa.errors import UsageError
+from tsa.training.data import CLIP_START, FRAME_SAMPLING
 from tsa.training.validation import TRAINING_RANGES, check_ranges, option_flag, pipeline_family
 
 TINY_PRESET = dict(
     # Tiny random models and a synthetic mp4 dataset built in the output dir; CPU, about two minutes. The tiny
     # models are those of --model-family (OUTPUT_DIR/tiny/FAMILY), by default tsa.models.DEFAULT_FAMILY's.
-    height=96, width=144, num_frames=9, align="mtsa", align_layer=2, projector_hidden_dim=64,
+    # the synthetic clips are shorter than 9 frames at 8 fps on purpose (padding is tested), so they are spread
+    height=96, width=144, num_frames=9, frame_sampling="spread", align="mtsa", align_layer=2, projector_hidden_dim=64,
     finetune="full", learning_rate=1e-3, lr_warmup_steps=5, train_batch_size=2, max_steps=100,
     checkpointing_steps=50, num_videos=8, predictor_channels=16, predictor_blocks=2,
 )
@@ -60,6 +62,12 @@ def preset_values(preset: str | None, model_family: str | None = None, model_pat
         if model_family in FAMILIES or model_family is None:
             values.update(family_class(model_family or DEFAULT_FAMILY).tiny_preset)
     return values
+# The optimiser and adapter defaults a run without a preset gets: a full fine-tune at the papers' rate, and LoRA
+# at the rate and size of the LoRA trainers (docs/method.md, "LoRA defaults").
+FULL_FINETUNE_DEFAULTS = dict(learning_rate=2e-6, lora_rank=32, lora_alpha=32.0)
+LORA_DEFAULTS = dict(learning_rate=1e-4, lora_rank=32, lora_alpha=32.0)
+
+LATENTS = ("mean", "sample")  # what a step trains on: the VAE posterior's mean, or a fresh sample of it
 
 PATH_FIELDS = ("model_path", "output_dir", "data", "cache_dir", "teacher_path")
 
@@ -74,11 +82,12 @@ class TrainConfig:
     model_path: Path | None = None
     model_family: str | None = None
     expert: str = "transformer"
+    task: str | None = None  # "t2v" or "i2v" (first-frame conditioned); None: the model folder's, tiny t2v
     output_dir: Path = Path("tsa-output")
     finetune: str = "full"
-    lora_rank: int = 128
-    lora_alpha: float = 64.0
-    lora_target_modules: list[str] | str | None = None
+    lora_rank: int | None = None  # None: LORA_DEFAULTS
+    lora_alpha: float | None = None
+    lora_target_modules: list[str] | str | None = None  # None or "attn": the family's; "attn+ffn"; or names
     # data
     data: Path | None = None
     video_column: str = "video"
@@ -87,6 +96,10 @@ class TrainConfig:
     width: int = 720
     num_frames: int = 49
     cache_dir: Path | None = None
+    latents: str | None = None  # "mean" or "sample" of the cached VAE posterior; None: the family's
+    frame_sampling: str = "fps"  # "fps": consecutive frames at --fps; "spread": evenly over the whole clip
+    fps: float | None = None  # frame rate of the training clips (None: the model's sampling fps)
+    clip_start: str = "first"  # "first" frame, or a "random" start per clip drawn from --seed
     vae_tiling: bool = False
     precompute: bool = False
     dataloader_num_workers: int = 0
@@ -114,7 +127,7 @@ class TrainConfig:
     predictor_prompt_pooling: str = "all"
     motion_drift_eps: float = 1e-8
     # optimisation
-    learning_rate: float = 2e-6
+    learning_rate: float | None = None  # None: 2e-6 for a full fine-tune, 1e-4 for LoRA
     lr_scheduler: str = "constant_with_warmup"
     lr_warmup_steps: int = 100
     adam_beta1: float = 0.9
@@ -197,6 +210,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     config = dataclasses.replace(config, extra_alignment_options=dict(config.extra_alignment_options))
     _resolve_family(config)
     family = get_family(config.model_family or DEFAULT_FAMILY)
+    _resolve_task(config, family)
     message = family.check_frames(config.num_frames)
     if message:
         raise UsageError(message)
@@ -224,14 +238,26 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
                                  if config.preset else f"{option_flag(name)} is required without --preset tiny")
         if config.align in alignment.ALIGNMENT_METHODS and config.teacher_path is None:
             raise UsageError(f"--teacher-path is required with --align {config.align}")
-    modules = config.lora_target_modules
-    if modules is None:
-        modules = list(family.default_lora_target_modules)
-    if isinstance(modules, str):
-        modules = modules.split(",")
-    config.lora_target_modules = [name.strip() for name in modules if name.strip()]
+    for name, value in (LORA_DEFAULTS if config.finetune == "lora" else FULL_FINETUNE_DEFAULTS).items():
+        if getattr(config, name) is None:
+            setattr(config, name, value)
+    try:
+        config.lora_target_modules = family.lora_target_modules(config.lora_target_modules)
+    except ValueError as error:
+        raise UsageError(f"--lora-target-modules: {error}") from None
     if config.cache_dir is None:
         config.cache_dir = config.output_dir / "cache"
+    if config.latents is None:
+        config.latents = family.default_latents
+    if config.frame_sampling not in FRAME_SAMPLING or config.clip_start not in CLIP_START:
+        raise UsageError(f"--frame-sampling must be one of {FRAME_SAMPLING} and --clip-start one of {CLIP_START}, got "
+                         f"{config.frame_sampling!r} and {config.clip_start!r}")
+    if config.fps is None:
+        path = config.model_path
+        config.fps = float(family.sampling_defaults(path).fps if path is not None and model_index(path)
+                           else family.default_fps)
+    if config.latents not in LATENTS:
+        raise UsageError(f"--latents must be one of {LATENTS}, got {config.latents!r}")
     check_ranges(config, TRAINING_RANGES)
     for option in alignment.alignment_options().values():  # also the options of methods registered at run time
         value = config.method_options()[option.name]
@@ -266,6 +292,26 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         except ValueError as error:
             raise UsageError(str(error)) from None
     return config
+
+
+TASKS = ("t2v", "i2v")
+
+
+def _resolve_task(config: TrainConfig, family) -> None:
+    """task from the model folder's pipeline class (tiny: t2v unless --task i2v); a mismatch is an error."""
+    from tsa.models import model_index
+
+    if config.task is not None and config.task not in TASKS:
+        raise UsageError(f"--task must be one of {TASKS}, got {config.task!r}")
+    if config.model_path is not None and model_index(config.model_path):
+        tasks = family.tasks(config.model_path)
+        if config.task not in (None, *tasks):
+            raise UsageError(f"--task {config.task}: {config.model_path} holds a {'/'.join(tasks)} model "
+                             f"({model_index(config.model_path).get('_class_name')})")
+        config.task = config.task or tasks[0]
+    config.task = config.task or "t2v"
+    if config.task == "i2v" and not family.image_pipeline_class_names:
+        raise UsageError(f"--task i2v: the {family.name} family has no image-to-video pipeline")
 
 
 def _resolve_family(config: TrainConfig) -> None:

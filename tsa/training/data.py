@@ -1,6 +1,7 @@
 """Video-caption datasets: CogVideo layout or CSV, PyAV decoding, and the tiny preset's synthetic clips."""
 
 import csv
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tsa.errors import UsageError
 
 class UndecodableVideoWarning(UserWarning):
     """A video was skipped because it could not be decoded."""
@@ -69,10 +71,33 @@ def _covering_size(height, width, target_height, target_width):
     return max(target_height, round(height * scale)), max(target_width, round(width * scale))
 
 
-def read_video(path, num_frames, height, width):
-    """Decode `num_frames` frames sampled evenly over the clip (the last frame repeated if it is shorter),
-    resized to cover `height` x `width` and centre-cropped. Returns (T, 3, H, W) float32 in [-1, 1].
-    Raises VideoDecodeError when the file cannot be decoded.
+class ClipTooShortError(UsageError):
+    """A clip holds fewer frames than --num-frames at --fps asks for (never padded silently)."""
+
+
+FRAME_SAMPLING = ("fps", "spread")  # consecutive frames at a target frame rate, or spread over the whole clip
+CLIP_START = ("first", "random")
+
+
+def clip_frame_indices(total: int, source_fps: float, num_frames: int, target_fps: float, start: int = 0) -> list[int]:
+    """Source frame indices of `num_frames` consecutive frames at `target_fps` from a clip at `source_fps`,
+    starting at source frame `start`: frame i is the source frame nearest to time i / target_fps,
+    start + floor(i * source_fps / target_fps + 1/2). The caller checks that the last index is < `total`."""
+    step = float(source_fps) / float(target_fps)
+    return [start + int(math.floor(i * step + 0.5)) for i in range(num_frames)]
+
+
+def clip_span(source_fps: float, num_frames: int, target_fps: float) -> int:
+    """Source frames `num_frames` frames at `target_fps` cover (last index + 1, from start 0)."""
+    return clip_frame_indices(0, source_fps, num_frames, target_fps)[-1] + 1
+
+
+def read_video(path, num_frames, height, width, fps=None, clip_start="first", seed=0):
+    """Decode `num_frames` frames, resized to cover `height` x `width` and centre-cropped. Returns (T, 3, H, W)
+    float32 in [-1, 1]. `fps` None ("spread"): frames spread evenly over the whole clip (the last frame repeated
+    if it is shorter); `fps` given: consecutive frames at that rate, resampled from the clip's own rate
+    (clip_frame_indices), from the first frame or (`clip_start="random"`) a start drawn from `seed`; a clip too
+    short for that raises ClipTooShortError naming it. Raises VideoDecodeError when the file cannot be decoded.
     """
     import av
 
@@ -83,19 +108,37 @@ def read_video(path, num_frames, height, width):
                 raise VideoDecodeError(f"{path}: no video stream")
             stream = container.streams.video[0]
             total = _frame_count(container, stream)
-            wanted = np.linspace(0, max(total - 1, 0), num=min(num_frames, max(total, 1))).round()
-            wanted = set(wanted.astype(int).tolist())  # distinct: the spacing is at least one frame
+            if fps is None:
+                wanted = np.linspace(0, max(total - 1, 0), num=min(num_frames, max(total, 1))).round()
+                order = sorted(set(wanted.astype(int).tolist()))  # distinct: the spacing is at least one frame
+            else:
+                source_fps = float(stream.average_rate or stream.guessed_rate or 0)
+                if not source_fps > 0:
+                    raise VideoDecodeError(f"{path}: the stream has no frame rate")
+                span = clip_span(source_fps, num_frames, fps)
+                if span > total:
+                    raise ClipTooShortError(
+                        f"{path} is too short: {num_frames} frames at {fps:g} fps need {span} frames at its "
+                        f"{source_fps:g} fps, it has {total} (lower --num-frames or --fps, or drop the clip)")
+                start = 0 if clip_start == "first" else int(np.random.default_rng(seed).integers(0, total - span + 1))
+                order = clip_frame_indices(total, source_fps, num_frames, fps, start)
+            wanted = set(order)
             resize = _covering_size(stream.codec_context.height, stream.codec_context.width, height, width)
-            frames = []
+            decoded = {}
             for index, frame in enumerate(container.decode(stream)):
                 if index in wanted:
-                    frames.append(frame.to_ndarray(format="rgb24", height=resize[0], width=resize[1]))
-                    if len(frames) == len(wanted):
+                    decoded[index] = frame.to_ndarray(format="rgb24", height=resize[0], width=resize[1])
+                    if len(decoded) == len(wanted):
                         break
+    except ClipTooShortError:
+        raise
     except (av.error.FFmpegError, OSError, ValueError, IndexError) as error:
         raise VideoDecodeError(f"{path}: {error}") from error
-    if not frames:
+    if not decoded:
         raise VideoDecodeError(f"{path}: no decodable frames")
+    if fps is not None and len(decoded) < len(wanted):
+        raise ClipTooShortError(f"{path} decodes {len(decoded)} of the {len(wanted)} frames its header promises")
+    frames = [decoded[index] for index in order if index in decoded]
     frames += [frames[-1]] * (num_frames - len(frames))
     video = np.stack(frames)
     top, left = (video.shape[1] - height) // 2, (video.shape[2] - width) // 2
@@ -108,8 +151,9 @@ class VideoCaptionDataset(torch.utils.data.Dataset):
     UndecodableVideoWarning naming the file) when the video cannot be decoded.
     """
 
-    def __init__(self, samples, height, width, num_frames):
+    def __init__(self, samples, height, width, num_frames, fps=None, clip_start="first", seed=0):
         self.samples, self.height, self.width, self.num_frames = list(samples), height, width, num_frames
+        self.fps, self.clip_start, self.seed = fps, clip_start, seed  # see read_video
 
     def __len__(self):
         return len(self.samples)
@@ -118,7 +162,10 @@ class VideoCaptionDataset(torch.utils.data.Dataset):
         """(T, 3, H, W) in [-1, 1], or None after warning when the video cannot be decoded."""
         sample = self.samples[index]
         try:
-            return read_video(sample.video, self.num_frames, self.height, self.width)
+            # a clip's random start depends on the run seed and the clip only, so the cached latents and the
+            # teacher's pixels (decoded again each step) see the same frames
+            return read_video(sample.video, self.num_frames, self.height, self.width, self.fps, self.clip_start,
+                              seed=self.seed * 1_000_003 + index)
         except VideoDecodeError as error:
             warnings.warn(f"skipping undecodable video {error}", UndecodableVideoWarning,
                           stacklevel=2)
@@ -223,9 +270,10 @@ def prepare_tiny_assets(config):
     assets = config.output_dir / "tiny"
     if config.model_path is None:
         config.model_family = config.model_family or DEFAULT_FAMILY
-        config.model_path = assets / config.model_family
+        i2v = config.task == "i2v"
+        config.model_path = assets / (config.model_family + ("-i2v" if i2v else ""))
         if not (config.model_path / "model_index.json").is_file():
-            tiny.save_tiny_pipeline(config.model_path, family=config.model_family)
+            tiny.save_tiny_pipeline(config.model_path, family=config.model_family, **({"i2v": True} if i2v else {}))
     if config.teacher_path is None:
         config.teacher_path = assets / config.teacher
         if not (config.teacher_path / "config.json").is_file():

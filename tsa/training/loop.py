@@ -40,7 +40,9 @@ def build_family(config):
     from tsa.models import detect_family_name, family_class
 
     cls = family_class(config.model_family or detect_family_name(config.model_path))
-    return cls.from_model_path(config.model_path, config.expert, **cls.options_from(config))
+    family = cls.from_model_path(config.model_path, config.expert, **cls.options_from(config))
+    family.image_to_video = config.task == "i2v"  # a model doing both (TI2V-5B) trains the run's task
+    return family
 
 
 def load_transformer(config, weight_dtype, family):
@@ -172,15 +174,18 @@ def _step_seed(seed, step, micro_step, process_index):
     return (((seed * 1_000_003 + step) * 1_009 + micro_step) * 1_013 + process_index) % (2**63)
 
 
-def sample_latents(batch, family, vae_config, dtype):
-    """Draw from the cached latent distributions (B, 2C, F, h, w) -> normalised latents (B, F, C, h, w)."""
-    return family.latents_from_distribution(batch["latent_dist"], vae_config).to(dtype)
+def sample_latents(batch, family, vae_config, dtype, latents="sample"):
+    """The cached latent distributions (B, 2C, F, h, w) -> normalised latents (B, F, C, h, w): a fresh draw
+    (`latents="sample"`) or the posterior mean ("mean", deterministic)."""
+    return family.latents_from_distribution(batch["latent_dist"], vae_config, sample=latents == "sample").to(dtype)
 
 
-def compute_losses(objective, lamo, drift_weight, batch, latents, dtype):
-    """Total loss of one micro-batch and its components: diffusion + weight * align (+ LaMo drift)."""
+def compute_losses(objective, lamo, drift_weight, batch, latents, dtype, condition=None):
+    """Total loss of one micro-batch and its components: diffusion + weight * align (+ LaMo drift);
+    `condition`: an image-to-video model's first-frame condition."""
     pixels = batch.get("pixels")
-    out = objective(latents, batch["prompt_embeds"].to(dtype), pixels)  # pixels stay float32 for the teacher
+    out = objective(latents, batch["prompt_embeds"].to(dtype), pixels,  # pixels stay float32 for the teacher
+                    condition=condition)
     loss, drift = out["loss"], torch.zeros((), device=latents.device)
     if lamo is not None:
         drift = lamo.drift_loss(out["x0_pred"].float(), out["x0"].float(), out["timesteps"])
@@ -301,9 +306,10 @@ def train(config: TrainConfig):
             for batch in batches:
                 torch.manual_seed(_step_seed(config.seed, step, micro_step, accelerator.process_index))
                 with accelerator.accumulate(objective):
-                    latents = sample_latents(batch, family, vae_config, weight_dtype)
+                    latents = sample_latents(batch, family, vae_config, weight_dtype, config.latents)
+                    condition = family.image_condition(batch, vae_config, latents)
                     loss, losses = compute_losses(objective, lamo, config.motion_drift_weight, batch, latents,
-                                                  weight_dtype)
+                                                  weight_dtype, condition)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         check_finite_gradients(accelerator, objective, config.max_grad_norm, step + 1, losses)

@@ -33,6 +33,7 @@ TRAINING_RANGES = {
     "lr_warmup_steps": (0, None, True, False),
     "dataloader_num_workers": (0, None, True, False),
     "seed": (0, 2**32 - 1, True, True),
+    "fps": (0, None, False, False),
 }
 
 

@@ -225,13 +225,15 @@ def clip_alignment(
     timestep: int = DEFAULT_TIMESTEP,
     seed: int = 0,
     top_k: float | None = None,
+    condition: dict | None = None,
 ) -> ClipAlignment:
     """Run the objective on one batch (no grad, fixed timestep and noise) and keep what its alignment loss gets.
 
     objective: an `AlignmentObjective` with a teacher (align tsa / mtsa / trd / repa), unwrapped from DDP;
     latents (B, F, C, h, w) clean latents normalised as the model family does, prompt_embeds (B, L, D),
     pixels (B, T, 3, H, W) in [-1, 1].
-    top_k defaults to the objective's M-TSA fraction (0.2 for the other methods).
+    top_k defaults to the objective's M-TSA fraction (0.2 for the other methods); `condition`: an image-to-video
+    model's first-frame condition (ModelFamily.image_condition).
     """
     loss = getattr(objective, "alignment_loss", None)
     if loss is None:
@@ -251,7 +253,7 @@ def clip_alignment(
     handle = loss.register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
-            objective(latents, prompt_embeds, pixels, timesteps=timesteps, noise=noise)
+            objective(latents, prompt_embeds, pixels, timesteps=timesteps, noise=noise, condition=condition)
     finally:
         handle.remove()
     if not captured:

@@ -21,11 +21,14 @@ from tsa.viz.plots import figure_to_array, plot_correspondences
 def probe_batch(entry: dict, family, vae_config: dict) -> dict:
     """A one-clip batch from a latent-cache entry (latent_dist (2C, F, h, w), prompt_embeds (L, D), pixels
     (T, 3, H, W)): the latent distribution's mode, normalised by the model family as in training, as
-    (1, F, C, h, w); no randomness."""
+    (1, F, C, h, w), and an image-to-video model's first-frame condition (ModelFamily.image_condition)."""
+    latents = family.latents_from_distribution(entry["latent_dist"][None], vae_config, sample=False)
+    condition = family.image_condition({key: value[None] for key, value in entry.items()}, vae_config, latents)
     return {
-        "latents": family.latents_from_distribution(entry["latent_dist"][None], vae_config, sample=False),
+        "latents": latents,
         "prompt_embeds": entry["prompt_embeds"][None],
         "pixels": entry["pixels"][None].float(),
+        **{f"condition.{key}": value for key, value in condition.items()},
     }
 
 
@@ -89,9 +92,10 @@ class TrainingViz:
         module.eval()
         try:
             with accelerator.autocast():
-                clip = clip_alignment(
-                    module, batch["latents"], batch["prompt_embeds"], batch["pixels"], timestep=self.timestep
-                )
+                condition = {key.removeprefix("condition."): value for key, value in batch.items()
+                             if key.startswith("condition.")}
+                clip = clip_alignment(module, batch["latents"], batch["prompt_embeds"], batch["pixels"],
+                                      timestep=self.timestep, condition=condition or None)
         finally:
             module.train(was_training)
         tau_student, tau_teacher = temperatures(module)

@@ -59,6 +59,9 @@ def relation_distance(
     computed). The result is float32 (float64 for float64 inputs), computed in the inputs' dtype whether or
     not autocast is on. backend: "auto", "reference", "torch" or "triton"; the torch and triton backends are
     torch.library custom ops (torch.compile(fullgraph=True) traces them) and refuse double backward.
+    Under torch.compile no backend's gradient is differentiable (AOT autograd's rule): a second grad raises,
+    with normalize=True as "One of the differentiated Tensors appears to not have been used in the graph"
+    (None with allow_unused=True), never a wrong second derivative.
 
     process_group (a torch.distributed group, e.g. dist.group.WORLD): sharded tokens. Each rank passes its
     contiguous slice (B, n_r, C) of the frame-major sequence (slices in rank order make the whole; uneven sizes

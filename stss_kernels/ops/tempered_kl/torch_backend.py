@@ -1,7 +1,7 @@
 """Portable tempered KL: a pair of custom ops (forward, backward) chunked over query rows.
 
 At most one (chunk x N) block of similarities (and a few same-sized temporaries) is alive at a time,
-in the forward and in the backward; only the per-(query, frame) log-sum-exps and KLs are saved.
+in the forward and in the backward; only the per-(query, frame) KLs are saved.
 Runs on any device PyTorch supports. Registered with torch.library (`stss_kernels::tempered_kl_torch`),
 so torch.compile treats it as one opaque op. With a query mask, finding the kept rows syncs the host
 once per video (not while a CUDA graph captures: then every row is computed and the others zeroed).
@@ -26,47 +26,48 @@ def auto_chunk_size(num_tokens: int, dtype: torch.dtype) -> int:
     return rows_per_chunk(num_tokens, accumulation_dtype(dtype).itemsize * _LIVE_TILES)
 
 
-def _log_probs(queries, keys, tau, frames, lse=None):
-    """Log-softmax over each frame's keys of queries @ keys^T / tau: (c, F, HW), and the lse (c, F).
+def _log_probs(queries, keys, tau, frames):
+    """Log-softmax over each frame's keys of queries @ keys^T / tau, and its exp: both (c, F, HW).
 
-    With `lse` given (the backward) it is reused instead of recomputed.
+    The logits are shifted by their per-frame maximum before the log of the (shifted) sum is subtracted, as
+    log_softmax does: subtracting an absolute log-sum-exp would lose about u * |logit| to rounding, which at
+    large logits (unnormalised features, small tau) dominates the KL and the teacher gradient. The backward
+    therefore recomputes these rather than saving per-(query, frame) log-sum-exps.
     """
     logits = (queries @ keys.T).div_(tau).view(queries.shape[0], frames, -1)
-    if lse is None:
-        lse = logits.logsumexp(-1)
-    return logits.sub_(lse.unsqueeze(-1)), lse
+    row_max = logits.amax(-1, keepdim=True)
+    shifted = logits.sub_(row_max)
+    probs = shifted.exp()
+    log_sum = probs.sum(-1, keepdim=True).log_()
+    probs.div_(log_sum.exp())
+    return shifted.sub_(log_sum), probs
 
 
 def _forward(student, teacher, frames, tau_student, tau_teacher, query_weight, chunk_size):
-    """kl (B, N), and lse_s, lse_t, KL (B, N, F) for the backward."""
+    """kl (B, N), and KL (B, N, F) for the backward."""
     batch, num_tokens, _ = student.shape
     compute_dtype = accumulation_dtype(student.dtype)
     kl_frames = student.new_zeros((batch, num_tokens, frames), dtype=compute_dtype)
-    lse_student = torch.zeros_like(kl_frames)
-    lse_teacher = torch.zeros_like(kl_frames)
     s_all, t_all = student.to(compute_dtype), teacher.to(compute_dtype)
     for b, chunk in query_chunks(query_weight, student.shape, chunk_size, student.device):
         s, t = s_all[b], t_all[b]
-        log_p_s, lse_s = _log_probs(s[chunk], s, tau_student, frames)
-        log_p_t, lse_t = _log_probs(t[chunk], t, tau_teacher, frames)
-        p_t = log_p_t.exp()
+        log_p_s, _ = _log_probs(s[chunk], s, tau_student, frames)
+        log_p_t, p_t = _log_probs(t[chunk], t, tau_teacher, frames)
         kl_frames[b, chunk] = log_p_t.sub_(log_p_s).mul_(p_t).sum(-1)
-        lse_student[b, chunk] = lse_s
-        lse_teacher[b, chunk] = lse_t
     if query_weight is not None:  # rows of weight 0 are 0 (already, unless every row was computed)
         kl_frames = torch.where((query_weight != 0).unsqueeze(-1), kl_frames, 0.0)
-    return kl_frames.mean(-1), lse_student, lse_teacher, kl_frames
+    return kl_frames.mean(-1), kl_frames
 
 
 def _forward_fake(student, teacher, frames, tau_student, tau_teacher, query_weight, chunk_size):
     batch, num_tokens, _ = student.shape
     stats = student.new_empty((batch, num_tokens, frames), dtype=accumulation_dtype(student.dtype))
-    return stats.new_empty((batch, num_tokens)), stats, stats.new_empty(stats.shape), stats.new_empty(stats.shape)
+    return stats.new_empty((batch, num_tokens)), stats
 
 
 def _backward(
     grad_kl, student, teacher, frames, tau_student, tau_teacher, query_weight, chunk_size,
-    lse_student, lse_teacher, kl_frames, need_student, need_teacher,
+    kl_frames, need_student, need_teacher,
 ):  # fmt: skip
     compute_dtype = kl_frames.dtype
     grad_s = torch.zeros(student.shape, dtype=compute_dtype, device=student.device) if need_student else None
@@ -78,13 +79,12 @@ def _backward(
     s_all, t_all = student.to(compute_dtype), teacher.to(compute_dtype)
     for b, chunk in query_chunks(query_weight, student.shape, chunk_size, student.device):
         s, t = s_all[b], t_all[b]
-        log_p_s, _ = _log_probs(s[chunk], s, tau_student, frames, lse_student[b, chunk])
-        log_p_t, _ = _log_probs(t[chunk], t, tau_teacher, frames, lse_teacher[b, chunk])
-        p_t = log_p_t.exp()
+        log_p_s, p_s = _log_probs(s[chunk], s, tau_student, frames)
+        log_p_t, p_t = _log_probs(t[chunk], t, tau_teacher, frames)
         g = grad_rows[b, chunk].view(-1, 1, 1)
         if need_student:
             # dL/dS = g (P_s - P_t) / tau_s
-            tile = log_p_s.exp().sub_(p_t).mul_(g / tau_student).view(len(chunk), -1)
+            tile = p_s.sub_(p_t).mul_(g / tau_student).view(len(chunk), -1)
             add_symmetric_grad(grad_s[b], tile, s, chunk)
         if need_teacher:
             # dL/dT = g P_t (log P_t - log P_s - KL) / tau_t
@@ -100,10 +100,10 @@ _ARGS = "Tensor student, Tensor teacher, int frames, float tau_student, float ta
 _ARGS += "int chunk_size"
 tempered_kl_torch_op = define_fused_op(
     "tempered_kl_torch",
-    forward_schema=f"({_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)",
+    forward_schema=f"({_ARGS}) -> (Tensor, Tensor)",
     forward=_forward,
     forward_fake=_forward_fake,
-    backward_schema=f"(Tensor grad_kl, {_ARGS}, Tensor lse_student, Tensor lse_teacher, Tensor kl_frames, "
+    backward_schema=f"(Tensor grad_kl, {_ARGS}, Tensor kl_frames, "
     "bool need_student, bool need_teacher) -> (Tensor, Tensor)",
     backward=_backward,
     differentiable=2,
