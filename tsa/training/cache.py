@@ -102,7 +102,6 @@ class LatentEncoder:
         if max_sequence_length is None:
             max_sequence_length = self.family.max_sequence_length(model_path)
         self.device, self.dtype, self.max_sequence_length = torch.device(device), dtype, max_sequence_length
-        self.family = family
 
     def __call__(self, pixels, caption):
         """pixels (T, 3, H, W) in [-1, 1] -> the family's cache entry (ModelFamily.encode_entry): latent_dist
