@@ -12,7 +12,15 @@ from tsa.models import get_family
 REAL = ["--model-path", "cogvideox", "--data", "videos", "--teacher-path", "videomae"]
 
 
-def test_lora_without_a_preset_gets_lr_1e4_rank_32_alpha_32():
+@pytest.fixture
+def real_paths(tmp_path, monkeypatch):
+    """The paths REAL names exist (tsa-train checks that first), empty: parsing reads no model."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("cogvideox", "videos", "videomae"):
+        (tmp_path / name).mkdir()
+
+
+def test_lora_without_a_preset_gets_lr_1e4_rank_32_alpha_32(real_paths):
     lora = parse_config([*REAL, "--finetune", "lora"])
     assert (lora.learning_rate, lora.lora_rank, lora.lora_alpha) == (1e-4, 32, 32.0)
     full = parse_config(REAL)
@@ -218,7 +226,7 @@ def test_frame_sampling_defaults_follow_the_model():
     assert (config.frame_sampling, config.fps, config.clip_start) == ("fps", 24.0, "random")
 
 
-def test_ti2v_5b_trains_at_its_24_fps(tmp_path):
+def test_ti2v_5b_trains_at_its_24_fps(tmp_path, real_paths):
     model = get_family("wan").save_tiny_pipeline(tmp_path / "ti2v", num_layers=1, ti2v=True)
     config = parse_config(["--model-path", str(model), "--data", "videos", "--align", "none", "--height", "64",
                            "--width", "64"])

@@ -68,6 +68,8 @@ class AlignmentMethod:
     needs_pixels: bool = True  # the frozen teacher reads the pixel video
     motion_mask: bool = False  # the loss also takes the pixel video for its query mask
     teacher_channels: bool = False  # the projector's output width must equal the teacher's (token-wise losses)
+    # The loss also takes (B, n, C) token slices with frames= and process_group= (context parallelism).
+    token_sharding: bool = False
     option_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self):
@@ -145,7 +147,8 @@ def register_alignment(method: AlignmentMethod) -> AlignmentMethod:
 
 
 register_alignment(
-    AlignmentMethod("tsa", "Tempered self-similarity KL, all queries.", (TAU, TAU_TEACHER, BACKEND), _tsa(False))
+    AlignmentMethod("tsa", "Tempered self-similarity KL, all queries.", (TAU, TAU_TEACHER, BACKEND), _tsa(False),
+                    token_sharding=True)
 )
 register_alignment(
     AlignmentMethod(
@@ -154,13 +157,16 @@ register_alignment(
         (TAU, TAU_TEACHER, TOP_K, BACKEND),
         _tsa(True),
         motion_mask=True,
+        token_sharding=True,
     )
 )
 register_alignment(
-    AlignmentMethod("trd", "VideoREPA's token relation distillation.", (TRD_MARGIN, TRD_VARIANT, BACKEND), _trd)
+    AlignmentMethod("trd", "VideoREPA's token relation distillation.", (TRD_MARGIN, TRD_VARIANT, BACKEND), _trd,
+                    token_sharding=True)
 )
 register_alignment(
-    AlignmentMethod("repa", "REPA: negative token-wise cosine similarity.", (), _repa, teacher_channels=True)
+    AlignmentMethod("repa", "REPA: negative token-wise cosine similarity.", (), _repa, teacher_channels=True,
+                    token_sharding=True)
 )
 
 

@@ -33,9 +33,14 @@ class BlockFeatureCapture:
         with BlockFeatureCapture(transformer, 18) as capture:
             out = transformer(hidden_states=latents, encoder_hidden_states=prompt_embeds, timestep=t)
         feats = capture.features
+
+    With `local=True` (context parallelism: the block outputs a contiguous slice of the frame-major tokens on
+    each rank), `.features` is that slice as it comes, (B, n, C), and `.grid` the whole sequence's (F, H, W);
+    with `gather_group` (that group) the slices are gathered into the whole (B, F, H, W, C) on every rank.
     """
 
-    def __init__(self, transformer: torch.nn.Module, block_index: int = 18, family=None):
+    def __init__(self, transformer: torch.nn.Module, block_index: int = 18, family=None, *, local: bool = False,
+                 gather_group=None):
         from tsa.models import family_of
 
         self.family = family_of(transformer) if family is None else family
@@ -53,6 +58,8 @@ class BlockFeatureCapture:
         self._grid: tuple[int, int, int] | None = None
         self._grad_enabled = False
         self._features: torch.Tensor | None = None
+        self.local, self.gather_group = local, gather_group
+        self.grid: tuple[int, int, int] | None = None
 
     def __enter__(self) -> BlockFeatureCapture:
         self._features = None
@@ -69,7 +76,7 @@ class BlockFeatureCapture:
 
     @property
     def features(self) -> torch.Tensor:
-        """(B, F, H, W, C) video tokens of the hooked block from the last transformer call."""
+        """(B, F, H, W, C) video tokens of the hooked block from the last transformer call ((B, n, C) local)."""
         if self._features is None:
             raise RuntimeError(
                 "BlockFeatureCapture has no features: call the transformer inside the `with` block first"
@@ -90,6 +97,16 @@ class BlockFeatureCapture:
                 "block output computed without autograd: reentrant gradient checkpointing is not supported; use "
                 "diffusers' default `transformer.enable_gradient_checkpointing()` (non-reentrant)"
             )
+        self.grid = self._grid
+        if self.local:
+            self._features = output[0] if isinstance(output, tuple) else output
+            self._grid = None
+            return
+        if self.gather_group is not None:
+            from tsa.sharding import gather_replicated
+
+            hidden_states = output[0] if isinstance(output, tuple) else output
+            output = gather_replicated(hidden_states, self.gather_group)
         try:
             self._features = self.family.video_tokens(output, self._grid)
         except RuntimeError as error:

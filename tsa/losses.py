@@ -8,20 +8,22 @@ from torch import nn
 
 import stss_kernels
 from stss_kernels._core.backends import accumulation_dtype
+from tsa import sharding
 from tsa.choices import TRD_VARIANTS
 from tsa.masks import motion_query_mask
 
 
-def check_feature_pair(student: torch.Tensor, teacher: torch.Tensor, same_channels: bool = False) -> None:
-    """Student and teacher must be (B, F, H, W, C) on the same grid (and width, if `same_channels`)."""
+def check_feature_pair(student: torch.Tensor, teacher: torch.Tensor, same_channels: bool = False,
+                       sharded: bool = False) -> None:
+    """Student and teacher must be (B, F, H, W, C) on the same grid (and width, if `same_channels`); `sharded`:
+    (B, n, C) token slices of a context-parallel group, the same n."""
+    dims, layout = (3, "(B, n, C) token slices") if sharded else (5, "(B, F, H, W, C) features")
     for name, value in (("student", student), ("teacher", teacher)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dim() != 5 or not value.is_floating_point():
-            raise ValueError(
-                f"{name} must be floating (B, F, H, W, C) features, got {value.dtype} {tuple(value.shape)}"
-            )
-    last = 5 if same_channels else 4
+        if value.dim() != dims or not value.is_floating_point():
+            raise ValueError(f"{name} must be floating {layout}, got {value.dtype} {tuple(value.shape)}")
+    last = dims if same_channels else dims - 1
     if student.shape[:last] != teacher.shape[:last]:
         what = "shapes" if same_channels else "(B, F, H, W) grids"
         raise ValueError(
@@ -37,6 +39,10 @@ class TSALoss(nn.Module):
     one softmax per target frame. query_mask (B, N) bool / float restricts the queries; with
     masked=True (M-TSA) and no query_mask, the mask is `motion_query_mask(video, top_k=top_k)` with the
     tubelet size that maps `video` (B, T, C, H', W') onto the feature grid (pixels or latents).
+
+    Context parallelism: with `process_group`, student and teacher are this rank's (B, n, C) slices of the
+    frame-major tokens, `frames` the whole sequence's frame count and `query_mask` the local slice; the result is
+    the global loss on every rank (`stss_kernels.tempered_kl` with `process_group`).
     """
 
     def __init__(self, tau: float = 0.1, tau_teacher: float | None = None, masked: bool = False,
@@ -49,8 +55,17 @@ class TSALoss(nn.Module):
         self.backend = backend
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, video: torch.Tensor | None = None,
-                query_mask: torch.Tensor | None = None) -> torch.Tensor:
-        check_feature_pair(student, teacher)
+                query_mask: torch.Tensor | None = None, *, frames: int | None = None,
+                process_group=None) -> torch.Tensor:
+        check_feature_pair(student, teacher, sharded=process_group is not None)
+        if process_group is not None:
+            if self.masked and query_mask is None:
+                raise ValueError("masked TSALoss on token slices needs the local `query_mask`")
+            return stss_kernels.tempered_kl(
+                student, teacher.to(student.dtype), frames=frames, tau_student=self.tau,
+                tau_teacher=self.tau_teacher, query_mask=query_mask, backend=self.backend,
+                process_group=process_group,
+            )
         if self.masked and query_mask is None:
             if video is None:
                 raise ValueError("masked TSALoss needs `video` (to build the motion mask) or `query_mask`")
@@ -89,8 +104,15 @@ class TRDLoss(nn.Module):
             raise ValueError(f"variant must be one of {TRD_VARIANTS}, got {variant!r}")
         self.margin, self.variant, self.backend = margin, variant, backend
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        check_feature_pair(student, teacher)
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, *, frames: int | None = None,
+                process_group=None) -> torch.Tensor:
+        """(B, F, H, W, C) features, or with `process_group` (B, n, C) token slices and the global `frames`."""
+        check_feature_pair(student, teacher, sharded=process_group is not None)
+        if process_group is not None:
+            return stss_kernels.relation_distance(
+                student, teacher.to(student.dtype), frames=frames, margin=self.margin, variant=self.variant,
+                backend=self.backend, process_group=process_group,
+            )
         return stss_kernels.relation_distance(
             student, teacher.to(student.dtype), margin=self.margin, variant=self.variant, backend=self.backend
         )
@@ -102,7 +124,14 @@ class TRDLoss(nn.Module):
 class REPALoss(nn.Module):
     """REPA (docs/method.md): negative mean cosine similarity between student and teacher tokens (same width)."""
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        check_feature_pair(student, teacher, same_channels=True)
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, *, frames: int | None = None,
+                process_group=None) -> torch.Tensor:
+        """(B, F, H, W, C) features, or with `process_group` (B, n, C) token slices (the mean is global)."""
+        check_feature_pair(student, teacher, same_channels=True, sharded=process_group is not None)
         dtype = accumulation_dtype(student.dtype)
-        return -F.cosine_similarity(student.to(dtype), teacher.to(dtype), dim=-1).mean()
+        cosine = F.cosine_similarity(student.to(dtype), teacher.to(dtype), dim=-1)
+        if process_group is None:
+            return -cosine.mean()
+        count = torch.tensor(float(cosine.numel()))
+        torch.distributed.all_reduce(count, group=process_group)
+        return -sharding.global_mean(cosine.sum(), count.item(), process_group)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
-from tsa import alignment
+from tsa import alignment, sharding
 from tsa.features import BlockFeatureCapture, resample_features
+from tsa.losses import tubelet_for_grid
+from tsa.masks import motion_query_mask
 from tsa.models import family_of
 from tsa.projector import AlignmentProjector
 from tsa.teachers.base import Teacher, resize_video
@@ -33,6 +37,10 @@ class AlignmentObjective(nn.Module):
     None takes the family's default (CogVideoX: 18, Wan: the block at 60% depth). The alignment method's options
     (tau ... backend, or those of a method added with tsa.alignment.register_alignment, as keywords) go to its
     loss.
+
+    Context parallelism (`shard_tokens(group)`, after the transformer's `enable_parallelism`): the block features
+    are this rank's token slice; the projector's MLP runs on it, the teacher features and the motion mask are cut
+    the same way, and the loss is the global one on every rank (docs/distributed.md).
 
     The teacher is kept outside the module tree: `parameters()`, `state_dict()`, DDP and optimizers
     only see the transformer and the projector; it follows the transformer's device on first use.
@@ -82,6 +90,8 @@ class AlignmentObjective(nn.Module):
         self.scheduler = scheduler
         self.align, self.weight, self.block_index = align, float(weight), block_index
         self.projector = self.alignment_loss = self.method = None
+        self.token_shard = None
+        self._gather_group = None
         self._teacher = (None,)  # a tuple hides the frozen teacher from the module tree
         if align == "none":
             return
@@ -108,6 +118,24 @@ class AlignmentObjective(nn.Module):
     def teacher(self) -> Teacher | None:
         return self._teacher[0]
 
+    def shard_tokens(self, process_group) -> None:
+        """Compute the alignment on this rank's token slice of a context-parallel group (the transformer runs
+        under diffusers' context parallelism over the same group)."""
+        if self.method is not None and not self.method.token_sharding:
+            raise ValueError(f"align={self.align!r} has no context-parallel (token-sharded) form")
+        self.token_shard = sharding.TokenShard.of(process_group)
+
+    @contextlib.contextmanager
+    def gathered_tokens(self):
+        """Within: the block features are gathered whole on every rank of the context-parallel group and the
+        alignment runs as on one process (for inspection, e.g. --viz-steps; call the objective on every rank)."""
+        shard, self.token_shard = self.token_shard, None
+        self._gather_group = None if shard is None else shard.group
+        try:
+            yield self
+        finally:
+            self.token_shard, self._gather_group = shard, None
+
     def save_projector(self, path) -> None:
         """Save the projector with save_pretrained (reload with AlignmentProjector.from_pretrained)."""
         if self.projector is None:
@@ -132,9 +160,14 @@ class AlignmentObjective(nn.Module):
             out = self.family.denoise_and_loss(self.transformer, self.scheduler, latents, prompt_embeds, **step)
             align = out["loss"].new_zeros(())
         else:
-            with BlockFeatureCapture(self.transformer, self.block_index, self.family) as capture:
+            local = self.token_shard is not None
+            with BlockFeatureCapture(self.transformer, self.block_index, self.family, local=local,
+                                     gather_group=self._gather_group) as capture:
                 out = self.family.denoise_and_loss(self.transformer, self.scheduler, latents, prompt_embeds, **step)
-            align = self._alignment(capture.features, pixels)
+            if local:
+                align = self._sharded_alignment(capture.features, capture.grid, pixels)
+            else:
+                align = self._alignment(capture.features, pixels)
         return {
             "loss": out["loss"] + self.weight * align,
             "diffusion": out["loss"],
@@ -157,6 +190,39 @@ class AlignmentObjective(nn.Module):
         size = [cells * patch for cells, patch in zip(grid, teacher.patch_size)]
         video = resize_video(pixels[:, int(teacher.drop_first_frame):], *size)
         return self.alignment_loss(student, target, video=video)
+
+    def _sharded_alignment(self, tokens: torch.Tensor, dit_grid: tuple[int, int, int], pixels) -> torch.Tensor:
+        """The alignment loss from this rank's (B, n, C) slice of the block's tokens (grid `dit_grid` whole)."""
+        shard, teacher, projector = self.token_shard, self.teacher, self.projector
+        pixels = pixels.to(tokens.device)
+        if teacher.mean.device != tokens.device:
+            teacher.to(tokens.device)
+        start, stop = shard.equal_bounds(sharding.token_count(dit_grid))
+        if tokens.shape[1] != stop - start:
+            raise RuntimeError(f"block {self.block_index} returned {tokens.shape[1]} tokens on context-parallel rank "
+                               f"{shard.rank}, expected {stop - start} of {dit_grid}")
+        grid = projector.output_grid(dit_grid)
+        frame = dit_grid[1] * dit_grid[2]
+        dropped = frame * int(projector.drop_first_frame)
+        if projector.downsample is None:
+            # Token-wise all the way: the kept tokens of the local slice are the local slice of the output.
+            out_start, out_stop = max(start, dropped) - dropped, stop - dropped
+            student = projector.project(tokens[:, max(dropped - start, 0):])
+        else:
+            # The resampler mixes frames: gather the projected tokens, resample, keep this rank's output slice.
+            full = sharding.gather_tokens(projector.project(tokens), shard)
+            full = full.view(full.shape[0], *dit_grid, full.shape[-1])[:, int(projector.drop_first_frame):]
+            out_start, out_stop = shard.split_bounds(sharding.token_count(grid))
+            student = projector.resample(full).flatten(1, 3)[:, out_start:out_stop]
+        target = resample_features(teacher(pixels, grid=projector.teacher_grid(dit_grid)), grid)
+        target = target.flatten(1, 3)[:, out_start:out_stop]
+        options = dict(frames=grid[0], process_group=shard.group)
+        if self.method.motion_mask:
+            size = [cells * patch for cells, patch in zip(grid, teacher.patch_size)]
+            video = resize_video(pixels[:, int(teacher.drop_first_frame):], *size)
+            mask = motion_query_mask(video, tubelet_for_grid(video, grid), self.alignment_loss.top_k)
+            options["query_mask"] = mask[:, out_start:out_stop]
+        return self.alignment_loss(student, target, **options)
 
     def _check_inputs(self, latents, prompt_embeds, pixels) -> None:
         if not isinstance(latents, torch.Tensor) or latents.dim() != 5:

@@ -81,7 +81,15 @@ class AlignmentProjector(ModelMixin, ConfigMixin):
         self.output_grid(tuple(features.shape[1:4]))  # raises for a grid too small for this projector
         if self.drop_first_frame:
             features = features[:, 1:]
-        projected = self.mlp(features.to(self.mlp[0].weight.dtype))
+        return self.resample(self.project(features))
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The token-wise MLP: (..., in_dim) -> (..., out_dim); runs on a context-parallel token slice as is."""
+        return self.mlp(tokens.to(self.mlp[0].weight.dtype))
+
+    def resample(self, projected: torch.Tensor) -> torch.Tensor:
+        """The grid resampler on projected features (B, F, H, W, out_dim) whose latent frame 0 is already dropped:
+        identity in "native" mode, trilinear in time and the strided Conv2d per frame in "teacher-grid" mode."""
         if self.downsample is None:
             return projected
         batch, frames, height, width, channels = projected.shape

@@ -182,6 +182,15 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
     optim.add_argument("--flow-shift", type=float, default=DEFAULTS["flow_shift"],
                        help="Flow families: timestep shift (default: the model scheduler's).")
 
+    parallel = parser.add_argument_group("past one GPU (docs/distributed.md)")
+    parallel.add_argument("--context-parallel", type=positive_int, default=DEFAULTS["context_parallel"],
+                          help="Ranks per context-parallel group: the transformer's tokens are split over them "
+                               "(diffusers' context parallelism with the family's plan; Wan), the alignment loss runs "
+                               "on the token slices; data parallel over the remaining ranks.")
+    parallel.add_argument("--fsdp", action="store_true",
+                          help="Shard parameters, gradients and optimizer state over all ranks with PyTorch FSDP2 "
+                               "(fully_shard per transformer block; CPU / gloo too). Sharded checkpoints.")
+
     ckpt = parser.add_argument_group("checkpoints and logging")
     ckpt.add_argument("--checkpointing-steps", type=positive_int, default=DEFAULTS["checkpointing_steps"],
                       help="Save a checkpoint every N optimizer steps, and at the last one (and on Ctrl-C / "

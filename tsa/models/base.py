@@ -405,6 +405,11 @@ class ModelFamily:
         """The transformer blocks, in order; block i's output holds the video tokens (see video_tokens)."""
         raise NotImplementedError
 
+    def context_parallel_plan(self):
+        """diffusers' context-parallel plan of the family's transformer (its class's `_cp_plan`: where the hidden
+        states are split into token slices and gathered again), or None when it has none."""
+        return getattr(self.transformer_class(), "_cp_plan", None)
+
     def token_grid(self, config, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
         """(F, H, W) video-token grid of the transformer for latents of shape (B, F, C, h, w)."""
         raise NotImplementedError

@@ -2,7 +2,9 @@
 
 checkpoints/checkpoint-STEP holds accelerate's state with only the trainable tensors (never non-finite ones),
 the loss history and, with LaMo, the motion predictor; it is written under a temporary name first, so a run
-killed while saving never leaves a partial checkpoint. The final weights are diffusers-format: EXPERT/ (full
+killed while saving never leaves a partial checkpoint. Under --fsdp the trainable tensors and the optimizer
+state are a torch.distributed.checkpoint folder, checkpoint-STEP/fsdp/, of each rank's shards
+(tsa/training/parallel.py). The final weights are diffusers-format: EXPERT/ (full
 fine-tune) or the pipeline's LoRA file, projector/ and motion_predictor/.
 """
 
@@ -79,18 +81,28 @@ def load_trainable_weights(accelerator, model, checkpoint):
     module.load_state_dict({name: state[name] for name in trainable}, strict=False)
 
 
-def save_checkpoint(accelerator, config, step, history, lamo):
+def save_checkpoint(accelerator, config, step, history, lamo, sharded=None):
     """accelerate state (+ LaMo predictor, loss history) in checkpoints/checkpoint-STEP, written under a
-    temporary name first so a run killed while saving never leaves a partial checkpoint; prunes old ones."""
+    temporary name first so a run killed while saving never leaves a partial checkpoint; prunes old ones.
+    `sharded` = (objective, optimizer) under --fsdp: their shards go to a torch.distributed.checkpoint folder."""
+    from tsa.training.parallel import any_non_finite, save_sharded_state
+
     path = checkpoint_dir(config.output_dir, step)
     partial = path.with_name(path.name + ".partial")
     if lamo is not None:
         check_finite_parameters(lamo.predictor, f"checkpoint at step {step} (motion predictor)")
+    if sharded is not None:
+        bad = any_non_finite(sharded[0])
+        if bad is not None:
+            raise NonFiniteError(f"checkpoint at step {step}: parameter {bad} holds non-finite values; nothing was "
+                                 "saved")
     try:
         accelerator.save_state(partial)  # keep_trainable_state refuses non-finite weights
     except NonFiniteError as error:
         shutil.rmtree(partial, ignore_errors=True)
         raise NonFiniteError(f"checkpoint at step {step}: {error}") from None
+    if sharded is not None:
+        save_sharded_state(*sharded, partial)
     accelerator.wait_for_everyone()  # every process writes its random_states_{i}.pkl into `partial`
     if accelerator.is_main_process:
         (partial / "losses.json").write_text(json.dumps(history))
@@ -120,10 +132,18 @@ def _materialise(model, state):
 def save_final_weights(accelerator, config, objective, lamo):
     """Diffusers-format weights: transformer/ (full; transformer_2/ for that expert) or the pipeline's LoRA file,
     plus projector/ and motion_predictor/. Call on every process (FSDP gathers the full state dict)."""
-    check_finite_parameters(objective, "final weights")
+    from tsa.training.parallel import any_non_finite, full_state_dict, is_sharded
+
+    if is_sharded(objective):  # --fsdp: checked on every rank's shards, gathered whole onto the main process
+        bad = any_non_finite(objective)
+        if bad is not None:
+            raise NonFiniteError(f"final weights: parameter {bad} holds non-finite values; nothing was saved")
+        state = full_state_dict(objective)
+    else:
+        check_finite_parameters(objective, "final weights")
+        state = accelerator.get_state_dict(objective)
     if lamo is not None:
         check_finite_parameters(lamo.predictor, "final weights (motion predictor)")
-    state = accelerator.get_state_dict(objective)
     if not accelerator.is_main_process:
         return
     module = accelerator.unwrap_model(objective)

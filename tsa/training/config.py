@@ -145,6 +145,9 @@ class TrainConfig:
     logit_mean: float | None = None
     logit_std: float | None = None
     flow_shift: float | None = None
+    # past one GPU (docs/distributed.md)
+    context_parallel: int = 1  # ranks per context-parallel group (tokens split over them); must divide the ranks
+    fsdp: bool = False  # FSDP2 parameter sharding over all ranks
     # checkpoints and logging
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
@@ -228,6 +231,18 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if config.viz_steps and config.align not in alignment.ALIGNMENT_METHODS:
         raise UsageError(f"--viz-steps needs a teacher alignment (--align {', '.join(alignment.ALIGNMENT_METHODS)}), "
                          f"not {config.align}")
+    if isinstance(config.context_parallel, bool) or not isinstance(config.context_parallel, int) or \
+            config.context_parallel < 1:
+        raise UsageError(f"--context-parallel must be a positive integer, got {config.context_parallel!r}")
+    if config.context_parallel > 1:
+        from tsa.training.parallel import check_context_parallel
+
+        message = check_context_parallel(family, {}, (), config.context_parallel)
+        if message:
+            raise UsageError(message)
+    if config.fsdp and config.viz_steps:
+        raise UsageError("--viz-steps draws from the full weights on the main process: not with --fsdp (run tsa-viz "
+                         "on the saved run instead)")
     for name in ("lr_warmup_steps", "dataloader_num_workers", "viz_steps"):
         if getattr(config, name) < 0:
             raise UsageError(f"{option_flag(name)} must be >= 0, got {getattr(config, name)}")

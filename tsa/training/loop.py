@@ -6,6 +6,7 @@ loss_curve.png, training_args.json, viz/ (with viz_steps), the final weights (EX
 pytorch_lora_weights.safetensors in the pipeline's LoRA format), projector/ and, with LaMo, motion_predictor/.
 """
 
+import contextlib
 import itertools
 import json
 import math
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tsa.errors import NonFiniteError, TrainingInterrupted
+from tsa.errors import NonFiniteError, TrainingInterrupted, UsageError
 from tsa.training.cache import build_cache, collate_entries, precision_dtype
 from tsa.training.checkpoints import (
     TRAINING_ARGS_NAME,
@@ -29,6 +30,7 @@ from tsa.training.checkpoints import (
 )
 from tsa.training.config import TrainConfig, resolve_config
 from tsa.training.interrupts import StopSignals, signal_name
+from tsa.training.parallel import ParallelLayout, build_layout, gradient_norm, is_sharded, load_sharded_state
 from tsa.training.validation import check_training_config
 
 LOSS_NAMES = ("loss", "diffusion", "align", "drift", "predictor")
@@ -106,7 +108,9 @@ def build_lamo(config, objective, accelerator):
 def check_finite_gradients(accelerator, model, max_grad_norm, step, losses=None):
     """Clip (max_grad_norm > 0) and raise NonFiniteError naming `step` when the gradient norm is NaN or inf,
     before the optimizer step. Skipped under fp16 loss scaling, whose scaler skips such steps by design."""
-    if max_grad_norm > 0:
+    if is_sharded(model):  # FSDP2: DTensor gradients, the norm over all shards
+        norm = gradient_norm(model.parameters(), max_grad_norm)
+    elif max_grad_norm > 0:
         norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     else:
         grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
@@ -194,18 +198,46 @@ def compute_losses(objective, lamo, drift_weight, batch, latents, dtype, conditi
                   "drift": drift.item()}
 
 
-def prepare_training(config, accelerator):
-    """Models, optimizer, schedule and data loader, prepared by accelerate; LaMo trainer or None."""
+def check_context_parallel_shapes(config):
+    """UsageError when the transformer's token grid or heads do not split over --context-parallel ranks (from
+    the configs, before any model loads)."""
+    from types import SimpleNamespace
+
+    from tsa.training.parallel import check_context_parallel
+
+    family = build_family(config)
+    model_config = json.loads((config.model_path / config.expert / "config.json").read_text())
+    shape = family.latent_shape(config.model_path, config.num_frames, config.height, config.width, config.expert)
+    grid = family.token_grid(SimpleNamespace(**model_config), shape)
+    message = check_context_parallel(family, model_config, grid, config.context_parallel)
+    if message:
+        raise UsageError(message)
+
+
+def prepare_training(config, accelerator, layout=None):
+    """Models, optimizer, schedule and data loader, prepared by accelerate (under --fsdp the objective is sharded
+    with FSDP2 instead of wrapped in DDP; under --context-parallel the transformer runs on token slices and the
+    data loader is sharded over the data-parallel replicas only); LaMo trainer or None."""
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
+    from tsa.training.parallel import apply_fsdp, enable_context_parallel
+
+    layout = layout or ParallelLayout(accelerator.num_processes, accelerator.process_index)
     dataset = build_cache(config, accelerator)
     set_seed(config.seed)
     weight_dtype = precision_dtype(accelerator.mixed_precision)
     family = build_family(config)
     transformer = load_transformer(config, weight_dtype, family)
+    if layout.context_parallel > 1:
+        enable_context_parallel(transformer, layout, family)
     objective = build_objective(config, transformer, weight_dtype, family)
+    if layout.context_parallel > 1:
+        objective.shard_tokens(layout.cp_group)
     lamo = build_lamo(config, objective, accelerator)
+    if layout.fsdp:
+        objective.to(accelerator.device)
+        apply_fsdp(objective, family)
     optimizer = torch.optim.AdamW([parameter for parameter in objective.parameters() if parameter.requires_grad],
                                   lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
@@ -214,11 +246,34 @@ def prepare_training(config, accelerator):
                                  num_training_steps=config.max_steps * accelerator.num_processes)
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True,
                                              collate_fn=collate_entries, num_workers=config.dataloader_num_workers)
-    prepared = accelerator.prepare(objective, optimizer, dataloader, lr_scheduler)
+    if layout.context_parallel > 1:  # the ranks of a context-parallel group read the same clips
+        from accelerate.data_loader import prepare_data_loader
+
+        dataloader = prepare_data_loader(
+            dataloader, accelerator.device, num_processes=layout.data_parallel, process_index=layout.dp_rank,
+            put_on_device=True, rng_types=accelerator.rng_types.copy(), even_batches=accelerator.even_batches,
+            use_seedable_sampler=True, data_seed=config.seed,
+        )
+    if layout.fsdp:
+        # Not accelerator.prepare: that wraps the model in DDP and saves the optimizer from the main process only;
+        # the sharded state goes to torch.distributed.checkpoint instead (save_checkpoint).
+        from accelerate.optimizer import AcceleratedOptimizer
+        from accelerate.scheduler import AcceleratedScheduler
+
+        optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
+        lr_scheduler = AcceleratedScheduler(lr_scheduler, optimizer, step_with_optimizer=True, split_batches=False)
+        accelerator.register_for_checkpointing(lr_scheduler)
+        if layout.context_parallel == 1:
+            dataloader = accelerator.prepare(dataloader)
+    elif layout.context_parallel > 1:
+        objective, optimizer, lr_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
+    else:  # one call: DeepSpeed reads its micro-batch size from the data loader
+        objective, optimizer, dataloader, lr_scheduler = accelerator.prepare(objective, optimizer, dataloader,
+                                                                             lr_scheduler)
     accelerator.register_save_state_pre_hook(keep_trainable_state)
     if lamo is not None:
         accelerator.register_for_checkpointing(lamo)
-    return (*prepared, lamo)
+    return objective, optimizer, dataloader, lr_scheduler, lamo
 
 
 def train(config: TrainConfig):
@@ -254,10 +309,13 @@ def train(config: TrainConfig):
 
         clear_run(config.output_dir)
     accelerator.wait_for_everyone()
+    layout = build_layout(accelerator, config.context_parallel, config.fsdp)
+    if config.context_parallel > 1:
+        check_context_parallel_shapes(config)
     resume_from = resolve_resume(config)
     if resume_from is not None:
         verify_checkpoint(resume_from)  # before any model is built: every tensor loads and is finite
-    objective, optimizer, dataloader, lr_scheduler, lamo = prepare_training(config, accelerator)
+    objective, optimizer, dataloader, lr_scheduler, lamo = prepare_training(config, accelerator, layout)
     weight_dtype = precision_dtype(accelerator.mixed_precision)
     vae_config = json.loads((config.model_path / "vae" / "config.json").read_text())
     family = accelerator.unwrap_model(objective).family
@@ -269,11 +327,15 @@ def train(config: TrainConfig):
         viz = TrainingViz(accelerator, dataloader.dataset, config.output_dir, family, vae_config, weight_dtype)
     step, history = 0, []
     if resume_from is not None:
-        if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):  # own formats
-            load_trainable_weights(accelerator, objective, resume_from)
-        # Checkpoints hold only the trainable tensors (see keep_trainable_state); DeepSpeed has no `strict`.
-        strict = {} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
-        accelerator.load_state(str(resume_from), **strict)
+        if layout.fsdp:
+            accelerator.load_state(str(resume_from))  # schedule, random states, LaMo
+            load_sharded_state(objective, optimizer, resume_from)
+        else:
+            if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):  # own formats
+                load_trainable_weights(accelerator, objective, resume_from)
+            # Checkpoints hold only the trainable tensors (see keep_trainable_state); DeepSpeed has no `strict`.
+            strict = {} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
+            accelerator.load_state(str(resume_from), **strict)
         step = checkpoint_step(resume_from)
         history = [row for row in json.loads((resume_from / "losses.json").read_text()) if row["step"] <= step]
         if accelerator.is_main_process:
@@ -293,6 +355,7 @@ def train(config: TrainConfig):
                     disable=config.no_progress or not accelerator.is_local_main_process)
     window, micro_step = [], 0
     objective.train()
+    sharded = (objective, optimizer) if layout.fsdp else None  # --fsdp: each rank saves its shards
     with StopSignals(announce=accelerator.is_local_main_process) as stop_signals:
         for epoch in itertools.count(first_epoch):
             if step >= config.max_steps:
@@ -304,13 +367,17 @@ def train(config: TrainConfig):
                 batches = accelerator.skip_first_batches(dataloader,
                                                          skip_batches * config.gradient_accumulation_steps)
             for batch in batches:
-                torch.manual_seed(_step_seed(config.seed, step, micro_step, accelerator.process_index))
+                # The ranks of a context-parallel group draw the same noise and timesteps (their data-parallel rank).
+                torch.manual_seed(_step_seed(config.seed, step, micro_step, layout.dp_rank))
                 with accelerator.accumulate(objective):
                     latents = sample_latents(batch, family, vae_config, weight_dtype, config.latents)
                     condition = family.image_condition(batch, vae_config, latents)
-                    loss, losses = compute_losses(objective, lamo, config.motion_drift_weight, batch, latents,
-                                                  weight_dtype, condition)
-                    accelerator.backward(loss)
+                    # accelerate's autocast wraps prepared models only; the FSDP2 objective is not prepared.
+                    with accelerator.autocast() if layout.fsdp else contextlib.nullcontext():
+                        loss, losses = compute_losses(objective, lamo, config.motion_drift_weight, batch, latents,
+                                                      weight_dtype, condition)
+                    # x context-parallel degree: DDP / FSDP average over all ranks, a group's gradients add up.
+                    accelerator.backward(loss * layout.gradient_scale)
                     if accelerator.sync_gradients:
                         check_finite_gradients(accelerator, objective, config.max_grad_norm, step + 1, losses)
                     optimizer.step()
@@ -335,11 +402,11 @@ def train(config: TrainConfig):
                 progress.set_postfix({name: f"{row[name]:.4g}" for name in LOSS_NAMES if row[name] or name == "loss"})
                 saved = step % config.checkpointing_steps == 0 or step == config.max_steps
                 if saved:
-                    save_checkpoint(accelerator, config, step, history, lamo)
+                    save_checkpoint(accelerator, config, step, history, lamo, sharded)
                 stop = stop_signals.agreed(accelerator)  # every process, every step: they stop at the same one
                 if stop is not None:
                     if not saved:
-                        save_checkpoint(accelerator, config, step, history, lamo)
+                        save_checkpoint(accelerator, config, step, history, lamo, sharded)
                     progress.close()
                     accelerator.end_training()
                     checkpoint = checkpoint_dir(config.output_dir, step)

@@ -169,8 +169,11 @@ def check_training_config(config, *, needs_teacher: bool = True, run_outputs: bo
         path = Path(config.resume)
         if not (path.is_dir() and path.name.rsplit("-", 1)[-1].isdigit()):
             raise UsageError(f"--resume {path} is not a checkpoint-STEP folder written by tsa-train")
-        if not (path / "model.safetensors").is_file():
-            raise UsageError(f"--resume {path} has no model.safetensors")
+        expected = "fsdp/.metadata" if config.fsdp else "model.safetensors"
+        if not (path / expected).is_file():
+            raise UsageError(f"--resume {path} has no {expected}" + (
+                " (a checkpoint of a run without --fsdp)" if config.fsdp else
+                " (a checkpoint of a --fsdp run resumes with --fsdp)" if (path / "fsdp").is_dir() else ""))
     if run_outputs and not config.precompute:
         from tsa.outputs import refuse_existing_run
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -83,21 +84,31 @@ class TrainingViz:
     def __call__(self, objective, step: int) -> dict | None:
         """Draw and log the probe's maps at optimizer step `step` (main process; returns the scalars)."""
         accelerator = self.accelerator
-        if not accelerator.is_main_process:
-            return None
         module = accelerator.unwrap_model(objective)
+        # Under context parallelism the transformer's forward is collective: every rank runs the probe (broadcast
+        # from the main process) with the block features gathered whole, and the main process draws.
+        collective = getattr(module, "token_shard", None) is not None
+        if not (collective or accelerator.is_main_process):
+            return None
         device = next(module.parameters()).device
-        batch = batch_to(self.probe, device, self.dtype)
+        probe = self.probe
+        if collective:
+            from accelerate.utils import broadcast_object_list
+
+            probe = broadcast_object_list([probe])[0]
+        batch = batch_to(probe, device, self.dtype)
         was_training = module.training
         module.eval()
         try:
-            with accelerator.autocast():
+            with accelerator.autocast(), (module.gathered_tokens() if collective else contextlib.nullcontext()):
                 condition = {key.removeprefix("condition."): value for key, value in batch.items()
                              if key.startswith("condition.")}
                 clip = clip_alignment(module, batch["latents"], batch["prompt_embeds"], batch["pixels"],
                                       timestep=self.timestep, condition=condition or None)
         finally:
             module.train(was_training)
+        if not accelerator.is_main_process:
+            return None
         tau_student, tau_teacher = temperatures(module)
         queries = select_queries(clip.saliency[0])
         maps = correspondence_maps(
