@@ -340,6 +340,11 @@ class LTX2Family(ModelFamily):
             raise ValueError(f"{hidden_states_shape[1]} video tokens do not fill the grid {grid}")
         return grid
 
+    def context_parallel_plan(self):
+        """None: --context-parallel is refused for LTX-2. Its transformer has a diffusers plan (it also splits the
+        prompt tokens and the rotary tables), but no two-process run has checked it on the video-only call."""
+        return None
+
     def text_dim(self, config) -> int:
         """Width of the connectors' video output (the cached prompt embeddings): caption_channels where the
         transformer projects captions itself (LTX-2), else its cross-attention width (LTX-2.3's connectors project)."""
