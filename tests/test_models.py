@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from tsa.features import BlockFeatureCapture
-from tsa.models import detect_family, detect_family_name, family_for_pipeline, family_of, get_family
+from tsa.models import (
+    all_objective_options,
+    detect_family,
+    detect_family_name,
+    family_for_pipeline,
+    family_of,
+    get_family,
+)
 from tsa.models.base import noise_level_alphas_cumprod
 from tsa.models.cogvideox import cogvideox_scheduler
 from tsa.objective import AlignmentObjective
@@ -283,7 +290,8 @@ def test_unipc_flow_scheduler_as_wan_folders_ship_it():
         (["--model-family", "cogvideox", "--model-path", "{wan}"], "does not match .* a wan pipeline"),
         (["--model-path", "{unsupported}"], "unsupported pipeline 'LTXPipeline'"),
         (["--model-path", "{wan}", "--expert", "transformer_2"], "has no second expert"),
-        (["--model-family", "cogvideox", "--flow-shift", "2"], "apply to the families that take them \\(wan\\)"),
+        (["--model-family", "cogvideox", "--flow-shift", "2"],
+         f"apply to the families that take them \\({re.escape(', '.join(all_objective_options()['flow_shift']))}\\)"),
         (["--model-family", "wan", "--logit-std", "0"], "--logit-std must be a finite number > 0"),
         (["--model-family", "cogvideox", "--expert", "transformer_2"], "cogvideox pipelines have the denoisers"),
         (["--model-path", "{ti2v}", "--height", "48"], "must be multiples of 32 for .* \\(VAE x patch size\\)"),

@@ -25,7 +25,8 @@ def docs_table() -> dict[str, dict]:
     section = section[: section.index("\n## ", 1)]
     wan = re.search(r"^- wan: .*?\n\s+`([^`]+)`", section, re.M | re.S).group(1)
     prefix = re.search(r"^- wan-i2v: .*? prepends `([^`]+)`", section, re.M | re.S).group(1)
-    prompts = {"wan": wan, "wan-i2v": prefix + wan, "none": ""}
+    ltx2 = re.search(r"^- ltx2: .*?\n\s+`([^`]+)`", section, re.M | re.S).group(1)
+    prompts = {"wan": wan, "wan-i2v": prefix + wan, "none": "", "ltx2": ltx2}
 
     def number(cell, kind=float):
         return None if cell == "-" else kind(cell)
@@ -55,6 +56,7 @@ WAN_T2V = {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransf
 WAN_I2V = {"_class_name": "WanImageToVideoPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]}
 COG_T2V = {"_class_name": "CogVideoXPipeline"}
 COG_I2V = {"_class_name": "CogVideoXImageToVideoPipeline"}
+LTX2_T2V = {"_class_name": "LTX2Pipeline"}
 # variant -> (family, model_index.json, transformer/config.json, (height, width) sampled), as the released
 # diffusers folders write them
 VARIANTS = {
@@ -76,6 +78,7 @@ VARIANTS = {
                         (768, 1360)),
     "cogvideox1.5-5b-i2v": ("cogvideox", COG_I2V, {"use_rotary_positional_embeddings": True, "patch_size_t": 2},
                             (768, 1360)),
+    "ltx2": ("ltx2", LTX2_T2V, {"num_layers": 48}, (512, 768)),
 }
 
 

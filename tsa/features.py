@@ -85,7 +85,7 @@ class BlockFeatureCapture:
 
     def _on_transformer_call(self, module, args, kwargs) -> None:
         latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self._grid = self.family.transformer_input_grid(module.config, tuple(latents.shape))
+        self._grid = self.family.transformer_input_grid(module.config, tuple(latents.shape), kwargs)
         self._grad_enabled = torch.is_grad_enabled()
 
     def _on_block_output(self, module, args, output) -> None:

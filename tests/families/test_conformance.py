@@ -158,7 +158,8 @@ def test_one_sampling_step_through_the_pipeline(tiny):
     pipe = family.load_pipeline(path)
     pipe.set_progress_bar_config(disable=True)
     num_frames, height, width = _clip_size(family)
-    latents = pipe("a red ball falls", num_inference_steps=1, num_frames=num_frames, height=height, width=width,
+    # Two steps: with one, a scheduler stretched to a terminal sigma (shift_terminal) divides by zero.
+    latents = pipe("a red ball falls", num_inference_steps=2, num_frames=num_frames, height=height, width=width,
                    guidance_scale=family.default_guidance_scale, generator=torch.Generator().manual_seed(0),
                    output_type="latent").frames  # decoding is tsa-sample's end-to-end test's
     shape = family.latent_shape(path, num_frames, height, width)
@@ -172,19 +173,19 @@ def test_lamo_x0_of_a_sampling_step_is_the_training_objectives(tiny):
     family, path = tiny
     transformer = family.load_transformer(path).eval()
     scheduler = family.load_scheduler(path)
-    scheduler.set_timesteps(10)
-    timestep = scheduler.timesteps[3]
     latents, prompt, _ = _inputs(family, path, transformer)
+    family.set_sampling_timesteps(scheduler, 10, tuple(latents.shape))
+    timestep = scheduler.timesteps[3]
     seen = {}
 
     def record(module, args, kwargs, output):
-        seen.update(sample=kwargs["hidden_states"], output=output[0])
+        seen.update(sample=kwargs["hidden_states"], output=output[0], kwargs=kwargs)
 
     handle = transformer.register_forward_hook(record, with_kwargs=True)
     with torch.no_grad():
         out = family.denoise_and_loss(transformer, scheduler, latents, prompt,
                                       timesteps=timestep.expand(latents.shape[0]), noise=torch.randn_like(latents))
     handle.remove()
-    x0 = family.x0_from_output(scheduler, seen["output"], seen["sample"], timestep)
+    x0 = family.x0_from_output(scheduler, seen["output"], seen["sample"], timestep, seen["kwargs"])
     assert x0.shape == latents.shape
     torch.testing.assert_close(x0, out["x0_pred"].float(), rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ from tsa.choices import GRID_MODES, TEACHER_KINDS
 from tsa.cli.common import OneLineArgumentParser, add_debug_option, positive_int
 from tsa.errors import UsageError
 from tsa.models import DEFAULT_FAMILY, FAMILIES, TIMESTEP_SAMPLING, all_experts, family_class
-from tsa.training.config import LATENTS, PRESETS, TASKS, TrainConfig, resolve_config
+from tsa.training.config import LATENTS, PRESETS, TASKS, TrainConfig, preset_values, resolve_config
 from tsa.training.data import CLIP_START, FRAME_SAMPLING
 from tsa.training.validation import check_given_paths_exist
 
@@ -251,7 +251,9 @@ def _parse(parser, argv):
     preset = first.preset or from_yaml.get("preset")
     if preset is None and first.model_path is None and from_yaml.get("model_path") is None:
         preset = "tiny"
-    parser.set_defaults(**{**PRESETS.get(preset, {}), **from_yaml, "preset": preset})
+    values = preset_values(preset, first.model_family or from_yaml.get("model_family"),
+                           first.model_path or from_yaml.get("model_path"))
+    parser.set_defaults(**{**values, **from_yaml, "preset": preset})
     return parser.parse_args(argv)
 
 

@@ -2,19 +2,20 @@
 
 The pipeline's denoising loop calls `scheduler.step(v_hat, ..., t, ..., x_t, ...)` with the model output after
 classifier-free guidance and before the update, so the guidance replaces the pipeline scheduler's `step`
-(an instance attribute shadowing the class method; the scheduler object and the pipeline's isinstance
-checks are unchanged) and adjusts `model_output` before delegating to the real step. The model family
-(tsa.models) turns the output into the x0 estimate: CogVideoX's v-prediction x0 = sqrt(ab) x_t - sqrt(1 - ab) v,
-Wan's flow velocity x0 = x_t - sigma v. The prompt comes from
-the pipeline's own `encode_prompt` (wrapped the same way): its conditional embeddings, and for prompt
-strings the tokenizer's attention mask, used by a predictor that pools real tokens only
-(`prompt_pooling="tokens"`; with precomputed `prompt_embeds` every position is pooled). The denoiser is
-never re-run.
+(a method bound to that scheduler object, shadowing the class method; the scheduler object and the pipeline's
+isinstance checks are unchanged) and adjusts `model_output` before delegating to the real step. The model family
+(tsa.models) turns the output into the x0 estimate (`x0_from_output`, which also sees the keywords of the step's
+transformer call): CogVideoX's v-prediction x0 = sqrt(ab) x_t - sqrt(1 - ab) v, the flow families'
+x0 = x_t - sigma v. The prompt comes from the pipeline's own `encode_prompt` (wrapped the same way), read by the
+family's `guidance_prompt`: by default its conditional embeddings and, for prompt strings, the tokenizer's
+attention mask, used by a predictor that pools real tokens only (`prompt_pooling="tokens"`; with precomputed
+`prompt_embeds` every position is pooled). The denoiser is never re-run.
 """
 
 import functools
 import inspect
 import math
+import types
 
 import torch
 import torch.nn.functional as F
@@ -56,31 +57,38 @@ class MotionPriorGuidance:
         self.history: list[tuple[int, float]] = []
         self.prompt_embeds = self.prompt_mask = None
         self._real_step, self._real_encode_prompt = self.scheduler.step, pipe.encode_prompt
-        # update_wrapper keeps the real signatures visible to the pipeline's `inspect.signature(...)` checks
-        self._guided_step = functools.update_wrapper(lambda *a, **k: self._step(*a, **k), self._real_step)
+        # update_wrapper keeps the real signatures visible to the pipeline's `inspect.signature(...)` checks. The
+        # guided step is a method bound to the scheduler, so that a deep copy of it (a pipeline's second scheduler,
+        # e.g. one copied for an audio stream) is bound to the copy, whose steps pass through unguided.
+        self._guided_step = types.MethodType(
+            functools.update_wrapper(lambda scheduler, *a, **k: self._step(scheduler, *a, **k),
+                                     type(self.scheduler).step),
+            self.scheduler,
+        )
+        self.transformer_kwargs: dict = {}
+        self._transformer_hooks = [
+            module.register_forward_pre_hook(self._record_transformer_call, with_kwargs=True)
+            for module in (getattr(pipe, expert, None) for expert in self.family.experts) if module is not None
+        ]
         self._capturing_encode_prompt = functools.update_wrapper(
             lambda *a, **k: self._encode_prompt(*a, **k), self._real_encode_prompt
         )
         self.scheduler.step = self._guided_step
         pipe.encode_prompt = self._capturing_encode_prompt
 
+    def _record_transformer_call(self, module, args, kwargs) -> None:
+        self.transformer_kwargs = kwargs
+
     def _encode_prompt(self, *args, **kwargs):
         call = inspect.signature(self._real_encode_prompt).bind(*args, **kwargs)
         call.apply_defaults()
-        prompt_embeds, negative_prompt_embeds = self._real_encode_prompt(*args, **kwargs)
-        self.prompt_embeds, self.prompt_mask = prompt_embeds, None
-        prompt = call.arguments.get("prompt")
-        if call.arguments.get("prompt_embeds") is None and prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            mask = self.pipe.tokenizer(
-                prompts, padding="max_length", max_length=call.arguments.get("max_sequence_length", 226),
-                truncation=True, add_special_tokens=True, return_tensors="pt",
-            ).attention_mask
-            copies = prompt_embeds.shape[0] // mask.shape[0]
-            self.prompt_mask = mask.repeat_interleave(copies, dim=0).to(prompt_embeds.device)
-        return prompt_embeds, negative_prompt_embeds
+        outputs = self._real_encode_prompt(*args, **kwargs)
+        self.prompt_embeds, self.prompt_mask = self.family.guidance_prompt(self.pipe, call.arguments, outputs)
+        return outputs
 
-    def _step(self, *args, **kwargs):
+    def _step(self, scheduler, *args, **kwargs):
+        if scheduler is not self.scheduler:
+            return type(scheduler).step(scheduler, *args, **kwargs)
         call = inspect.signature(self._real_step).bind(*args, **kwargs)
         timestep, sample = call.arguments["timestep"], call.arguments["sample"]
         timesteps = self.scheduler.timesteps
@@ -105,7 +113,7 @@ class MotionPriorGuidance:
             raise ValueError(f"prompt batch {prompt_batch} does not match the latents batch {sample.shape[0]}")
         with torch.enable_grad():
             v = velocity.detach().float().requires_grad_(True)
-            x0 = self.family.x0_from_output(self.scheduler, v, sample, timestep)
+            x0 = self.family.x0_from_output(self.scheduler, v, sample, timestep, self.transformer_kwargs)
             if x0.shape[1] <= self.lag:
                 return velocity
             loss = motion_guidance_loss(self.predictor, x0, self.prompt_embeds, self.lag, self.prompt_mask)
@@ -116,6 +124,9 @@ class MotionPriorGuidance:
     def remove(self) -> None:
         """Restore the scheduler's own step, the pipeline's own encode_prompt and the predictor's training
         mode (idempotent)."""
+        for hook in self._transformer_hooks:
+            hook.remove()
+        self._transformer_hooks = []
         if vars(self.scheduler).get("step") is self._guided_step:
             del self.scheduler.step
         if vars(self.pipe).get("encode_prompt") is self._capturing_encode_prompt:

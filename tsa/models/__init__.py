@@ -16,7 +16,11 @@ import importlib
 
 from tsa.models.base import TIMESTEP_SAMPLING, ModelFamily, model_index, noise_level_alphas_cumprod, unwrap_module
 
-FAMILIES = {"cogvideox": "tsa.models.cogvideox:CogVideoXFamily", "wan": "tsa.models.wan:WanFamily"}
+FAMILIES = {
+    "cogvideox": "tsa.models.cogvideox:CogVideoXFamily",
+    "wan": "tsa.models.wan:WanFamily",
+    "ltx2": "tsa.models.ltx2:LTX2Family",
+}
 DEFAULT_FAMILY = next(iter(FAMILIES))  # the tiny preset's models when no --model-family is given
 
 __all__ = [

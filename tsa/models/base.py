@@ -11,6 +11,7 @@ Latents outside a family are always (B, F, C, h, w), normalised the way the fami
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,13 @@ def noise_level_alphas_cumprod(scheduler) -> torch.Tensor:
         )
     if getattr(scheduler, "alphas_cumprod", None) is not None and not is_flow_scheduler(scheduler):
         return torch.as_tensor(scheduler.alphas_cumprod).detach().float().cpu()
-    shift = flow_shift(scheduler)
+    config = scheduler.config
+    if config.get("use_dynamic_shifting"):
+        # The shift at base_image_seq_len tokens, where the resolution-dependent mu is base_shift.
+        mu = float(config.get("base_shift", 0.5))
+        shift = math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
+    else:
+        shift = flow_shift(scheduler)
     steps = int(scheduler.config.num_train_timesteps)
     sigma = shift_sigmas(torch.arange(steps, dtype=torch.float64) / steps, shift)
     return (1 - sigma.square()).float()
@@ -140,6 +147,16 @@ def read_lora_expert(path) -> str | None:
 TIMESTEP_SAMPLING = ("logit-normal", "uniform")  # training timestep densities of flow-matching families
 
 
+def check_flow_sampling_options(timestep_sampling: str, logit_std: float, shift: float | None) -> None:
+    """ValueError naming the option when a flow-matching family's timestep options are out of range."""
+    if timestep_sampling not in TIMESTEP_SAMPLING:
+        raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
+    if not logit_std > 0:
+        raise ValueError(f"logit_std must be > 0, got {logit_std}")
+    if shift is not None and not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+
+
 class ModelFamily:
     """One family of video DiTs. Instances may carry objective options (e.g. timestep sampling); `timestep_range`
     = (low, high) restricts training timesteps to [low, high) (one expert of a two-expert model), None uses the
@@ -151,16 +168,20 @@ class ModelFamily:
       `transformer_class_names` (diffusers class names, for detection), `experts` (pipeline components that are
       denoisers), `objective_options` (run-config option -> constructor keyword for the family's objective
       options, e.g. {"flow_shift": "shift"}; options not listed are refused for the family),
-      `default_lora_target_modules` and `ffn_lora_target_modules`, `default_latents` (the reference trainer's --latents), `temporal_compression`, `spatial_multiple`, `default_guidance_scale`,
-      `default_fps` (tsa-sample's defaults unless `sampling_defaults` names each variant's own), `presets`
-      (named tsa-train option sets);
-    - loading: `transformer_class`, `pipeline_class`, `load_encoders`, `max_sequence_length`; the rest
+      `default_lora_target_modules` and `ffn_lora_target_modules`, `default_latents` (the reference trainer's
+      --latents), `temporal_compression`, `spatial_multiple`, `default_guidance_scale`, `default_fps`
+      (tsa-sample's defaults unless `sampling_defaults` names each variant's own), `presets` (named tsa-train
+      option sets), `tiny_preset` (values of the tiny preset the family's tiny models need, e.g. sizes its
+      pipeline accepts);
+    - loading: `transformer_class`, `pipeline_class`, `load_encoders`, `max_sequence_length` (and `encode_entry`,
+      a clip and caption -> a cache entry, where the pipeline's encode_prompt differs from CogVideoX's); the rest
       (`load_transformer`, `load_scheduler`, `load_pipeline`, `from_model_path`) has defaults to override
       where the family's folders differ;
     - latents: `normalize_latents`, `vae_compression`;
     - structure: `blocks`, `token_grid`, `text_dim` (and `video_tokens`, `transformer_input_grid`,
       `default_align_layer`, `check_latents` where the defaults do not fit);
-    - objective: `check_scheduler`, `sample_timesteps`, `denoise_and_loss`, `x0_from_output`;
+    - objective: `check_scheduler`, `sample_timesteps`, `denoise_and_loss`, `x0_from_output` (and
+      `guidance_prompt`, the prompt the motion predictor reads during sampling, where the default does not fit);
     - weights: `save_lora_weights` / `load_lora_into` where the pipeline's LoRA loader needs more than the default;
     - tiny models: `tiny_components(num_layers=2, seed=0, **options)` (a dict of the pipeline's components,
       random, a few thousand parameters, built from tsa.models.tiny's shared pieces) - `save_tiny_pipeline`,
@@ -185,6 +206,7 @@ class ModelFamily:
     default_fps: int = 8
     presets: dict[str, dict] = {}
     objective_options: dict[str, str] = {}  # run-config option -> keyword of the constructor (see options_from)
+    tiny_preset: dict = {}  # values over the tiny preset's when its models are this family's
 
     def __init__(self, timestep_range: tuple[float, float] | None = None):
         if timestep_range is not None:
@@ -278,6 +300,27 @@ class ModelFamily:
     def max_sequence_length(self, model_path) -> int:
         """Text tokens per prompt that the pipeline encodes."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_entry(self, pipe, pixels: torch.Tensor, caption: str, max_sequence_length: int) -> dict:
+        """One latent-cache entry from the `load_encoders` pipeline: pixels (T, 3, H, W) in [-1, 1] and a caption ->
+        {"latent_dist" (2C, F, h, w), "prompt_embeds" (L, D), "prompt_mask" (L,) bool: the tokenizer's attention
+        mask, for pooling over real tokens}."""
+        device, dtype = pipe.vae.device, pipe.vae.dtype
+        video = pixels.to(device, dtype).permute(1, 0, 2, 3).unsqueeze(0)
+        latent_dist = pipe.vae.encode(video).latent_dist.parameters[0]
+        prompt_embeds, _ = pipe.encode_prompt(
+            caption, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length, device=device,
+            dtype=dtype,
+        )
+        prompt_mask = pipe.tokenizer(
+            caption, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt",
+        ).attention_mask[0]
+        entry = {"latent_dist": latent_dist.contiguous().cpu(), "prompt_embeds": prompt_embeds[0].contiguous().cpu(),
+                 "prompt_mask": prompt_mask.bool()}
+        if self.image_to_video:  # what the first-frame condition needs
+            entry.update(self.encode_image_condition(pipe, video))
+        return entry
 
     def lora_target_modules(self, spec) -> list[str]:
         """Module names for LoRA from `spec`: None or "attn" (the attention projections), "attn+ffn" (and the
@@ -380,8 +423,9 @@ class ModelFamily:
             raise RuntimeError(f"block returned {num_tokens} video tokens, expected {frames}x{height}x{width}")
         return hidden_states.view(batch, frames, height, width, channels)
 
-    def transformer_input_grid(self, config, hidden_states_shape: tuple[int, ...]) -> tuple[int, int, int]:
-        """(F, H, W) for the transformer's `hidden_states` input, in the transformer's own layout."""
+    def transformer_input_grid(self, config, hidden_states_shape: tuple[int, ...], call_kwargs=None):
+        """(F, H, W) for the transformer's `hidden_states` input, in the transformer's own layout; `call_kwargs`
+        are the call's keywords (for transformers taking packed tokens and their grid separately)."""
         return self.token_grid(config, hidden_states_shape)
 
     def width(self, config) -> int:
@@ -416,10 +460,32 @@ class ModelFamily:
         Returns {"loss", "x0_pred" (B, F, C, h, w), "timesteps" (B,), "noisy_latents"}."""
         raise NotImplementedError
 
-    def x0_from_output(self, scheduler, model_output, sample, timestep) -> torch.Tensor:
+    def x0_from_output(self, scheduler, model_output, sample, timestep, transformer_kwargs=None) -> torch.Tensor:
         """The x0 estimate (B, F, C, h, w) of one sampling step from the model output and the current sample,
-        both in the pipeline's own latent layout; differentiable in model_output (motion guidance)."""
+        both in the pipeline's own latent layout; differentiable in model_output (motion guidance).
+        `transformer_kwargs`: the keywords of the step's transformer call (for layouts the tensors alone do not
+        determine)."""
         raise NotImplementedError
+
+    def set_sampling_timesteps(self, scheduler, num_inference_steps: int, latent_shape: tuple[int, ...]) -> None:
+        """Set `scheduler`'s timesteps as the family's pipeline does for latents of `latent_shape` (B, F, C, h, w)."""
+        scheduler.set_timesteps(num_inference_steps)
+
+    def guidance_prompt(self, pipe, arguments: dict, outputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(embeddings (B, L, D), mask (B, L) or None) the motion predictor reads, from one `pipe.encode_prompt`
+        call (its bound `arguments` and its `outputs`): the conditional embeddings and, for prompt strings, the
+        tokenizer's attention mask (as the cache's prompt_mask)."""
+        prompt_embeds = outputs[0]
+        prompt = arguments.get("prompt")
+        if arguments.get("prompt_embeds") is not None or prompt is None:
+            return prompt_embeds, None
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        mask = pipe.tokenizer(
+            prompts, padding="max_length", max_length=arguments.get("max_sequence_length", 226), truncation=True,
+            add_special_tokens=True, return_tensors="pt",
+        ).attention_mask
+        copies = prompt_embeds.shape[0] // mask.shape[0]
+        return prompt_embeds, mask.repeat_interleave(copies, dim=0).to(prompt_embeds.device)
 
     # ------------------------------------------------------------------------------------------- weights
     def save_lora_weights(self, output_dir, lora_layers: dict, metadata: dict, expert: str = "transformer"):

@@ -308,7 +308,7 @@ class CogVideoXFamily(ModelFamily):
             "noisy_latents": noisy_latents,
         }
 
-    def x0_from_output(self, scheduler, model_output, sample, timestep):
+    def x0_from_output(self, scheduler, model_output, sample, timestep, transformer_kwargs=None):
         alpha_bar = scheduler.alphas_cumprod[int(timestep)].to(device=sample.device, dtype=torch.float32)
         return alpha_bar.sqrt() * sample.float() - (1 - alpha_bar).sqrt() * model_output
 

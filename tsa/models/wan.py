@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from tsa.models.base import (
-    TIMESTEP_SAMPLING,
     ModelFamily,
     SamplingDefaults,
+    check_flow_sampling_options,
     flow_shift,
     is_flow_scheduler,
     model_index,
@@ -137,12 +137,7 @@ class WanFamily(ModelFamily):
         spatial_multiple: int = 16,
     ):
         super().__init__(timestep_range)
-        if timestep_sampling not in TIMESTEP_SAMPLING:
-            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
-        if not logit_std > 0:
-            raise ValueError(f"logit_std must be > 0, got {logit_std}")
-        if shift is not None and not shift > 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
+        check_flow_sampling_options(timestep_sampling, logit_std, shift)
         self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, float(logit_mean), float(logit_std)
         self.shift, self.expand_timesteps, self.spatial_multiple = shift, bool(expand_timesteps), spatial_multiple
 
@@ -261,7 +256,7 @@ class WanFamily(ModelFamily):
         patch_t, patch_h, patch_w = config.patch_size
         return frames // patch_t, height // patch_h, width // patch_w
 
-    def transformer_input_grid(self, config, hidden_states_shape):
+    def transformer_input_grid(self, config, hidden_states_shape, call_kwargs=None):
         batch, channels, frames, height, width = hidden_states_shape
         return self.token_grid(config, (batch, frames, channels, height, width))
 
@@ -439,7 +434,7 @@ class WanFamily(ModelFamily):
             "noisy_latents": noisy_latents,
         }
 
-    def x0_from_output(self, scheduler, model_output, sample, timestep):
+    def x0_from_output(self, scheduler, model_output, sample, timestep, transformer_kwargs=None):
         index = int((scheduler.timesteps.to(sample.device) - timestep).abs().argmin())
         sigma = scheduler.sigmas[index].to(device=sample.device, dtype=torch.float32)
         return (sample.float() - sigma * model_output).permute(0, 2, 1, 3, 4)

@@ -97,32 +97,16 @@ class LatentEncoder:
                  family=None):
         from tsa.models import detect_family
 
-        family = detect_family(model_path) if family is None else family
-        self.pipe = family.load_encoders(model_path, device, dtype, tiling)
+        self.family = detect_family(model_path) if family is None else family
+        self.pipe = self.family.load_encoders(model_path, device, dtype, tiling)
         if max_sequence_length is None:
-            max_sequence_length = family.max_sequence_length(model_path)
+            max_sequence_length = self.family.max_sequence_length(model_path)
         self.device, self.dtype, self.max_sequence_length = torch.device(device), dtype, max_sequence_length
-        self.family = family
 
-    @torch.no_grad()
     def __call__(self, pixels, caption):
-        """pixels (T, 3, H, W) in [-1, 1] -> dict of latent_dist (2C, F, h, w), prompt_embeds (L, D) and
-        prompt_mask (L,) (the tokenizer's attention mask, for pooling over real tokens)."""
-        video = pixels.to(self.device, self.dtype).permute(1, 0, 2, 3).unsqueeze(0)
-        latent_dist = self.pipe.vae.encode(video).latent_dist.parameters[0]
-        prompt_embeds, _ = self.pipe.encode_prompt(
-            caption, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
-            device=self.device, dtype=self.dtype,
-        )
-        prompt_mask = self.pipe.tokenizer(
-            caption, padding="max_length", max_length=self.max_sequence_length, truncation=True,
-            return_tensors="pt",
-        ).attention_mask[0]
-        entry = {"latent_dist": latent_dist.contiguous().cpu(), "prompt_embeds": prompt_embeds[0].contiguous().cpu(),
-                 "prompt_mask": prompt_mask.bool()}
-        if self.family.image_to_video:  # what the first-frame condition needs
-            entry.update(self.family.encode_image_condition(self.pipe, video))
-        return entry
+        """pixels (T, 3, H, W) in [-1, 1] -> the family's cache entry (ModelFamily.encode_entry): latent_dist
+        (2C, F, h, w), prompt_embeds (L, D), prompt_mask (L,)."""
+        return self.family.encode_entry(self.pipe, pixels, caption, self.max_sequence_length)
 
 
 def fill_cache(dataset, layout, encoder, process_index=0, num_processes=1, progress=True):

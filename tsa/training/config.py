@@ -46,6 +46,22 @@ def family_presets() -> dict[str, dict]:
 
 PRESETS = {"tiny": TINY_PRESET, **family_presets()}
 
+
+def preset_values(preset: str | None, model_family: str | None = None, model_path=None) -> dict:
+    """A preset's option values; the tiny preset's with its family's `tiny_preset` on top (the family of
+    `model_family`, else of the `model_path` folder, else tsa.models.DEFAULT_FAMILY)."""
+    values = dict(PRESETS.get(preset, {}))
+    if preset == "tiny":
+        from tsa.models import DEFAULT_FAMILY, FAMILIES, family_class, model_index, pipeline_family_name
+
+        if model_family is None and model_path is not None and model_index(model_path):
+            try:
+                model_family = pipeline_family_name(model_index(model_path).get("_class_name"))
+            except ValueError:  # an unsupported folder: resolve_config names the error
+                model_family = None
+        if model_family in FAMILIES or model_family is None:
+            values.update(family_class(model_family or DEFAULT_FAMILY).tiny_preset)
+    return values
 # The optimiser and adapter defaults a run without a preset gets: a full fine-tune at the papers' rate, and LoRA
 # at the rate and size of the LoRA trainers (docs/method.md, "LoRA defaults").
 FULL_FINETUNE_DEFAULTS = dict(learning_rate=2e-6, lora_rank=32, lora_alpha=32.0)
@@ -151,7 +167,8 @@ class TrainConfig:
         """A preset's values (PRESETS) with `overrides` on top."""
         if preset not in PRESETS:
             raise UsageError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-        return cls.from_dict({**PRESETS[preset], **overrides, "preset": preset})
+        values = preset_values(preset, overrides.get("model_family"), overrides.get("model_path"))
+        return cls.from_dict({**values, **overrides, "preset": preset})
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
