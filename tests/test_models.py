@@ -297,9 +297,12 @@ def test_unipc_flow_scheduler_as_wan_folders_ship_it():
         (["--model-path", "{ti2v}", "--height", "48"], "must be multiples of 32 for .* \\(VAE x patch size\\)"),
     ],
 )
-def test_family_options_on_the_command_line(assets, tmp_path, argv, message, capsys):
+def test_family_options_on_the_command_line(assets, tmp_path, argv, message, capsys, monkeypatch):
     from tsa.cli.options import parse_config
 
+    monkeypatch.chdir(tmp_path)
+    for name in ("d", "t"):  # the paths the options name exist (they are checked first)
+        (tmp_path / name).mkdir()
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "LTXPipeline"}))
     paths = {"{wan}": str(assets["wan"]), "{ti2v}": str(assets["ti2v"]), "{unsupported}": str(tmp_path)}
     common = ["--preset", "tiny", "--data", "d", "--teacher-path", "t"]
