@@ -501,7 +501,9 @@ class ModelFamily:
         the `expert` a caller asks for (None: whichever the file names). ValueError in one line."""
         recorded = read_lora_expert(Path(lora_dir) / LORA_WEIGHTS) or "transformer"
         if expert is not None and expert != recorded:
-            raise ValueError(f"{Path(lora_dir) / LORA_WEIGHTS} adapts {recorded}, not {expert}: load it into {recorded}")
+            raise ValueError(
+                f"{Path(lora_dir) / LORA_WEIGHTS} adapts {recorded}, not {expert}: load it into {recorded}"
+            )
         if recorded not in self.experts:
             raise ValueError(f"{Path(lora_dir) / LORA_WEIGHTS} adapts {recorded}, which {self.name} pipelines do not "
                              f"have (their denoisers: {', '.join(self.experts)})")

@@ -97,8 +97,8 @@ class CogVideoXFamily(ModelFamily):
     transformer_class_names = ("CogVideoXTransformer3DModel",)
     default_guidance_scale = 6.0
     default_fps = 8
-    ffn_lora_target_modules = ("ff.net.0.proj", "ff.net.2")
-    default_latents = "sample"  # diffusers' CogVideoX training example samples the posterior each step  # the FeedForward's two linear layers
+    ffn_lora_target_modules = ("ff.net.0.proj", "ff.net.2")  # the FeedForward's two linear layers
+    default_latents = "sample"  # diffusers' CogVideoX training example samples the posterior each step
     presets = {
         # TSA / M-TSA on CogVideoX-2B, full fine-tune (8 GPUs x 4 = global batch 32).
         "cogvideox-2b-mtsa": dict(

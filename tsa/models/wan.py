@@ -76,8 +76,8 @@ class WanFamily(ModelFamily):
     }
     default_guidance_scale = 5.0
     default_fps = 16
-    ffn_lora_target_modules = ("ffn.net.0.proj", "ffn.net.2")
-    default_latents = "mean"  # Wan's own VAE encode returns the posterior mean (wan/modules/vae.py), as trainers use  # the FeedForward's two linear layers
+    ffn_lora_target_modules = ("ffn.net.0.proj", "ffn.net.2")  # the FeedForward's two linear layers
+    default_latents = "mean"  # Wan's own VAE encode returns the posterior mean (wan/modules/vae.py), as trainers use
     presets = {
         # M-TSA on Wan2.1 T2V-1.3B, full fine-tune, 81 x 480 x 832 (21 x 30 x 52 video tokens; block 18 of 30).
         "wan2.1-1.3b-mtsa": dict(
