@@ -13,8 +13,8 @@ from stss_kernels.ops.relation_distance.triton_backend.tiles import VARIANT_IDS,
 
 # S - T is one fp32 accumulator ([s | t] [s | -t]^T), so 128 x 256 tiles fit for all pairs on sm_90a: ~85 FLOP per
 # byte of L2 traffic against ~43 at 128 x 64. python -m bench.compile (bf16): the first config (the untuned default)
-# spills on neither sm_90a nor sm_80 at tsa-grid and cogvideox-native; 128 x 256 and 128 x 128 spill on sm_80 at
-# one of them (and 128 x 256 fp32 exceeds its shared memory): timed on Hopper only.
+# spills on neither sm_90a nor sm_80 at tsa-grid and cogvideox-native; every other config spills on sm_80 at one of
+# them (and 128 x 256 fp32 exceeds its shared memory): timed on Hopper only.
 FORWARD_CONFIGS = hopper_only_configs(
     autotune_configs(
         [
@@ -27,7 +27,7 @@ FORWARD_CONFIGS = hopper_only_configs(
         ],
         dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32),
     ),
-    (1, 2, 3),
+    (1, 2, 3, 4, 5),
 )
 # Spatial and temporal pairs also hold the tile of (row frame == key frame): 128 x 256 spills 0.7-1.4 KB and
 # 128 x 128 64 B on sm_90a there.
