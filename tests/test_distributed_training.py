@@ -108,6 +108,18 @@ def test_fsdp_with_context_parallel_equals_one_process(wan, one_process, tmp_pat
     assert (tmp_path / "checkpoints" / "checkpoint-2" / "fsdp" / ".metadata").is_file()
 
 
+
+def test_ltx2_context_parallel_run_equals_one_process(tiny_runs, tmp_path):
+    """Tiny LTX-2 (video-only call: empty audio stream, isolate_modalities=True), M-TSA + LoRA, under diffusers' LTX-2
+    plan (video tokens, prompt tokens and rotary tables split over 2 ranks): the one-process run's losses and
+    weights."""
+    ltx2 = [*assets(tiny_runs("ltx2")[0], "ltx2"), "--model-family", "ltx2", *QUIET]
+    one = tmp_path / "one"
+    train_cli([*ltx2, *LORA, "--output-dir", one])
+    launch([*ltx2, *LORA, "--context-parallel", "2", "--output-dir", tmp_path / "cp"])
+    assert_same_run(one, tmp_path / "cp", LORA_FILES)
+
+
 @pytest.fixture(scope="module")
 def ddp_full(wan, tmp_path_factory):
     output = tmp_path_factory.mktemp("ddp")
