@@ -108,6 +108,18 @@ def test_fsdp_with_context_parallel_equals_one_process(wan, one_process, tmp_pat
     assert (tmp_path / "checkpoints" / "checkpoint-2" / "fsdp" / ".metadata").is_file()
 
 
+
+def test_ltx2_context_parallel_run_equals_one_process(tiny_runs, tmp_path):
+    """Tiny LTX-2 (video-only call: empty audio stream, isolate_modalities=True), M-TSA + LoRA, under diffusers' LTX-2
+    plan (video tokens, prompt tokens and rotary tables split over 2 ranks): the one-process run's losses and
+    weights."""
+    ltx2 = [*assets(tiny_runs("ltx2")[0], "ltx2"), "--model-family", "ltx2", *QUIET]
+    one = tmp_path / "one"
+    train_cli([*ltx2, *LORA, "--output-dir", one])
+    launch([*ltx2, *LORA, "--context-parallel", "2", "--output-dir", tmp_path / "cp"])
+    assert_same_run(one, tmp_path / "cp", LORA_FILES)
+
+
 @pytest.fixture(scope="module")
 def ddp_full(wan, tmp_path_factory):
     output = tmp_path_factory.mktemp("ddp")
@@ -240,3 +252,80 @@ def test_objective_on_token_slices_equals_one_process(tmp_path):
     for case, errors in json.loads(result.read_text()).items():
         for name, error in errors.items():
             assert error < tolerances[name], (case, name, error)
+
+
+LTX2_TRANSFORMER_SCRIPT = """
+import copy, json, sys, unittest.mock
+import torch, torch.distributed as dist
+from diffusers import ContextParallelConfig, LTX2VideoTransformer3DModel
+from tsa.models import get_family
+from tsa.models.ltx2 import tiny_ltx2_transformer
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (1, world), mesh_dim_names=("ring", "ulysses"))
+family = get_family("ltx2")
+
+
+def enable(transformer):
+    with unittest.mock.patch.object(torch.accelerator, "device_count", return_value=1):
+        family.enable_context_parallel(transformer, ContextParallelConfig(ulysses_degree=world, mesh=mesh))
+
+
+def relative(got, want):
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+results = {}
+torch.manual_seed(0)
+transformer = tiny_ltx2_transformer(2)
+reference = copy.deepcopy(transformer)
+generator = torch.Generator().manual_seed(1)
+tokens = torch.randn(2, 18, transformer.config.in_channels, generator=generator)
+mask = torch.ones(2, 16, dtype=torch.bool)
+mask[0, :5] = mask[1, :9] = False  # left padding, as Gemma's
+prompt = torch.randn(2, 16, 32, generator=generator) * mask[..., None]
+timestep = torch.tensor([300.0, 800.0])
+want = family.transformer_call(reference, tokens, (3, 2, 3), prompt, timestep, mask)
+want.pow(2).sum().backward()
+enable(transformer)
+got = family.transformer_call(transformer, tokens, (3, 2, 3), prompt, timestep, mask)
+got.pow(2).sum().backward()
+worst = 0.0
+for parameter, expected in zip(transformer.parameters(), reference.parameters()):
+    if expected.grad is None or not expected.grad.abs().max() > 0:
+        continue
+    gradient = parameter.grad.clone()
+    dist.all_reduce(gradient)  # the group's gradient is the sum of its ranks'
+    worst = max(worst, relative(gradient, expected.grad))
+results["call"] = {"output": relative(got, want), "gradient": worst}
+
+# "split" rotary tables (B, heads, N, D / 2): each rank gets its token slice of the one-process tables.
+split = LTX2VideoTransformer3DModel.from_config(tiny_ltx2_transformer(2).config, rope_type="split")
+coords = split.rope.prepare_video_coords(2, 3, 2, 3, torch.device("cpu"), fps=family.fps)
+whole = split.rope(coords)
+enable(split)
+local = split.rope(coords)
+results["split rope"] = {"output": max(relative(part, table.chunk(world, dim=2)[rank])
+                                       for part, table in zip(local, whole))}
+if rank == 0:
+    with open(sys.argv[1], "w") as handle:
+        json.dump(results, handle)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_ltx2_transformer_on_token_slices_equals_one_process(tmp_path):
+    """The LTX-2 video-only call (padded text mask) with the video tokens split over 2 ranks: the one-process
+    velocity, and parameter gradients summed over the group equal the one-process gradients; "split" rotary tables
+    (the released checkpoints' layout) split along their token axis."""
+    script, result = tmp_path / "ltx2.py", tmp_path / "result.json"
+    script.write_text(LTX2_TRANSFORMER_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(result)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(result.read_text())
+    assert results["call"]["output"] < 1e-5 and results["call"]["gradient"] < 1e-4, results
+    assert results["split rope"]["output"] == 0, results

@@ -405,10 +405,16 @@ class ModelFamily:
         """The transformer blocks, in order; block i's output holds the video tokens (see video_tokens)."""
         raise NotImplementedError
 
-    def context_parallel_plan(self):
+    def context_parallel_plan(self, config=None):
         """diffusers' context-parallel plan of the family's transformer (its class's `_cp_plan`: where the hidden
-        states are split into token slices and gathered again), or None when it has none."""
+        states are split into token slices and gathered again), or None when it has none; `config` (the
+        transformer's, when known) lets a family fit the plan to the model's layout."""
         return getattr(self.transformer_class(), "_cp_plan", None)
+
+    def enable_context_parallel(self, transformer: nn.Module, config) -> None:
+        """diffusers' context parallelism (a ContextParallelConfig) on the unwrapped transformer, with the family's
+        plan."""
+        transformer.enable_parallelism(config=config, cp_plan=self.context_parallel_plan(transformer.config))
 
     def token_grid(self, config, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
         """(F, H, W) video-token grid of the transformer for latents of shape (B, F, C, h, w)."""

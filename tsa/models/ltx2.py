@@ -340,10 +340,31 @@ class LTX2Family(ModelFamily):
             raise ValueError(f"{hidden_states_shape[1]} video tokens do not fill the grid {grid}")
         return grid
 
-    def context_parallel_plan(self):
-        """None: --context-parallel is refused for LTX-2. Its transformer has a diffusers plan (it also splits the
-        prompt tokens and the rotary tables), but no two-process run has checked it on the video-only call."""
-        return None
+    def context_parallel_plan(self, config=None):
+        """diffusers' LTX2VideoTransformer3DModel plan for the video stream: the video tokens and their rotary tables
+        split over the ranks, the output gathered. The prompt tokens stay whole on every rank (the class's plan
+        also splits them, but diffusers' Ulysses backward assumes as many key as query tokens, so the text
+        cross-attention runs locally, see enable_context_parallel). For `config.rope_type` "split" the rotary
+        tables are (B, heads, N, D / 2) and split along N; the class's plan expects the interleaved (B, N, D)."""
+        from diffusers.models._modeling_parallel import ContextParallelInput
+
+        class_plan = self.transformer_class()._cp_plan
+        plan = {"": {"hidden_states": class_plan[""]["hidden_states"]}, "rope": class_plan["rope"],
+                "proj_out": class_plan["proj_out"]}
+        if config is not None and config.get("rope_type") == "split":
+            table = ContextParallelInput(split_dim=2, expected_dims=4, split_output=True)
+            plan["rope"] = {0: table, 1: table}
+        return plan
+
+    def enable_context_parallel(self, transformer, config) -> None:
+        """The plan above, with Ulysses attention for the video self-attention only: every other attention (text
+        cross-attention, the audio stream, which is not split) takes its keys whole on each rank, so it runs on
+        the rank's own queries without communication."""
+        super().enable_context_parallel(transformer, config)
+        for block in transformer.transformer_blocks:
+            for name, attention in block.named_children():
+                if name != "attn1" and hasattr(attention, "processor"):
+                    attention.processor._parallel_config = None
 
     def text_dim(self, config) -> int:
         """Width of the connectors' video output (the cached prompt embeddings): caption_channels where the

@@ -95,9 +95,9 @@ def enable_context_parallel(transformer, layout: ParallelLayout, family) -> None
     config = ContextParallelConfig(ulysses_degree=layout.context_parallel, mesh=layout.mesh)
     if torch.accelerator.device_count() == 0:
         with unittest.mock.patch.object(torch.accelerator, "device_count", return_value=1):
-            module.enable_parallelism(config=config, cp_plan=family.context_parallel_plan())
+            family.enable_context_parallel(module, config)
     else:
-        module.enable_parallelism(config=config, cp_plan=family.context_parallel_plan())
+        family.enable_context_parallel(module, config)
 
 
 def check_context_parallel(family, transformer_config: dict, token_grid, context_parallel: int) -> str | None:
