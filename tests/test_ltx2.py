@@ -241,6 +241,32 @@ def test_motion_guidance_guides_the_video_step_only(tiny):
     assert "step" not in vars(pipe.scheduler)
 
 
+@pytest.mark.parametrize("rope_type", ["interleaved", "split"])
+def test_video_tokens_ignore_the_audio_placeholder_for_either_rotary_layout(tiny, rope_type):
+    """The released LTX-2.0 checkpoints use "split" rotary tables, which an empty audio stream cannot reshape; the
+    one-token placeholder runs with both layouts and its value never reaches the video tokens."""
+    family = tiny["family"]
+    base = family.unwrap(tiny["pipe"].transformer)
+    transformer = type(base).from_config(base.config, rope_type=rope_type)
+    transformer.load_state_dict(base.state_dict())
+    latents, prompt = _latents(batch=1)
+    tokens, grid = _tokens(latents), tuple(latents.shape[i] for i in (1, 3, 4))
+    timestep = torch.tensor([500.0])
+    with torch.no_grad():
+        video = family.transformer_call(transformer, tokens, grid, prompt, timestep)
+        audio_text = prompt.new_zeros(1, prompt.shape[1], family.audio_text_dim(transformer.config))
+        mask = torch.ones(1, prompt.shape[1])
+        other_audio = transformer(
+            hidden_states=tokens, audio_hidden_states=torch.full((1, 1, transformer.config.audio_in_channels), 3.0),
+            encoder_hidden_states=prompt, audio_encoder_hidden_states=audio_text, timestep=timestep,
+            audio_timestep=timestep, sigma=timestep, encoder_attention_mask=mask, audio_encoder_attention_mask=mask,
+            num_frames=grid[0], height=grid[1], width=grid[2], fps=family.fps, audio_num_frames=1,
+            isolate_modalities=True, return_dict=False,
+        )[0]
+    assert video.shape == tokens.shape[:2] + (transformer.config.out_channels,) and torch.isfinite(video).all()
+    torch.testing.assert_close(video, other_audio, rtol=0, atol=0)
+
+
 def test_bad_options_are_refused():
     for options, message in (
         (dict(timestep_sampling="cosine"), "timestep_sampling"),

@@ -1,8 +1,9 @@
 """LTX-2 (diffusers LTX2Pipeline / LTX2VideoTransformer3DModel / AutoencoderKLLTX2Video / Gemma 3 + LTX2TextConnectors).
 
 LTX-2 is an audio-video DiT: every block updates a video stream and an audio stream. tsa trains it on video-only
-clips the way Lightricks' ltx-trainer does when a run has no audio modality: the audio stream is empty and the
-audio-to-video / video-to-audio cross-attention is off (`isolate_modalities=True`), so each block's video tokens
+clips the way Lightricks' ltx-trainer does when a run has no audio modality: the audio stream holds one zero
+placeholder token and the audio-to-video / video-to-audio cross-attention is off (`isolate_modalities=True`), so
+each block's video tokens
 depend only on the video, the text and the timestep. Audio tokens are never aligned.
 
 Objective (ltx-trainer `training_strategies/flexible.py`, diffusers `pipeline_ltx2.py`): rectified flow on the
@@ -467,7 +468,9 @@ class LTX2Family(ModelFamily):
 
     def transformer_call(self, transformer, noisy_tokens, grid, prompt_embeds, timestep, prompt_attention_mask=None):
         """The video-only transformer call: packed noisy tokens (B, N, C), timestep (B,) or per token (B, N) as
-        1000 sigma -> velocity tokens (B, N, C). The audio stream is empty and isolated from the video."""
+        1000 sigma -> velocity tokens (B, N, C). The audio stream is isolated from the video
+        (`isolate_modalities`) and holds one zero placeholder token: its value never reaches the video tokens,
+        and an empty stream fails in the "split" rotary embedding of the released checkpoints."""
         module = self.unwrap(transformer)
         config = module.config
         batch = noisy_tokens.shape[0]
@@ -477,7 +480,7 @@ class LTX2Family(ModelFamily):
         audio_text = prompt_embeds.new_zeros(batch, prompt_embeds.shape[1], self.audio_text_dim(config))
         return transformer(
             hidden_states=noisy_tokens,
-            audio_hidden_states=noisy_tokens.new_zeros(batch, 0, config.audio_in_channels),
+            audio_hidden_states=noisy_tokens.new_zeros(batch, 1, config.audio_in_channels),
             encoder_hidden_states=prompt_embeds,
             audio_encoder_hidden_states=audio_text,
             timestep=timestep,
@@ -489,13 +492,13 @@ class LTX2Family(ModelFamily):
             height=grid[1],
             width=grid[2],
             fps=self.fps,
-            audio_num_frames=0,
+            audio_num_frames=1,
             isolate_modalities=True,
             return_dict=False,
         )[0]
 
     def audio_text_dim(self, config) -> int:
-        """Width of the connectors' audio output the (empty) audio stream cross-attends to."""
+        """Width of the connectors' audio output the placeholder audio stream cross-attends to."""
         return config.caption_channels if config.use_prompt_embeddings else config.audio_cross_attention_dim
 
     def denoise_and_loss(
