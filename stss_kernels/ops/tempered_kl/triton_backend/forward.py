@@ -132,23 +132,19 @@ def side_logits(
 
 
 @triton.jit
-def fold_teacher(logits_t, max_t, sum_t, WEIGHT_FP16: tl.constexpr):
+def fold_teacher(logits_t, max_t, sum_t):
     """Fold a tile of teacher logits into the running max and sum, before the student's tile is computed.
 
-    Returns the new max and sum, the rescale of earlier terms, the tile's P_t weights exp2(x_t - max_t) (fp16
-    when WEIGHT_FP16: values in [0, 1], half the registers of fp32, so that the teacher's fp32 tile is dead
-    while the student's is accumulated) and the row sums of weight * (x_t - max_t) with those same weights.
+    Returns the new max and sum, the rescale of earlier terms, the tile's P_t weights exp2(x_t - max_t) (fp32:
+    fp16 weights leave the 16-bit loss less accurate than the naive op's) and the row sums of
+    weight * (x_t - max_t) with those same weights.
     """
     new_max_t = tl.maximum(max_t, tl.max(logits_t, axis=1))
     centred_t = logits_t - new_max_t[:, None]
     exp_t = tl.exp2(centred_t)
     rescale_t = tl.exp2(max_t - new_max_t)
-    if WEIGHT_FP16:
-        weight = exp_t.to(tl.float16)
-    else:
-        weight = exp_t
-    gap_t = tl.sum(weight.to(tl.float32) * centred_t, axis=1)
-    return new_max_t, sum_t * rescale_t + tl.sum(exp_t, axis=1), rescale_t, weight, gap_t
+    gap_t = tl.sum(exp_t * centred_t, axis=1)
+    return new_max_t, sum_t * rescale_t + tl.sum(exp_t, axis=1), rescale_t, exp_t, gap_t
 
 
 @triton.jit
@@ -162,7 +158,7 @@ def fold_student(logits_s, weight, gap_t, max_t, new_max_t, rescale_t, sum_t, ma
     new_max_s = tl.maximum(max_s, tl.max(logits_s, axis=1))
     centred_s = logits_s - new_max_s[:, None]
     shift = (new_max_t - max_t) - (new_max_s - max_s)
-    weighted_gap = rescale_t * (weighted_gap - sum_t * shift) + (gap_t - tl.sum(weight.to(tl.float32) * centred_s, 1))
+    weighted_gap = rescale_t * (weighted_gap - sum_t * shift) + (gap_t - tl.sum(weight * centred_s, 1))
     sum_s = sum_s * tl.exp2(max_s - new_max_s) + tl.sum(tl.exp2(centred_s), axis=1)
     return new_max_s, sum_s, weighted_gap
 
@@ -195,7 +191,6 @@ def fold_key_tile(
     NARROW: tl.constexpr,
     MASK_KEYS: tl.constexpr,
     DESCRIPTORS: tl.constexpr,
-    WEIGHT_FP16: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -207,7 +202,7 @@ def fold_key_tile(
     logits_t = side_logits(teacher_ptr, query_t, keys_t, rows, row_valid, row_start, keys, key_valid, key_start, Ct,
                            scale_t, CT_PAD, NARROW, MASK_KEYS, DESCRIPTORS, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
                            BLOCK_K)  # fmt: skip
-    new_max_t, new_sum_t, rescale_t, weight, gap_t = fold_teacher(logits_t, max_t, sum_t, WEIGHT_FP16)
+    new_max_t, new_sum_t, rescale_t, weight, gap_t = fold_teacher(logits_t, max_t, sum_t)
     logits_s = side_logits(student_ptr, query_s, keys_s, rows, row_valid, row_start, keys, key_valid, key_start, Cs,
                            scale_s, CS_PAD, NARROW, MASK_KEYS, DESCRIPTORS, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
                            BLOCK_K)  # fmt: skip
@@ -236,7 +231,6 @@ def _tempered_kl_forward_kernel(
     NARROW: tl.constexpr,
     HAS_INDEX: tl.constexpr,
     DESCRIPTORS: tl.constexpr,
-    WEIGHT_FP16: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -311,7 +305,7 @@ def _tempered_kl_forward_kernel(
             max_t, max_s, sum_t, sum_s, weighted_gap = fold_key_tile(
                 student_ptr, teacher_ptr, query_s, query_t, keys_s, keys_t, rows, row_valid, row_start, keys,
                 key_valid, (frame_start + key_start).to(tl.int32), Cs, Ct, scale_s, scale_t, max_t, max_s, sum_t, sum_s,
-                weighted_gap, CS_PAD, CT_PAD, NARROW, False, DESCRIPTORS, WEIGHT_FP16, UPCAST, PRECISION, BLOCK_M,
+                weighted_gap, CS_PAD, CT_PAD, NARROW, False, DESCRIPTORS, UPCAST, PRECISION, BLOCK_M,
                 BLOCK_N, BLOCK_K,
             )  # fmt: skip
         # The frame's last HW - full_keys keys in narrower tiles.
@@ -322,7 +316,7 @@ def _tempered_kl_forward_kernel(
             max_t, max_s, sum_t, sum_s, weighted_gap = fold_key_tile(
                 student_ptr, teacher_ptr, query_s, query_t, tail_s, tail_t, rows, row_valid, row_start, keys,
                 key_valid, (frame_start + key_start).to(tl.int32), Cs, Ct, scale_s, scale_t, max_t, max_s, sum_t, sum_s,
-                weighted_gap, CS_PAD, CT_PAD, NARROW, True, DESCRIPTORS, WEIGHT_FP16, UPCAST, PRECISION, BLOCK_M,
+                weighted_gap, CS_PAD, CT_PAD, NARROW, True, DESCRIPTORS, UPCAST, PRECISION, BLOCK_M,
                 BLOCK_TAIL, BLOCK_K,
             )  # fmt: skip
         frame_stats = stats_ptr + (b * frames + f) * NUM_STATS * N + rows
@@ -371,9 +365,6 @@ def forward_constants(channels_s: int, channels_t: int, has_index: bool, dtype: 
     narrow = is_narrow(channels_s, channels_t)
     return dict(
         DESCRIPTORS=not narrow and not has_index and descriptors_apply(channels_s, channels_t, dtype),
-        # fp32 P_t weights: fp16 ones leave the fp16 loss about 10% less accurate than the naive op's
-        # (tests/test_tempered_kl.py::test_reduced_precision_cpu), and the default tiles do not spill with fp32.
-        WEIGHT_FP16=False,
         CS_PAD=max(16, next_power_of_two(channels_s)) if narrow else 16,
         CT_PAD=max(16, next_power_of_two(channels_t)) if narrow else 16,
         NARROW=narrow,
