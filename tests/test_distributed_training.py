@@ -184,7 +184,7 @@ def test_token_shard_bounds_follow_torch_split_order(tokens, size):
 
 
 OBJECTIVE_SCRIPT = """
-import copy, json, sys, tempfile, unittest.mock
+import copy, json, os, sys, unittest.mock
 import torch, torch.distributed as dist
 from diffusers import ContextParallelConfig, FlowMatchEulerDiscreteScheduler
 from tsa.models.wan import tiny_wan_transformer
@@ -230,6 +230,11 @@ if rank == 0:
         json.dump(results, handle)
 dist.barrier()
 dist.destroy_process_group()
+# gloo's worker threads drop their finished collectives' tensors after the caller's wait returns, which takes the GIL:
+# one that asks for it while the interpreter finalises aborts the process (pytorch/pytorch#38228) although every
+# rank finished. The results are written: leave without finalising.
+sys.stdout.flush(), sys.stderr.flush()
+os._exit(0)
 """
 
 
@@ -255,7 +260,7 @@ def test_objective_on_token_slices_equals_one_process(tmp_path):
 
 
 LTX2_TRANSFORMER_SCRIPT = """
-import copy, json, sys, unittest.mock
+import copy, json, os, sys, unittest.mock
 import torch, torch.distributed as dist
 from diffusers import ContextParallelConfig, LTX2VideoTransformer3DModel
 from tsa.models import get_family
@@ -313,6 +318,11 @@ if rank == 0:
         json.dump(results, handle)
 dist.barrier()
 dist.destroy_process_group()
+# gloo's worker threads drop their finished collectives' tensors after the caller's wait returns, which takes the GIL:
+# one that asks for it while the interpreter finalises aborts the process (pytorch/pytorch#38228) although every
+# rank finished. The results are written: leave without finalising.
+sys.stdout.flush(), sys.stderr.flush()
+os._exit(0)
 """
 
 

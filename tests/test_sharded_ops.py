@@ -307,6 +307,10 @@ def _worker(rank, world, rendezvous, name):
         raise AssertionError(f"rank {rank}: {traceback.format_exc()}") from error
     finally:
         dist.destroy_process_group()
+    # gloo's worker threads drop their finished collectives' tensors after the caller's wait returns, which takes the
+    # GIL: one that asks for it while the interpreter finalises aborts the process (pytorch/pytorch#38228) although
+    # the rank passed. Leave without finalising.
+    os._exit(0)
 
 
 def _spawn(name: str, world: int, deadline_s: float) -> None:

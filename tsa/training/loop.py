@@ -30,7 +30,14 @@ from tsa.training.checkpoints import (
 )
 from tsa.training.config import TrainConfig, resolve_config
 from tsa.training.interrupts import StopSignals, signal_name
-from tsa.training.parallel import ParallelLayout, build_layout, gradient_norm, is_sharded, load_sharded_state
+from tsa.training.parallel import (
+    ParallelLayout,
+    build_layout,
+    end_training,
+    gradient_norm,
+    is_sharded,
+    load_sharded_state,
+)
 from tsa.training.validation import check_training_config
 
 LOSS_NAMES = ("loss", "diffusion", "align", "drift", "predictor")
@@ -408,7 +415,7 @@ def train(config: TrainConfig):
                     if not saved:
                         save_checkpoint(accelerator, config, step, history, lamo, sharded)
                     progress.close()
-                    accelerator.end_training()
+                    end_training(accelerator)
                     checkpoint = checkpoint_dir(config.output_dir, step)
                     message = (f"stopped by {signal_name(stop)} after step {step} of {config.max_steps}; checkpoint "
                                f"saved in {checkpoint}; continue with the same command and --resume latest")
@@ -429,5 +436,5 @@ def train(config: TrainConfig):
               + (f"; {len(skipped)} of {len(skipped) + len(dataloader.dataset)} clips skipped (undecodable)"
                  if skipped else "") + "; try\n"
               f"  tsa-sample {config.output_dir} --prompt \"a red ball falls and bounces on the floor\"")
-    accelerator.end_training()
+    end_training(accelerator)
     return history

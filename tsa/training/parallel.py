@@ -15,6 +15,7 @@ into full state dicts.
 
 from __future__ import annotations
 
+import time
 import unittest.mock
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,21 @@ def build_layout(accelerator, context_parallel: int = 1, fsdp: bool = False) -> 
         layout.mesh = init_device_mesh(accelerator.device.type, (world // context_parallel, 1, context_parallel),
                                        mesh_dim_names=("dp", "ring", "ulysses"))
     return layout
+
+
+def end_training(accelerator) -> None:
+    """`accelerator.end_training()` (trackers finished, process group destroyed), then, on a gloo group, a moment
+    with the GIL released.
+
+    gloo's worker threads drop the tensors of their last finished collectives after the caller's wait returns, and
+    dropping a tensor that Python has seen takes the GIL: a thread that asks for it while the interpreter finalises
+    aborts the process ("terminate called without an active exception", pytorch/pytorch#38228) after a run that
+    succeeded. The sleep lets them finish first.
+    """
+    gloo = dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"
+    accelerator.end_training()
+    if gloo:
+        time.sleep(0.2)
 
 
 def enable_context_parallel(transformer, layout: ParallelLayout, family) -> None:
