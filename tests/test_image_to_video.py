@@ -212,3 +212,78 @@ def test_task_must_match_the_model_folder(tmp_path, capsys, monkeypatch):
         parse_config(["--model-path", str(model), "--data", "videos", "--align", "none", "--task", "i2v"])
     assert "--task i2v" in capsys.readouterr().err
     assert parse_config(["--model-path", str(model), "--data", "videos", "--align", "none"]).task == "t2v"
+
+
+def _guidance_predictor(pipe):
+    from tsa.lamo import MotionPredictor
+
+    torch.manual_seed(0)
+    predictor = MotionPredictor(in_channels=pipe.transformer.config.out_channels, channels=16, num_blocks=2,
+                                cond_dim=16, text_dim=pipe.text_encoder.config.d_model)
+    with torch.no_grad():  # a trained predictor predicts motion; a fresh one predicts none
+        predictor.head.weight.normal_(std=0.1)
+    return predictor
+
+
+@pytest.mark.parametrize("family,options,pipeline", [
+    ("cogvideox", dict(i2v=True), "CogVideoXImageToVideoPipeline"),
+    ("wan", dict(i2v=True), "WanImageToVideoPipeline"),
+    ("wan", dict(ti2v=True), "WanImageToVideoPipeline"),  # a TI2V-5B folder is a WanPipeline's: both tasks
+], ids=["cogvideox-i2v", "wan2.1-i2v", "ti2v-5b"])
+def test_motion_guidance_guides_each_image_to_video_pipeline(family, options, pipeline, tmp_path, monkeypatch):
+    """LaMo's guidance inside the I2V pipelines: scale 0 leaves the sample as it is, a positive scale guides every
+    step and changes the sample; TI2V-5B's x0 keeps the image's first latent frame (its tokens are at timestep 0)
+    and the pipeline's output keeps it too."""
+    import diffusers
+    import numpy as np
+    from PIL import Image
+
+    import tsa.lamo.guidance as guidance_module
+    from tsa.lamo import enable_motion_guidance
+
+    folder = get_family(family).save_tiny_pipeline(tmp_path / "pipe", **options)
+    pipe = getattr(diffusers, pipeline).from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    predictor = _guidance_predictor(pipe)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+    def sample():
+        return pipe(prompt="a ball", image=image, height=64, width=64, num_frames=9, num_inference_steps=4,
+                    guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+
+    unguided = sample()
+    with enable_motion_guidance(pipe, predictor, scale=0.0, rho=1.0):
+        assert torch.equal(sample(), unguided)
+    seen = []
+    loss = guidance_module.motion_guidance_loss
+    monkeypatch.setattr(guidance_module, "motion_guidance_loss", lambda p, x0, *a: seen.append(x0) or loss(p, x0, *a))
+    with enable_motion_guidance(pipe, predictor, scale=15.0, rho=1.0) as guidance:
+        guided = sample()
+        hidden = guidance.transformer_kwargs["hidden_states"]
+    assert [index for index, _ in guidance.history] == [0, 1, 2, 3] and len(seen) == 4
+    assert torch.isfinite(guided).all() and not torch.equal(guided, unguided)
+    if options.get("ti2v"):  # latents (B, C, F, h, w); x0 (B, F, C, h, w)
+        torch.testing.assert_close(seen[-1][:, 0], hidden[:, :, 0].float(), rtol=0, atol=0)
+        torch.testing.assert_close(guided[:, :, 0], unguided[:, :, 0])
+        assert not torch.equal(guided[:, :, 1:], unguided[:, :, 1:])
+
+
+def test_tsa_sample_image_with_motion_guidance_records_it(cogvideox_i2v_run, tmp_path):
+    import numpy as np
+    from diffusers import CogVideoXImageToVideoPipeline
+    from PIL import Image
+
+    from tsa.cli.sample import main
+
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(cogvideox_i2v_run / "tiny" / "cogvideox-i2v")
+    _guidance_predictor(pipe).save_pretrained(tmp_path / "predictor")
+    image = tmp_path / "first.png"
+    Image.fromarray(np.full((96, 144, 3), 120, dtype=np.uint8)).save(image)
+    main([str(cogvideox_i2v_run), "--prompt", "a ball", "--image", str(image), "--num-inference-steps", "2",
+          "--motion-guidance", "15", "--predictor", str(tmp_path / "predictor"), "--device", "cpu",
+          "--output-dir", str(tmp_path / "samples")])
+    (video,) = (tmp_path / "samples").glob("*.mp4")
+    settings = json.loads(video.with_suffix(".json").read_text())
+    assert settings["image"] == str(image.resolve())
+    assert settings["motion_guidance"]["scale"] == 15 and settings["motion_guidance"]["predictor"] == str(
+        (tmp_path / "predictor").resolve())

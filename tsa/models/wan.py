@@ -435,9 +435,20 @@ class WanFamily(ModelFamily):
         }
 
     def x0_from_output(self, scheduler, model_output, sample, timestep, transformer_kwargs=None):
+        """x0 = x_t - sigma v. With per-token timesteps (TI2V-5B's expand_timesteps: the first latent frame is the
+        image's, at timestep 0) a frame whose tokens are all at timestep 0 is clean: its x0 is the transformer's
+        input there (the condition), not the scheduler's sample, whose copy of that frame the pipeline discards."""
         index = int((scheduler.timesteps.to(sample.device) - timestep).abs().argmin())
         sigma = scheduler.sigmas[index].to(device=sample.device, dtype=torch.float32)
-        return (sample.float() - sigma * model_output).permute(0, 2, 1, 3, 4)
+        x0 = sample.float() - sigma * model_output  # (B, C, F, h, w)
+        kwargs = transformer_kwargs or {}
+        token_timesteps, hidden = kwargs.get("timestep"), kwargs.get("hidden_states")
+        if token_timesteps is not None and token_timesteps.ndim == 2 and hidden is not None and (
+                hidden.shape == sample.shape):
+            frames = sample.shape[2]
+            clean = (token_timesteps.reshape(sample.shape[0], frames, -1) == 0).all(-1)  # (B, F)
+            x0 = torch.where(clean[:, None, :, None, None], hidden.float(), x0)
+        return x0.permute(0, 2, 1, 3, 4)
 
     # ------------------------------------------------------------------------------------------- weights
     def load_lora_into(self, pipe, run_dir, expert="transformer"):
