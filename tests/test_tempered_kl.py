@@ -175,37 +175,50 @@ LARGE_LOGIT_CASES = {
 
 
 def _large_logit_cases():
-    """Every case on every backend; the Triton kernels' teacher gradient at raw dot products is a known gap (about
-    4x the reference's error of its scale, 2e-4 against 5e-5), so that case is an expected failure."""
-    known_gap = pytest.mark.xfail(
-        reason="Triton at logits ~1e5: about 4x the reference's error (the recomputed teacher logits' rounding, "
-        "~1e-3 absolute at tau_t = 1, times |x_s - E| ~ 1e5)",
-        strict=False,
-    )
-    for name, case in LARGE_LOGIT_CASES.items():
-        yield pytest.param("reference", case, id=f"{name}-reference")
-        yield pytest.param("torch", case, id=f"{name}-torch")
-        marks = [*TRITON.marks, *([known_gap] if name == "dot_two_frames" else [])]
-        yield pytest.param("triton", case, marks=marks, id=f"{name}-triton")
+    """Every case on every backend."""
+    for name in LARGE_LOGIT_CASES:
+        yield pytest.param("reference", name, id=f"{name}-reference")
+        yield pytest.param("torch", name, id=f"{name}-torch")
+        yield pytest.param("triton", name, marks=TRITON.marks, id=f"{name}-triton")
 
 
-@pytest.mark.parametrize("backend,case", _large_logit_cases())
-def test_large_logits_as_accurate_as_naive_pytorch(backend, case):
+# The Triton kernels at raw dot products (logits ~1e5) miss the acceptance rule for the teacher gradient: about 4x
+# the reference's error (4.1 against 1.1 at a scale of 2e4; the loss and the student gradient are about 4x worse
+# too, within the rule's rel_tol). Their logits carry more rounding than the naive op's, about u * |logit| (scaled to
+# base-2 units, and recomputed by the backward in another tile order than the forward that saved the statistics),
+# which the teacher gradient multiplies by |x_s - E| ~ 1e5. Held to that measured gap (a regression past it fails)
+# and reported as an expected failure of the rule.
+KNOWN_GAP = {("triton", "dot_two_frames"): 5.0}
+
+
+@pytest.mark.parametrize("backend,name", _large_logit_cases())
+def test_large_logits_as_accurate_as_naive_pytorch(backend, name):
     """float32 at large logits: error against the float64 truth within twice the naive reference's (bench's
     acceptance rule); the reference itself within 1e-4 of each output's scale."""
+    case = LARGE_LOGIT_CASES[name]
     kwargs = dict(case, reduction="none")
     frames, shared_rank = kwargs.pop("frames"), kwargs.pop("shared_rank")
     student, teacher = features(1, frames, 42 // frames, 103, 103, scale=10.0, seed=12, shared_rank=shared_rank)
-    run = lambda name: value_and_grads(
-        lambda s, t: tempered_kl(s, t, frames=frames, backend=name, **kwargs), student, teacher
+    run = lambda backend: value_and_grads(
+        lambda s, t: tempered_kl(s, t, frames=frames, backend=backend, **kwargs), student, teacher
     )
     taus = (case["tau_student"], case["tau_teacher"])
     truth = _truth(student, teacher, frames, normalize=case["normalize"], tau=taus)
     assert truth[0].abs().max() > 1e-3, "degenerate test input"
     reference = run("reference")
     assert_close_to_truth(reference, truth, rel_tol=1e-4)
-    if backend != "reference":
-        assert_no_worse_than_reference(run(backend), reference, truth, rel_tol=1e-5, factor=2.0)
+    if backend == "reference":
+        return
+    actual = run(backend)
+    gap = KNOWN_GAP.get((backend, name))
+    if gap is None:
+        assert_no_worse_than_reference(actual, reference, truth, rel_tol=1e-5, factor=2.0)
+        return
+    assert_no_worse_than_reference(actual, reference, truth, rel_tol=1e-5, factor=gap)
+    try:
+        assert_no_worse_than_reference(actual, reference, truth, rel_tol=1e-5, factor=2.0)
+    except AssertionError as error:
+        pytest.xfail(f"known gap (KNOWN_GAP): {error}")
 
 
 @CUDA
