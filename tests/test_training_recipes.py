@@ -231,6 +231,74 @@ def test_frame_sampling_defaults_follow_the_model():
     assert (config.frame_sampling, config.fps, config.clip_start) == ("fps", 24.0, "random")
 
 
+def test_clip_windows_cache_random_windows_and_each_epoch_trains_on_its_own(tmp_path):
+    """--clip-windows 3: three random windows of each clip are cached (window 0 under the one-window name), and
+    epoch e reads window e % 3 for every clip, its latents and the teacher's pixels from the same frames."""
+    from tsa.training.cache import CachedLatentDataset, CacheLayout, LatentEncoder, fill_cache
+    from tsa.training.data import VideoCaption, VideoCaptionDataset
+
+    clips = [VideoCaption(grey_clip(tmp_path / f"clip{k}.mp4", 30, 24), f"grey {k}") for k in range(2)]
+    videos = VideoCaptionDataset(clips, 32, 32, 5, fps=16, clip_start="random", seed=3)
+    layout = CacheLayout(tmp_path / "cache", 32, 32, 5, "model", 8, frames="fps16-random3")
+
+    class FrameEncoder(LatentEncoder):  # an "entry" that says which frames it was encoded from
+        def __init__(self):
+            pass
+
+        def __call__(self, pixels, caption):
+            return {"frames": torch.tensor(decoded_indices(pixels))}
+
+    encoder = FrameEncoder()
+    assert fill_cache(videos, layout, encoder, progress=False, windows=3) == (6, 0)
+    assert fill_cache(videos, layout, encoder, progress=False, windows=3) == (0, 6)
+    assert layout.path(clips[0], 0) == layout.path(clips[0])
+    names = [path.name for path in layout.directory.iterdir()]
+    assert len(names) == 6 and sum("-w1." in name for name in names) == sum("-w2." in name for name in names) == 2
+    dataset = CachedLatentDataset(videos, layout, with_pixels=True, windows=3)
+    seen = []
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        item = dataset[1]
+        assert item["frames"].tolist() == decoded_indices(item["pixels"])  # latents and pixels agree
+        seen.append(item["frames"].tolist())
+    assert seen[3] == seen[0] and len({tuple(frames) for frames in seen[:3]}) == 3
+
+
+@pytest.mark.slow
+def test_a_run_with_clip_windows_trains_epoch_e_on_window_e_mod_k(tiny_runs, tmp_path, monkeypatch):
+    from tests.tsa_helpers import QUIET, assets, train_cli
+    from tsa.models import DEFAULT_FAMILY
+    from tsa.training.cache import CachedLatentDataset
+
+    windows, set_epoch = [], CachedLatentDataset.set_epoch
+
+    def recording_set_epoch(self, epoch):
+        set_epoch(self, epoch)
+        windows.append((self.windows, epoch, self.window))
+
+    monkeypatch.setattr(CachedLatentDataset, "set_epoch", recording_set_epoch)
+    run = tiny_runs(DEFAULT_FAMILY)[0]  # 6 clips, 2 per batch: 3 steps per epoch (trained now if first used)
+    # 9 frames at 16 fps span 5 frames of the 8 fps clips (6 to 24 frames long)
+    history = train_cli([*assets(run, DEFAULT_FAMILY, cache=False), "--frame-sampling", "fps", "--fps", "16",
+                         "--clip-start", "random", "--clip-windows", "2", "--max-steps", "7",
+                         "--checkpointing-steps", "7", "--output-dir", tmp_path / "run", *QUIET])
+    assert [row["step"] for row in history] == list(range(1, 8))
+    assert sorted({call[1:] for call in windows if call[0] == 2}) == [(0, 0), (1, 1), (2, 0)]
+    (cache,) = (tmp_path / "run" / "cache").iterdir()
+    assert "fps16-random0" in cache.name and len(list(cache.glob("*-w1.safetensors"))) == 6
+    assert len(list(cache.glob("*.safetensors"))) == 12
+
+
+def test_clip_windows_need_random_starts(capsys):
+    base = ["--model-family", "wan", "--frame-sampling", "fps", "--clip-start", "random"]
+    assert parse_config([*base, "--clip-windows", "4"]).clip_windows == 4
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--model-family", "wan", "--clip-windows", "4"])
+    assert exit_info.value.code == 2 and "--clip-windows 4 draws random windows" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config([*base, "--clip-windows", "0"])
+
+
 def test_ti2v_5b_trains_at_its_24_fps(tmp_path, real_paths):
     model = get_family("wan").save_tiny_pipeline(tmp_path / "ti2v", num_layers=1, ti2v=True)
     config = parse_config(["--model-path", str(model), "--data", "videos", "--align", "none", "--height", "64",

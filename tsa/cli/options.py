@@ -89,6 +89,10 @@ def build_parser(prog="tsa-train") -> OneLineArgumentParser:
     data.add_argument("--clip-start", choices=CLIP_START, default=DEFAULTS["clip_start"],
                       help="With --frame-sampling fps: start at the first frame, or at a random one per clip "
                            "(drawn from --seed).")
+    data.add_argument("--clip-windows", type=positive_int, default=DEFAULTS["clip_windows"],
+                      help="With --clip-start random: how many random windows of each clip are cached; epoch e "
+                           "trains on window e mod K, so K >= the number of epochs gives every epoch a new start "
+                           "(each window is encoded once: K times the cache).")
     data.add_argument("--latents", choices=LATENTS, default=DEFAULTS["latents"],
                       help="Train on the VAE posterior's mean (deterministic) or a fresh sample of it each step "
                            "(default: the family's reference, "

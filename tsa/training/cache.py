@@ -70,10 +70,13 @@ class CacheLayout:
         `directory`), so an interrupted or failed fill leaves no half-built cache folder."""
         return self.directory.with_name(self.directory.name + ".filling")
 
-    def path(self, sample):
+    def path(self, sample, window=0):
+        """The entry of a clip's `window`-th window (random starts, --clip-windows; window 0 is the only one
+        otherwise)."""
         stat = sample.video.stat() if sample.video.exists() else None
         video = _digest(sample.video.resolve(), stat and stat.st_size, stat and stat.st_mtime_ns, length=8)
-        return self.directory / f"{sample.video.stem}-{video}-{_digest(sample.caption)}.safetensors"
+        suffix = f"-w{window}" if window else ""
+        return self.directory / f"{sample.video.stem}-{video}-{_digest(sample.caption)}{suffix}.safetensors"
 
 
 def cache_layout(config, dtype):
@@ -109,22 +112,27 @@ class LatentEncoder:
         return self.family.encode_entry(self.pipe, pixels, caption, self.max_sequence_length)
 
 
-def fill_cache(dataset, layout, encoder, process_index=0, num_processes=1, progress=True):
-    """Encode this process's shard (items i with i % num_processes == process_index) of a
-    VideoCaptionDataset that has no entry yet. `encoder` is a LatentEncoder or a callable returning one
-    (only called on the first miss, so a full cache never loads the VAE). Undecodable videos are skipped
-    with a warning (the VAE loads only once a clip decodes). New entries go to layout.staging; a one-process fill
-    publishes them into layout.directory when done (build_cache does it after every process is done). Returns
-    (number encoded, number already cached)."""
-    shard = range(process_index, len(dataset), num_processes)
+def fill_cache(dataset, layout, encoder, process_index=0, num_processes=1, progress=True, windows=1):
+    """Encode this process's shard (items i with i % num_processes == process_index, an item being a clip's
+    window: `windows` per clip) of a VideoCaptionDataset that has no entry yet. `encoder` is a LatentEncoder or a
+    callable returning one (only called on the first miss, so a full cache never loads the VAE). Undecodable
+    videos are skipped with a warning (the VAE loads only once a clip decodes). New entries go to layout.staging;
+    a one-process fill publishes them into layout.directory when done (build_cache does it after every process is
+    done). Returns (number encoded, number already cached)."""
+    items = [(index, window) for index in range(len(dataset)) for window in range(windows)]
     encoded = hits = 0
-    for index in tqdm(shard, desc=f"caching latents [{process_index}]", disable=not progress):
-        target = layout.path(dataset.samples[index])
+    undecodable = set()
+    shard = items[process_index::num_processes]
+    for index, window in tqdm(shard, desc=f"caching latents [{process_index}]", disable=not progress):
+        target = layout.path(dataset.samples[index], window)
         if target.is_file():
             hits += 1
             continue
-        pixels = dataset.pixels(index)
+        if index in undecodable:
+            continue
+        pixels = dataset.pixels(index, window)
         if pixels is None:
+            undecodable.add(index)
             continue
         if not isinstance(encoder, LatentEncoder):
             encoder = encoder()
@@ -162,13 +170,14 @@ def _save_atomically(tensors, target, metadata):
 class CachedLatentDataset(torch.utils.data.Dataset):
     """The cached entries of a VideoCaptionDataset: dicts of latent_dist, prompt_embeds, prompt_mask and,
     with `with_pixels`, the decoded clip for the teacher. Entry paths are fixed when the dataset is built.
-    A clip that no longer decodes is replaced, with a warning, by the next cached one that does, so every
-    process always gets full batches."""
+    With `windows` > 1 (random windows per clip) a clip counts when every window is cached and `set_epoch(e)`
+    picks window e % windows for every clip. A clip that no longer decodes is replaced, with a warning, by the
+    next cached one that does, so every process always gets full batches."""
 
-    def __init__(self, videos, layout, with_pixels=False):
-        self.videos, self.with_pixels = videos, with_pixels
-        paths = [layout.path(sample) for sample in videos.samples]
-        self.indices = [index for index, path in enumerate(paths) if path.is_file()]
+    def __init__(self, videos, layout, with_pixels=False, windows=1):
+        self.videos, self.with_pixels, self.windows, self.window = videos, with_pixels, windows, 0
+        paths = [[layout.path(sample, window) for window in range(windows)] for sample in videos.samples]
+        self.indices = [index for index, clip in enumerate(paths) if all(path.is_file() for path in clip)]
         self.paths = [paths[index] for index in self.indices]
         cached = set(self.indices)
         self.skipped_videos = [sample.video for index, sample in enumerate(videos.samples) if index not in cached]
@@ -180,21 +189,25 @@ class CachedLatentDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.indices)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Train on window epoch % windows of every clip from now on (the training loop calls it each epoch)."""
+        self.window = epoch % self.windows
+
     def __getitem__(self, position):
         from safetensors.torch import load_file
 
         if not self.with_pixels:
-            return load_file(self.paths[position])
+            return load_file(self.paths[position][self.window])
         for offset in range(len(self)):
             candidate = (position + offset) % len(self)
-            pixels = self.videos.pixels(self.indices[candidate])
+            pixels = self.videos.pixels(self.indices[candidate], self.window)
             if pixels is not None:
                 break
             warnings.warn(f"{self.videos.samples[self.indices[candidate]].video} no longer decodes: training on "
                           f"the next cached video instead", UndecodableVideoWarning, stacklevel=2)
         else:
             raise RuntimeError("none of the cached videos decodes any more")
-        return {**load_file(self.paths[candidate]), "pixels": pixels}
+        return {**load_file(self.paths[candidate][self.window]), "pixels": pixels}
 
 
 def collate_entries(items):
@@ -224,6 +237,7 @@ def build_cache(config, accelerator):
         lambda: LatentEncoder(config.model_path, accelerator.device, dtype, layout.max_sequence_length,
                               config.vae_tiling, family=_family_for_task(config)),
         accelerator.process_index, accelerator.num_processes, progress=accelerator.is_local_main_process,
+        windows=config.clip_windows,
     )
     accelerator.free_memory()  # the VAE and T5 are not needed any more
     accelerator.wait_for_everyone()
@@ -234,7 +248,8 @@ def build_cache(config, accelerator):
 
     method = ALIGNMENT_METHODS.get(config.align)
     try:
-        dataset = CachedLatentDataset(videos, layout, with_pixels=method is not None and method.needs_pixels)
+        dataset = CachedLatentDataset(videos, layout, with_pixels=method is not None and method.needs_pixels,
+                                      windows=config.clip_windows)
     except DataError as error:
         raise DataError(f"--data {config.data}: {error}") from None
     if accelerator.is_main_process:

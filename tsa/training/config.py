@@ -100,6 +100,7 @@ class TrainConfig:
     frame_sampling: str = "fps"  # "fps": consecutive frames at --fps; "spread": evenly over the whole clip
     fps: float | None = None  # frame rate of the training clips (None: the model's sampling fps)
     clip_start: str = "first"  # "first" frame, or a "random" start per clip drawn from --seed
+    clip_windows: int = 1  # with clip_start "random": windows cached per clip; epoch e trains on window e % K
     vae_tiling: bool = False
     precompute: bool = False
     dataloader_num_workers: int = 0
@@ -267,6 +268,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if config.frame_sampling not in FRAME_SAMPLING or config.clip_start not in CLIP_START:
         raise UsageError(f"--frame-sampling must be one of {FRAME_SAMPLING} and --clip-start one of {CLIP_START}, got "
                          f"{config.frame_sampling!r} and {config.clip_start!r}")
+    if config.clip_windows != 1 and (config.frame_sampling != "fps" or config.clip_start != "random"):
+        raise UsageError(f"--clip-windows {config.clip_windows} draws random windows: it needs --frame-sampling fps "
+                         f"and --clip-start random (got {config.frame_sampling} and {config.clip_start})")
     if config.fps is None:
         path = config.model_path
         config.fps = float(family.sampling_defaults(path).fps if path is not None and model_index(path)

@@ -159,14 +159,16 @@ class VideoCaptionDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def pixels(self, index):
-        """(T, 3, H, W) in [-1, 1], or None after warning when the video cannot be decoded."""
+    def pixels(self, index, window=0):
+        """(T, 3, H, W) in [-1, 1] of the clip's `window`-th window (random starts: --clip-windows), or None after
+        warning when the video cannot be decoded."""
         sample = self.samples[index]
+        # a window's random start depends on the run seed, the clip and the window only, so the cached latents and
+        # the teacher's pixels (decoded again each step) see the same frames
+        seed = self.seed * 1_000_003 + index if window == 0 else (self.seed, index, window)
         try:
-            # a clip's random start depends on the run seed and the clip only, so the cached latents and the
-            # teacher's pixels (decoded again each step) see the same frames
             return read_video(sample.video, self.num_frames, self.height, self.width, self.fps, self.clip_start,
-                              seed=self.seed * 1_000_003 + index)
+                              seed=seed)
         except VideoDecodeError as error:
             warnings.warn(f"skipping undecodable video {error}", UndecodableVideoWarning,
                           stacklevel=2)

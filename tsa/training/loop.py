@@ -367,8 +367,10 @@ def train(config: TrainConfig):
         for epoch in itertools.count(first_epoch):
             if step >= config.max_steps:
                 break
-            # Same data order on resume: the sampler is seeded by (seed, epoch), finished batches are skipped.
+            # Same data order on resume: the sampler is seeded by (seed, epoch), finished batches are skipped; the
+            # epoch also picks each clip's cached window (--clip-windows).
             dataloader.set_epoch(epoch)
+            dataloader.dataset.set_epoch(epoch)
             batches = dataloader
             if epoch == first_epoch and skip_batches:
                 batches = accelerator.skip_first_batches(dataloader,

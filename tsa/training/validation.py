@@ -34,6 +34,7 @@ TRAINING_RANGES = {
     "dataloader_num_workers": (0, None, True, False),
     "seed": (0, 2**32 - 1, True, True),
     "fps": (0, None, False, False),
+    "clip_windows": (1, None, True, False),
 }
 
 
