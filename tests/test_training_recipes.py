@@ -266,6 +266,8 @@ def test_clip_windows_cache_random_windows_and_each_epoch_trains_on_its_own(tmp_
 
 @pytest.mark.slow
 def test_a_run_with_clip_windows_trains_epoch_e_on_window_e_mod_k(tiny_runs, tmp_path, monkeypatch):
+    """A tiny run of 7 steps (3 epochs) with --clip-windows 2 caches both windows of every clip and trains epochs
+    0, 1, 2 on windows 0, 1, 0."""
     from tests.tsa_helpers import QUIET, assets, train_cli
     from tsa.models import DEFAULT_FAMILY
     from tsa.training.cache import CachedLatentDataset
