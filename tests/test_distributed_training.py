@@ -233,7 +233,8 @@ dist.destroy_process_group()
 # gloo's worker threads drop their finished collectives' tensors after the caller's wait returns, which takes the GIL:
 # one that asks for it while the interpreter finalises aborts the process (pytorch/pytorch#38228) although every
 # rank finished. The results are written: leave without finalising.
-sys.stdout.flush(), sys.stderr.flush()
+sys.stdout.flush()
+sys.stderr.flush()
 os._exit(0)
 """
 
@@ -321,7 +322,8 @@ dist.destroy_process_group()
 # gloo's worker threads drop their finished collectives' tensors after the caller's wait returns, which takes the GIL:
 # one that asks for it while the interpreter finalises aborts the process (pytorch/pytorch#38228) although every
 # rank finished. The results are written: leave without finalising.
-sys.stdout.flush(), sys.stderr.flush()
+sys.stdout.flush()
+sys.stderr.flush()
 os._exit(0)
 """
 
